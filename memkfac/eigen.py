@@ -1,0 +1,120 @@
+"""Eigenbasis of merged K-FAC factors: A = U_A diag(mu) U_A^T, G = U_G diag(lam) U_G^T.
+
+Each factor is symmetrised, checked for NaN/Inf, decomposed with fp64 ``eigh``, its tiny negative
+eigenvalues (rounding of a PSD sum) clamped to 0, sorted descending and stored in fp32. gate_proj and
+up_proj share A, so their A is decomposed once.
+
+On disk (``out_dir``): ``eigenbasis.safetensors`` with ``A.<group>.mu``, ``A.<group>.U_A``,
+``G.<module>.lam``, ``G.<module>.U_G``, and ``meta.json`` (model_fingerprint, factor_index_sha256,
+targets, tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from memkfac.errors import MemkfacError
+from memkfac.factors import INDEX_FILE, load_factor_sums
+from memkfac.fingerprint import sha256_file
+from memkfac.paths import atomic_dir
+
+EIGEN_FILE = "eigenbasis.safetensors"
+META_FILE = "meta.json"
+# A negative eigenvalue below -NEGATIVE_TOL * largest means the factor is not PSD: not rounding.
+NEGATIVE_TOL = 1e-3
+
+
+@dataclass
+class ModuleEigen:
+    """Eigenbasis of one tracked map W (d_out, d_in): eigenvalues descending and >= 0, fp32."""
+
+    lam: Tensor  # (d_out,) G eigenvalues
+    U_G: Tensor  # (d_out, d_out) columns are eigenvectors of G
+    mu: Tensor  # (d_in,) A eigenvalues
+    U_A: Tensor  # (d_in, d_in) columns are eigenvectors of A
+
+
+def symmetric_eigh(matrix: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """fp64 eigh of a PSD factor: (eigenvalues (n,) descending clamped >= 0, eigenvectors (n, n)), fp32.
+
+    ``what`` names the factor in errors (e.g. "A of model.layers.3.mlp.gate_proj").
+    """
+    if not torch.isfinite(matrix).all():
+        raise MemkfacError(
+            f"factor {what} contains NaN or Inf",
+            "recollect the factors in float32 (bf16 overflow is the usual cause) or check the model weights",
+        )
+    m = matrix.to(torch.float64)
+    m = (m + m.T) / 2
+    try:
+        values, vectors = torch.linalg.eigh(m)
+    except torch.linalg.LinAlgError:  # cuSOLVER can fail on ill-conditioned matrices where LAPACK does not
+        values, vectors = torch.linalg.eigh(m.cpu())
+    if values.numel() and values[0] < -NEGATIVE_TOL * values.abs().max():
+        raise MemkfacError(
+            f"factor {what} has eigenvalue {values[0].item():.3e} against largest {values[-1].item():.3e}: "
+            "it is not positive semi-definite",
+            "the factor files are damaged; recollect the factors",
+        )
+    values = values.clamp(min=0).flip(0)
+    vectors = vectors.flip(1)
+    return values.to(torch.float32).cpu(), vectors.to(torch.float32).cpu().contiguous()
+
+
+def compute_eigenbasis(
+    factor_dir: Path, out_dir: Path, progress: bool = True, device: str | torch.device = "cpu"
+) -> Path:
+    """Decompose the merged, normalised factors in ``factor_dir`` into ``out_dir``; return ``out_dir``.
+
+    ``device`` runs the fp64 eigh there (a GPU is much faster for d in the thousands).
+    """
+    sums, index = load_factor_sums(Path(factor_dir))
+    n = sums.tokens
+    jobs = [(f"A.{group}", "mu", "U_A", f"A of {group}", a) for group, a in sums.A.items()]
+    jobs += [(f"G.{name}", "lam", "U_G", f"G of {name}", g) for name, g in sums.G.items()]
+    tensors = {}
+    for prefix, values_key, vectors_key, what, total in tqdm(jobs, desc="eigh", disable=not progress):
+        values, vectors = symmetric_eigh(total.to(device) / n, what)
+        tensors[f"{prefix}.{values_key}"] = values
+        tensors[f"{prefix}.{vectors_key}"] = vectors
+    meta = {
+        "model_fingerprint": index["model_fingerprint"],
+        "corpus_fingerprint": index["corpus_fingerprint"],
+        "factor_index_sha256": sha256_file(Path(factor_dir) / INDEX_FILE),
+        "fisher": index["fisher"],
+        "targets": index["targets"],
+        "tokens": n,
+    }
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / EIGEN_FILE))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)
+
+
+def load_eigenbasis(eig_dir: Path) -> tuple[dict[str, ModuleEigen], dict]:
+    """Eigenbases per tracked map (gate and up share their A tensors) and the meta dict."""
+    eig_dir = Path(eig_dir)
+    if not (eig_dir / EIGEN_FILE).is_file() or not (eig_dir / META_FILE).is_file():
+        raise MemkfacError(
+            f"{eig_dir} is not an eigenbasis directory (needs {EIGEN_FILE} and {META_FILE})",
+            "compute it with `memkfac factors ...` (writes DIR/eigenbasis) or `memkfac eigen FACTOR_DIR`",
+        )
+    meta = json.loads((eig_dir / META_FILE).read_text())
+    t = load_file(str(eig_dir / EIGEN_FILE))
+    modules = {
+        target["name"]: ModuleEigen(
+            lam=t[f"G.{target['name']}.lam"],
+            U_G=t[f"G.{target['name']}.U_G"],
+            mu=t[f"A.{target['input_group']}.mu"],
+            U_A=t[f"A.{target['input_group']}.U_A"],
+        )
+        for target in meta["targets"]
+    }
+    return modules, meta
