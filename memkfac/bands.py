@@ -1,0 +1,276 @@
+"""Band activation analysis (paper section 4, Fig. 2; section 6, Fig. 4).
+
+A K-FAC component of a weight W is the rank-one map u_i v_j^T with curvature mass lam_i * mu_j. On an
+input x its activation is ||u_i v_j^T x|| = |v_j^T x| (u_i is a unit vector), so only the A-eigenvector
+v_j matters. Components are ranked by mass and cut into bands (top 10%, 10-25%, 25-50%, bottom 50% of
+components). A band's mean activation on a data source is the mean of |v_j^T x| over its components and
+the source's tokens. The paper's finding: memorized tokens load the bottom band more, and the top band
+less, than clean text; tasks that drop most after the edit look memorization-like.
+
+Vectorised: per source we accumulate the exact sum of |U_A^T x| over tokens (one matmul per batch),
+and each band's mean is a weighted average of those per-eigenvector means, weighted by how many of the
+band's components use each v_j. No loop over the d_out * d_in components.
+
+The SVD variant (the paper's control) uses W's right singular vectors, banded by singular value rank.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from memkfac.errors import MemkfacError
+from memkfac.paths import atomic_file
+
+BAND_EDGES = (0.10, 0.25, 0.50)  # cumulative fractions of components, by descending mass rank
+BAND_NAMES = ("top10", "10-25", "25-50", "bottom50")
+CLEAN = "clean"
+
+
+@dataclass
+class BandBasis:
+    """Projection directions of one module and how many components of each band use each of them."""
+
+    V: torch.Tensor  # (d_in, k) unit directions: U_A for K-FAC, right singular vectors for SVD
+    weights: torch.Tensor  # (k, n_bands) number of components in band b that read direction k
+    basis: str  # "kfac" | "svd"
+
+
+def _band_of_rank(n: int, edges: Sequence[float]) -> torch.Tensor:
+    """(n,) band index of each rank 0..n-1: rank r is in band b when edges[b-1] <= r/n < edges[b]."""
+    return torch.bucketize(
+        torch.arange(n, dtype=torch.float64) / n, torch.tensor(edges, dtype=torch.float64), right=True
+    )
+
+
+def kfac_band_basis(
+    lam: torch.Tensor, mu: torch.Tensor, U_A: torch.Tensor, edges: Sequence[float] = BAND_EDGES
+) -> BandBasis:
+    """Band membership of the d_out * d_in K-FAC components, counted per A-eigenvector.
+
+    lam: (d_out,) G eigenvalues; mu: (d_in,) A eigenvalues; U_A: (d_in, d_in) columns are eigenvectors.
+    Eigenvalues are clamped at 0 (eigh can return tiny negatives). Ties in mass keep index order.
+    """
+    d_in = mu.numel()
+    mass = (lam.double().clamp_min(0)[:, None] * mu.double().clamp_min(0)[None, :]).flatten()  # (d_out*d_in,)
+    order = torch.argsort(mass, descending=True, stable=True)
+    weights = torch.zeros(d_in, len(edges) + 1, dtype=torch.float64)
+    weights.index_put_(
+        (order % d_in, _band_of_rank(mass.numel(), edges)),
+        torch.ones(mass.numel(), dtype=torch.float64),
+        accumulate=True,
+    )
+    return BandBasis(V=U_A.float(), weights=weights, basis="kfac")
+
+
+def svd_band_basis(W: torch.Tensor, edges: Sequence[float] = BAND_EDGES) -> BandBasis:
+    """W (d_out, d_in)'s right singular vectors, one component each, banded by singular value rank."""
+    _, _, Vh = torch.linalg.svd(W.double(), full_matrices=False)  # singular values descending
+    k = Vh.shape[0]
+    weights = torch.nn.functional.one_hot(_band_of_rank(k, edges), len(edges) + 1).double()
+    return BandBasis(V=Vh.T.float(), weights=weights, basis="svd")
+
+
+@dataclass
+class TokenSource:
+    """Token sequences and, per sequence, the positions whose MLP inputs are measured."""
+
+    sequences: list[list[int]]
+    positions: list[list[int]]
+
+
+def probe_source(probes, tokenizer) -> TokenSource:
+    """Memorized text: prefix + suffix, measured at the positions that predict the suffix tokens."""
+    from memkfac.generation import probe_token_ids
+
+    sequences, positions = [], []
+    for probe in probes:
+        prompt, gold = probe_token_ids(probe, tokenizer)
+        sequences.append(prompt + gold)
+        positions.append(list(range(len(prompt) - 1, len(prompt) + len(gold) - 1)))
+    return TokenSource(sequences, positions)
+
+
+def text_source(texts: Sequence[str], tokenizer) -> TokenSource:
+    """Plain texts (task items, documents), every position measured."""
+    sequences = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    return TokenSource(sequences, [list(range(len(s))) for s in sequences])
+
+
+def block_source(blocks: torch.Tensor) -> TokenSource:
+    """Packed blocks (n_blocks, block_len) of general text, every position measured."""
+    sequences = blocks.tolist()
+    return TokenSource(sequences, [list(range(len(s))) for s in sequences])
+
+
+def _cap(source: TokenSource, max_tokens: int, seed: int) -> TokenSource:
+    """A seeded random subset of sequences with about ``max_tokens`` measured positions in total."""
+    order = list(range(len(source.sequences)))
+    random.Random(seed).shuffle(order)
+    sequences, positions, total = [], [], 0
+    for i in order:
+        if total >= max_tokens:
+            break
+        keep = source.positions[i][: max_tokens - total]
+        sequences.append(source.sequences[i][: keep[-1] + 1] if keep else [])
+        positions.append(keep)
+        total += len(keep)
+    return TokenSource(
+        [s for s, p in zip(sequences, positions, strict=True) if p], [p for p in positions if p]
+    )
+
+
+@torch.no_grad()
+def projection_means(
+    model,
+    bases: dict[str, BandBasis],
+    source: TokenSource,
+    batch_size: int = 16,
+    max_tokens: int = 10_000,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict, int]:
+    """Mean |V^T x| per direction over the measured positions, for every module in ``bases``.
+
+    Hooks each module's input x (B, T, d_in); sequences are right-padded, and padding is never measured
+    (causal attention: earlier positions do not see it). Returns ({module: (k,) float64 means}, n_tokens).
+    """
+    source = _cap(source, max_tokens, seed)
+    n_tokens = sum(len(p) for p in source.positions)
+    if n_tokens == 0:
+        raise MemkfacError("a band-analysis data source has no tokens", "give every source some text")
+    device = next(model.parameters()).device
+    sums = {name: torch.zeros(b.V.shape[1], dtype=torch.float64) for name, b in bases.items()}
+    mask_holder: list[torch.Tensor] = []
+
+    def hook_for(name: str):
+        V = bases[name].V.to(device)
+
+        def hook(_module, inputs):
+            x = inputs[0][mask_holder[0]]  # (n_measured, d_in)
+            sums[name] += (x.float() @ V).abs().sum(0).double().cpu()
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in bases]
+    try:
+        starts = range(0, len(source.sequences), batch_size)
+        for start in tqdm(starts, desc="band activations", unit="batch", disable=not progress):
+            seqs = source.sequences[start : start + batch_size]
+            width = max(len(s) for s in seqs)
+            ids = torch.zeros(len(seqs), width, dtype=torch.long)
+            attention = torch.zeros(len(seqs), width, dtype=torch.long)
+            measured = torch.zeros(len(seqs), width, dtype=torch.bool)
+            for row, (seq, pos) in enumerate(
+                zip(seqs, source.positions[start : start + batch_size], strict=True)
+            ):
+                ids[row, : len(seq)] = torch.tensor(seq)
+                attention[row, : len(seq)] = 1
+                measured[row, pos] = True
+            mask_holder[:] = [measured.to(device)]
+            model(input_ids=ids.to(device), attention_mask=attention.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: s / n_tokens for name, s in sums.items()}, n_tokens
+
+
+def band_means(basis: BandBasis, direction_means: torch.Tensor) -> torch.Tensor:
+    """(n_bands,) mean activation over each band's components from (k,) per-direction means."""
+    return (basis.weights * direction_means[:, None]).sum(0) / basis.weights.sum(0)
+
+
+def band_activation_rows(
+    model,
+    modules: dict[str, tuple[int, str, BandBasis]],
+    sources: dict[str, TokenSource],
+    batch_size: int = 16,
+    max_tokens: int = 10_000,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Rows of the ``band_activation`` table: one per (module, band, source).
+
+    ``modules`` maps a module name to (layer, proj, basis); ``sources`` maps a source name to its tokens
+    and must include ``"clean"``, the reference of ``ratio_to_clean`` (memorized/clean in the paper).
+    """
+    if CLEAN not in sources:
+        raise MemkfacError(
+            "band analysis needs a 'clean' source as the reference",
+            "pass general held-out text as the 'clean' source",
+        )
+    bases = {name: basis for name, (_, _, basis) in modules.items()}
+    means, counts = {}, {}
+    for source_name, source in sources.items():
+        per_direction, counts[source_name] = projection_means(
+            model, bases, source, batch_size, max_tokens, seed, progress
+        )
+        means[source_name] = {name: band_means(bases[name], m) for name, m in per_direction.items()}
+    rows = []
+    for name, (layer, proj, basis) in modules.items():
+        clean = means[CLEAN][name]
+        for source_name in sources:
+            values = means[source_name][name]
+            for b, band in enumerate(BAND_NAMES[: len(values)]):
+                rows.append(
+                    {
+                        "layer": layer,
+                        "proj": proj,
+                        "basis": basis.basis,
+                        "band": band,
+                        "source": source_name,
+                        "n_tokens": counts[source_name],
+                        "mean_activation": float(values[b]),
+                        "ratio_to_clean": float(values[b] / clean[b]),
+                    }
+                )
+    return rows
+
+
+def plot_band_ratios(rows: list[dict], out_path: Path) -> Path:
+    """A PNG with one panel per (layer, proj, basis): bars of ratio_to_clean per band, one bar per source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["layer"], r["proj"], r["basis"]) for r in rows})
+    sources = [s for s in dict.fromkeys(r["source"] for r in rows) if s != CLEAN]
+    if not panels or not sources:
+        raise MemkfacError(
+            "nothing to plot: no rows besides the clean reference",
+            "measure at least one source besides 'clean'",
+        )
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
+    width = 0.8 / len(sources)
+    for ax, (layer, proj, basis) in zip(axes[0], panels, strict=True):
+        ratio = {
+            (r["source"], r["band"]): r["ratio_to_clean"]
+            for r in rows
+            if (r["layer"], r["proj"], r["basis"]) == (layer, proj, basis)
+        }
+        bands = [b for b in BAND_NAMES if any(k[1] == b for k in ratio)]
+        for s, source in enumerate(sources):
+            ax.bar(
+                [i + (s - (len(sources) - 1) / 2) * width for i in range(len(bands))],
+                [ratio[(source, b)] for b in bands],
+                width,
+                label=source,
+            )
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(bands)), bands)
+        ax.set_title(f"layer {layer} {proj} ({basis})")
+        ax.set_xlabel("band (by curvature mass)" if basis == "kfac" else "band (by singular value)")
+    axes[0][0].set_ylabel("mean |v^T x| / clean")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    with atomic_file(out_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return out_path
