@@ -1,0 +1,297 @@
+"""The K-FAC curvature-mass edit of MLP weights, its controls, and the whole-model edit.
+
+Per edited map W (d_out, d_in) with eigenbasis G = U_G diag(lam) U_G^T, A = U_A diag(mu) U_A^T:
+    C = U_G^T W U_A,   W_new = U_G (C * M) U_A^T
+where M (d_out, d_in) is the kept mask of ``memkfac.selection.select_components`` (the paper's product
+rule). Computed in float64, cast back to W's dtype; rho = 1 leaves W untouched (byte-identical).
+
+Controls, for comparison at the same keep setting:
+- ``per_side``: each side keeps its top eigenvectors by its own eigenvalue fraction rho,
+  W_new = P_G W P_A (the paper code's ``apply_kfac`` ablation).
+- ``svd``: drop the smallest ``svd_drop`` fraction of W's singular directions (the paper's SVD baseline;
+  rho is not used).
+- ``random``: the K-FAC mask at rho (same components count, same rows and columns used) applied in a
+  seeded Haar-random orthonormal basis instead of the curvature eigenbasis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import memkfac
+from memkfac.checkpoint import load_manifest, save_checkpoint
+from memkfac.eigen import ModuleEigen, load_eigenbasis
+from memkfac.errors import MemkfacError
+from memkfac.fingerprint import model_fingerprint
+from memkfac.models import load_model
+from memkfac.selection import check_keep_mass, select_components
+from memkfac.targets import PROJECTIONS, Target, find_targets
+
+METHODS = ("kfac", "per_side", "svd", "random")
+_OVERRIDE_KEY = re.compile(r"^(\d+)\.(gate|up|down)$")
+
+
+@dataclass
+class EditConfig:
+    """What to edit and how. ``overrides`` maps "layer.proj" (e.g. "23.gate") to its own rho."""
+
+    layers: list[int]
+    projections: tuple[str, ...] = ("gate", "up")
+    keep_mass: float = 0.6
+    overrides: dict[str, float] = field(default_factory=dict)
+    method: str = "kfac"  # "kfac" | "per_side" | "svd" | "random"
+    svd_drop: float = 0.25  # svd: fraction of the smallest singular directions removed
+    seed: int = 0  # random: seeds each module's basis (with the module name)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise MemkfacError(f"unknown edit method {self.method!r}", f"choose one of {', '.join(METHODS)}")
+        if not self.layers:
+            raise MemkfacError("no layers to edit", "name the layers to edit, e.g. 22,23,24")
+        unknown = [p for p in self.projections if p not in PROJECTIONS]
+        if unknown or not self.projections:
+            raise MemkfacError(
+                f"unknown or no projection(s) {unknown}", f"choose from {', '.join(PROJECTIONS)}"
+            )
+        check_keep_mass(self.keep_mass)
+        for key, rho in self.overrides.items():
+            match = _OVERRIDE_KEY.match(key)
+            if (
+                match is None
+                or int(match.group(1)) not in self.layers
+                or match.group(2) not in self.projections
+            ):
+                raise MemkfacError(
+                    f"keep-mass override {key!r} names no edited module",
+                    f"write LAYER.PROJ with LAYER in {self.layers} and PROJ in {list(self.projections)}, "
+                    "e.g. 23.gate=0.8",
+                )
+            check_keep_mass(rho, f"keep mass for {key}")
+        if not 0.0 <= self.svd_drop < 1.0:
+            raise MemkfacError(
+                f"svd_drop {self.svd_drop!r} is outside [0, 1)",
+                "give the fraction of singular directions to remove, e.g. 0.25",
+            )
+
+    def keep_mass_for(self, layer: int, proj: str) -> float:
+        """rho for one module: its override, else ``keep_mass``."""
+        return self.overrides.get(f"{layer}.{proj}", self.keep_mass)
+
+
+@dataclass
+class WeightEdit:
+    """Diagnostics of one edited weight."""
+
+    n_kept: int  # components kept: K-FAC pairs (i, j), or singular directions for svd
+    n_total: int  # components available: d_out * d_in, or min(d_out, d_in) for svd
+    frac_kept: float  # n_kept / n_total
+    mass_kept: float | None  # kept curvature mass / total (None for svd)
+    distinct_G: int | None  # G eigenvectors used (basis vectors on the output side; None for svd)
+    distinct_A: int | None  # A eigenvectors used (input side; None for svd)
+    rel_change: float  # ||W_new - W||_F / ||W||_F
+    skipped: bool  # nothing to remove (rho = 1, or svd_drop = 0): W returned as is
+
+
+def _top_fraction(eigenvalues: torch.Tensor, rho: float) -> int:
+    """Fewest of the largest eigenvalues whose sum is >= rho of the total."""
+    values = torch.sort(eigenvalues.double(), descending=True).values
+    cumulative = torch.cumsum(values, 0)
+    return min(int(torch.searchsorted(cumulative, rho * cumulative[-1])) + 1, values.numel())
+
+
+def _haar_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, n) float64 orthogonal matrix drawn from the Haar measure (QR of a Gaussian, signs fixed)."""
+    q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def _project(W: torch.Tensor, U_G: torch.Tensor, mask: torch.Tensor, U_A: torch.Tensor) -> torch.Tensor:
+    """U_G ((U_G^T W U_A) * mask) U_A^T in float64; W (d_out, d_in), U_G (d_out, d_out), U_A (d_in, d_in)."""
+    U_G, U_A = U_G.double(), U_A.double()
+    C = U_G.T @ W.double() @ U_A
+    return U_G @ (C * mask) @ U_A.T
+
+
+def edit_weight(
+    W: torch.Tensor,
+    eig: ModuleEigen | None,
+    rho: float,
+    method: str = "kfac",
+    svd_drop: float = 0.25,
+    seed: int = 0,
+) -> tuple[torch.Tensor, WeightEdit]:
+    """Edit one weight W (d_out, d_in). Returns ``(W_new, diagnostics)``; W_new has W's dtype.
+
+    ``eig`` (the eigenbasis of W's factors) is needed by every method but ``svd``; ``seed`` is used by
+    ``random`` only. A skipped edit returns W itself.
+    """
+    d_out, d_in = W.shape
+    if method == "svd":
+        n_total = min(d_out, d_in)
+        rank = n_total - round(svd_drop * n_total)
+        if rank == n_total:
+            return W, WeightEdit(n_total, n_total, 1.0, None, None, None, 0.0, True)
+        U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        W_new = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+        stats = dict(n_kept=rank, n_total=n_total, mass_kept=None, distinct_G=None, distinct_A=None)
+    else:
+        if rho == 1.0:
+            n = d_out * d_in
+            return W, WeightEdit(n, n, 1.0, 1.0, d_out, d_in, 0.0, True)
+        U_G, U_A = eig.U_G, eig.U_A
+        if method == "per_side":
+            r_G, r_A = _top_fraction(eig.lam, rho), _top_fraction(eig.mu, rho)
+            order_G = torch.sort(eig.lam, descending=True, stable=True).indices
+            order_A = torch.sort(eig.mu, descending=True, stable=True).indices
+            mask = torch.zeros(d_out, d_in, dtype=torch.bool)
+            mask[order_G[:r_G, None], order_A[None, :r_A]] = True
+            lam, mu = eig.lam.double(), eig.mu.double()
+            mass = float(lam[order_G[:r_G]].sum() * mu[order_A[:r_A]].sum() / (lam.sum() * mu.sum()))
+            stats = dict(n_kept=r_G * r_A, mass_kept=mass, distinct_G=r_G, distinct_A=r_A)
+        else:
+            sel = select_components(eig.lam, eig.mu, rho)
+            mask = sel.mask
+            stats = dict(
+                n_kept=sel.n_kept,
+                mass_kept=sel.mass_kept,
+                distinct_G=sel.distinct_G,
+                distinct_A=sel.distinct_A,
+            )
+            if method == "random":
+                generator = torch.Generator().manual_seed(seed)
+                U_G, U_A = _haar_orthogonal(d_out, generator), _haar_orthogonal(d_in, generator)
+        W_new = _project(W, U_G, mask, U_A)
+        stats["n_total"] = d_out * d_in
+    W_new = W_new.to(W.dtype)
+    rel_change = float(torch.linalg.norm(W_new.double() - W.double()) / torch.linalg.norm(W.double()))
+    return W_new, WeightEdit(
+        frac_kept=stats["n_kept"] / stats["n_total"], rel_change=rel_change, skipped=False, **stats
+    )
+
+
+def _module_seed(seed: int, name: str) -> int:
+    """A per-module seed that depends on the config seed and the module name only (not on order)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") >> 1
+
+
+def _check_eigen(target: Target, eig: ModuleEigen | None, eig_dir: Path) -> None:
+    fix = f"recompute the factors and eigenbasis for this model, or drop layer {target.layer} from the edit"
+    if eig is None:
+        raise MemkfacError(f"the eigenbasis in {eig_dir} has no module {target.name}", fix)
+    d_out, d_in = target.out_features, target.in_features
+    want = {"lam": (d_out,), "U_G": (d_out, d_out), "mu": (d_in,), "U_A": (d_in, d_in)}
+    for key, shape in want.items():
+        tensor = getattr(eig, key)
+        if tuple(tensor.shape) != shape:
+            raise MemkfacError(
+                f"shape mismatch for {target.name}: eigenbasis {key} is {tuple(tensor.shape)}, "
+                f"the model's ({d_out} x {d_in}) weight needs {shape}",
+                fix,
+            )
+        if not torch.isfinite(tensor).all():
+            raise MemkfacError(
+                f"the eigenbasis {key} of {target.name} in {eig_dir} has NaN or Inf values", fix
+            )
+
+
+def _model_dtype(model_dir: Path) -> str:
+    """The dtype the checkpoint is stored in, so untouched tensors are written back unchanged."""
+    from transformers import AutoConfig
+
+    dtype = AutoConfig.from_pretrained(model_dir).dtype
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def edit_model(
+    model_dir: Path, eig_dir: Path | None, config: EditConfig, out_dir: Path, progress: bool = True
+) -> dict:
+    """Edit a Hugging Face checkpoint and write the edited one to ``out_dir``; return its manifest.
+
+    ``eig_dir`` is an eigenbasis directory (``memkfac.eigen.compute_eigenbasis``) of factors collected
+    on this very model; it may be None for ``method="svd"``. Everything is validated before anything is
+    written: the eigenbasis's model fingerprint, the layers, shapes and finiteness. The manifest
+    (``memkfac_manifest.json``) records the base model, the eigenbasis, the config and per-module
+    diagnostics. The same inputs give bit-identical weights.
+    """
+    start = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.resolve() == model_dir.resolve():
+        raise MemkfacError(
+            f"the output {out_dir} is the base model itself", "write the edit to another directory"
+        )
+    base_fingerprint = model_fingerprint(model_dir)
+    eig_modules, eig_meta = {}, None
+    if config.method != "svd":
+        if eig_dir is None:
+            raise MemkfacError(f"method {config.method!r} needs an eigenbasis", "pass the factors directory")
+        eig_modules, eig_meta = load_eigenbasis(Path(eig_dir))
+        if eig_meta["model_fingerprint"] != base_fingerprint:
+            raise MemkfacError(
+                f"the eigenbasis in {eig_dir} was computed for model fingerprint "
+                f"{eig_meta['model_fingerprint'][:16]}..., but {model_dir} has fingerprint "
+                f"{base_fingerprint[:16]}...",
+                "collect factors on this model (`memkfac factors MODEL ...`) and edit with those",
+            )
+
+    model, tokenizer = load_model(model_dir, dtype=_model_dtype(model_dir))
+    num_layers = model.config.num_hidden_layers
+    missing = [i for i in config.layers if not 0 <= i < num_layers]
+    if missing:
+        raise MemkfacError(
+            f"layer(s) {missing} are not in {model_dir}, which has layers 0..{num_layers - 1}",
+            f"choose layers between 0 and {num_layers - 1}",
+        )
+    targets = find_targets(model, config.layers, config.projections)
+    for target in targets:
+        if not torch.isfinite(model.get_submodule(target.name).weight).all():
+            raise MemkfacError(f"the weight of {target.name} in {model_dir} has NaN or Inf values")
+        if config.method != "svd":
+            _check_eigen(target, eig_modules.get(target.name), Path(eig_dir))
+
+    modules = []
+    for target in tqdm(targets, desc="editing", unit="module", disable=not progress):
+        weight = model.get_submodule(target.name).weight
+        rho = None if config.method == "svd" else config.keep_mass_for(target.layer, target.proj)
+        W_new, stats = edit_weight(
+            weight.data,
+            eig_modules.get(target.name),
+            rho,
+            config.method,
+            config.svd_drop,
+            _module_seed(config.seed, target.name),
+        )
+        if not torch.isfinite(W_new).all():
+            raise MemkfacError(
+                f"editing {target.name} produced NaN or Inf", "check the eigenbasis and the weight"
+            )
+        weight.data.copy_(W_new)
+        modules.append(
+            {"name": target.name, "layer": target.layer, "proj": target.proj, "keep_mass": rho}
+            | asdict(stats)
+        )
+
+    manifest = {
+        "kind": "edit",
+        "memkfac_version": memkfac.__version__,
+        "base_model": {"dir": str(model_dir), "fingerprint": base_fingerprint},
+        "eigenbasis": None
+        if eig_meta is None
+        else {
+            "dir": str(eig_dir),
+            "model_fingerprint": eig_meta["model_fingerprint"],
+            "factor_index_sha256": eig_meta["factor_index_sha256"],
+        },
+        "config": asdict(config),
+        "modules": modules,
+        "edit_seconds": round(time.perf_counter() - start, 3),
+    }
+    save_checkpoint(model, tokenizer, out_dir, manifest)
+    return load_manifest(out_dir)
