@@ -1,0 +1,161 @@
+"""Membership-inference scores of a probe's suffix given its prefix, and their AUC.
+
+Per probe, from one teacher-forced pass over prefix + suffix (log-probs of the suffix tokens only):
+- loss: mean NLL of the suffix tokens (nats); low for memorized text.
+- zlib ratio (Carlini et al. 2021): loss / zlib-compressed byte length of the suffix text; divides
+  out how predictable the text is by itself.
+- Min-K% (Shi et al. 2024, k = 20%): mean of the lowest k% token log-probs; high for members.
+- Min-K%++ (Zhang et al. 2024, k = 20%): the same over standardized log-probs
+  (log p(x_t) - mu_t) / sigma_t, with mu_t, sigma_t the mean and std of log p(z) under the model's
+  own next-token distribution at position t.
+
+AUC (by ranks, ties averaged: the Mann-Whitney statistic) measures how well each score separates
+trained probes (kind "memorized") from control probes. Each score is oriented so that higher means
+member before the AUC is taken (loss and zlib ratio are negated); 0.5 is chance, 1.0 perfect.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from memkfac.errors import MemkfacError
+from memkfac.generation import probe_token_ids
+from memkfac.tables import make_table, new_run_id
+
+MIN_K_FRACTION = 0.2
+# score column -> sign that makes "higher = member"
+SCORE_ORIENTATION = {"loss": -1.0, "zlib_ratio": -1.0, "min_k": 1.0, "min_k_pp": 1.0}
+
+
+def _lowest_fraction_mean(values: torch.Tensor, fraction: float) -> float:
+    k = max(1, int(fraction * len(values)))
+    return values.topk(k, largest=False).values.mean().item()
+
+
+@torch.no_grad()
+def suffix_token_stats(
+    model, prompts: list[list[int]], suffixes: list[list[int]], batch_size: int = 16, progress: bool = True
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per probe: (log p of each gold suffix token, its Min-K%++ standardized value), each (L,) fp32.
+
+    Sequences are right-padded (teacher forcing needs no left alignment) and the padding is masked.
+    """
+    device = next(model.parameters()).device
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="suffix log-probs", disable=not progress):
+        batch = list(
+            zip(prompts[start : start + batch_size], suffixes[start : start + batch_size], strict=True)
+        )
+        width = max(len(p) + len(s) for p, s in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (p, s) in enumerate(batch):
+            ids[row, : len(p) + len(s)] = torch.as_tensor(p + s)
+            mask[row, : len(p) + len(s)] = 1
+        logp = F.log_softmax(
+            model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1
+        )
+        for row, (p, s) in enumerate(batch):
+            lp = logp[
+                row, len(p) - 1 : len(p) + len(s) - 1
+            ]  # (L, V): the distributions predicting the suffix
+            gold = lp.gather(-1, torch.as_tensor(s, device=lp.device)[:, None])[:, 0]
+            probs = lp.exp()
+            mu = (probs * lp).sum(-1)
+            sigma = (
+                (probs * (lp - mu[:, None]).square()).sum(-1).clamp(min=1e-12).sqrt()
+            )  # centred: exact in fp32
+            out.append((gold.cpu(), ((gold - mu) / sigma).cpu()))
+    return out
+
+
+def mia_rows(
+    model, tokenizer, probes, batch_size: int = 16, k: float = MIN_K_FRACTION, progress: bool = True
+):
+    """One dict per probe with the ``mia`` table's columns."""
+    ids = [probe_token_ids(p, tokenizer) for p in probes]
+    stats = suffix_token_stats(model, [i[0] for i in ids], [i[1] for i in ids], batch_size, progress)
+    rows = []
+    for probe, (_, suffix), (logp, standardized) in zip(probes, ids, stats, strict=True):
+        loss = -logp.mean().item()
+        text = tokenizer.decode(suffix).encode("utf-8")
+        rows.append(
+            {
+                "probe_id": probe.id,
+                "kind": probe.kind,
+                "split": probe.split,
+                "n_tokens": len(suffix),
+                "loss": loss,
+                "zlib_ratio": loss / len(zlib.compress(text)),
+                "min_k": _lowest_fraction_mean(logp, k),
+                "min_k_pp": _lowest_fraction_mean(standardized, k),
+            }
+        )
+    return rows
+
+
+def rank_auc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
+    """P(member score > non-member score) + 0.5 P(tie), from average ranks (Mann-Whitney U)."""
+    if not members or not nonmembers:
+        raise MemkfacError("AUC needs at least one member and one non-member score", "add control probes")
+    values = sorted([(v, 1) for v in members] + [(v, 0) for v in nonmembers])
+    rank_sum, i = 0.0, 0
+    while i < len(values):
+        j = i
+        while j < len(values) and values[j][0] == values[i][0]:
+            j += 1
+        average_rank = (i + 1 + j) / 2  # ranks i+1..j share their mean
+        rank_sum += average_rank * sum(is_member for _, is_member in values[i:j])
+        i = j
+    n1, n0 = len(members), len(nonmembers)
+    return (rank_sum - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def auc_rows(rows: list[dict], member_kind: str = "memorized", nonmember_kind: str = "control") -> list[dict]:
+    """``mia_auc`` rows: the AUC of each score separating ``member_kind`` from ``nonmember_kind`` probes."""
+    out = []
+    for score, sign in SCORE_ORIENTATION.items():
+        members = [sign * r[score] for r in rows if r["kind"] == member_kind and math.isfinite(r[score])]
+        nonmembers = [
+            sign * r[score] for r in rows if r["kind"] == nonmember_kind and math.isfinite(r[score])
+        ]
+        out.append(
+            {
+                "score": score,
+                "member_kind": member_kind,
+                "nonmember_kind": nonmember_kind,
+                "n_members": len(members),
+                "n_nonmembers": len(nonmembers),
+                "auc": rank_auc(members, nonmembers),
+            }
+        )
+    return out
+
+
+def mia_tables(
+    model,
+    tokenizer,
+    probes,
+    variant: str,
+    probe_set: str,
+    run_id: str | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[pa.Table, pa.Table | None]:
+    """The per-probe ``mia`` table and the ``mia_auc`` table (None without both kinds of probes)."""
+    run_id = run_id or new_run_id()
+    rows = mia_rows(model, tokenizer, probes, batch_size, progress=progress)
+    per_probe = make_table("mia", rows, variant=variant, probe_set=probe_set, run_id=run_id)
+    kinds = {r["kind"] for r in rows}
+    if not {"memorized", "control"} <= kinds:
+        return per_probe, None
+    return per_probe, make_table(
+        "mia_auc", auc_rows(rows), variant=variant, probe_set=probe_set, run_id=run_id
+    )
