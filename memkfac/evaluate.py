@@ -1,0 +1,133 @@
+"""One evaluation of one model variant: memorization, MIA, perplexity, nDCG, as Parquet tables.
+
+This is what ``memkfac eval`` and the comparison run per variant, and what an orchestrator calls per
+(variant, probe set). The nDCG reference (the unedited model's top-k lists on the held-out blocks)
+is computed once per (reference weights, held-out data, k) and cached under
+``MEMKFAC_HOME/cache/topk``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from safetensors.torch import load_file, save_file
+
+from memkfac.fingerprint import model_fingerprint
+from memkfac.memorization import (
+    LOOSE_THRESHOLD,
+    memorization_rows,
+    positional_stress_rows,
+    summarize,
+)
+from memkfac.mia import auc_rows, mia_rows
+from memkfac.paths import atomic_file, memkfac_home
+from memkfac.tables import make_table, new_run_id, write_table
+from memkfac.utility import ndcg_from_lists, perplexity, topk_lists
+
+
+@dataclass
+class EvalArguments:
+    batch_size: int = 32  # prompts per greedy-generation batch
+    ppl_batch_size: int = 8  # held-out blocks per forward (perplexity, nDCG, MIA)
+    loose_threshold: float = LOOSE_THRESHOLD
+    mia: bool = True
+    stress: bool = False  # positional stress test: ~60 generations per probe, off by default
+    stress_t: int = 20
+    ndcg_k: int = 10
+
+
+@dataclass
+class HeldOut:
+    """Held-out text for perplexity and nDCG: packed blocks (n_blocks, block_len) and their identity."""
+
+    blocks: torch.Tensor
+    name: str  # the tables' probe_set partition, e.g. "stdlib-heldout"
+    fingerprint: str  # of the whole split; the cache key adds the block count
+
+    @classmethod
+    def from_corpus(cls, corpus_dir: Path, max_blocks: int | None = None) -> HeldOut:
+        """The first ``max_blocks`` (None: all) blocks of a built corpus's held-out split."""
+        from memkfac.corpora import corpus_fingerprint, load_split
+        from memkfac.paths import safe_name
+
+        blocks = load_split(corpus_dir, "heldout")[:max_blocks]
+        name = safe_name(f"{Path(corpus_dir).resolve().name}-heldout", "held-out corpus name")
+        return cls(blocks, name, corpus_fingerprint(corpus_dir, "heldout"))
+
+
+def reference_topk(
+    reference_dir: Path, heldout: HeldOut, k: int = 10, batch_size: int = 8, progress: bool = True
+) -> torch.Tensor:
+    """The reference model's top-k lists on ``heldout`` (n_blocks, block_len, k), cached by content."""
+    from memkfac.models import load_model
+
+    key = f"{model_fingerprint(reference_dir)[:16]}-{heldout.fingerprint[:16]}-n{len(heldout.blocks)}-k{k}"
+    path = memkfac_home() / "cache" / "topk" / f"{key}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["topk"].long()
+    model, _ = load_model(reference_dir)
+    topk = topk_lists(model, heldout.blocks, k, batch_size, progress)
+    with atomic_file(path) as tmp:
+        save_file({"topk": topk.to(torch.int32).contiguous()}, str(tmp))
+    return topk
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    probes,
+    *,
+    variant: str,
+    probe_set: str,
+    args: EvalArguments | None = None,
+    heldout: HeldOut | None = None,
+    reference: torch.Tensor | None = None,
+    reference_name: str = "base",
+    run_id: str | None = None,
+    progress: bool = True,
+) -> dict[str, pa.Table]:
+    """Evaluate one loaded model; returns tables by name (write them with ``write_tables``).
+
+    Always: ``memorization`` and ``memorization_summary`` on ``probes``. With ``args.mia``: ``mia``
+    (and ``mia_auc`` when there are memorized and control probes). With ``args.stress``:
+    ``positional_stress``. With ``heldout``: ``perplexity``, and ``ndcg`` when ``reference`` (the
+    reference model's ``reference_topk`` on the same blocks) is given.
+    """
+    args = args or EvalArguments()
+    run_id = run_id or new_run_id()
+    keys = dict(variant=variant, probe_set=probe_set, run_id=run_id)
+    rows = memorization_rows(model, tokenizer, probes, args.batch_size, args.loose_threshold, progress)
+    tables = {
+        "memorization": make_table("memorization", rows, **keys),
+        "memorization_summary": make_table(
+            "memorization_summary", summarize(rows, args.loose_threshold), **keys
+        ),
+    }
+    if args.mia:
+        scores = mia_rows(model, tokenizer, probes, args.ppl_batch_size, progress=progress)
+        tables["mia"] = make_table("mia", scores, **keys)
+        if {"memorized", "control"} <= {r["kind"] for r in scores}:
+            tables["mia_auc"] = make_table("mia_auc", auc_rows(scores), **keys)
+    if args.stress:
+        stress = positional_stress_rows(model, tokenizer, probes, args.stress_t, args.batch_size, progress)
+        tables["positional_stress"] = make_table("positional_stress", stress, **keys)
+    if heldout is not None:
+        text_keys = dict(variant=variant, probe_set=heldout.name, run_id=run_id)
+        ppl = perplexity(model, heldout.blocks, args.ppl_batch_size, progress)
+        tables["perplexity"] = make_table(
+            "perplexity", [ppl | {"data_fingerprint": heldout.fingerprint}], **text_keys
+        )
+        if reference is not None:
+            edited = topk_lists(model, heldout.blocks, reference.shape[-1], args.ppl_batch_size, progress)
+            scores = ndcg_from_lists(edited, reference)
+            row = scores | {"reference": reference_name, "data_fingerprint": heldout.fingerprint}
+            tables["ndcg"] = make_table("ndcg", [row], **text_keys)
+    return tables
+
+
+def write_tables(tables: dict[str, pa.Table], root: Path | None = None) -> dict[str, Path]:
+    """Write each table to its partition under ``root`` (default MEMKFAC_HOME); returns the paths."""
+    return {name: write_table(name, table, root) for name, table in tables.items()}
