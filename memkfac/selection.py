@@ -151,11 +151,16 @@ def select_components(lam: torch.Tensor, mu: torch.Tensor, keep_mass: float) -> 
     full = tied_before + ties <= t  # rows whose ties are all kept
     row_start = torch.where(full, lo_starts, hi_starts)
     mask = spec.rank.unsqueeze(0) >= row_start.unsqueeze(1)
+    used_G = row_start < d_in  # (d_out,) rows with a kept component
+    used_A = spec.rank >= row_start.min()  # (d_in,) columns with a kept component
     partial = torch.nonzero(~full & (tied_before < t)).flatten()
     if partial.numel():  # the one row where the crossing falls inside its ties
         r = int(partial[0])
         tied_cols = torch.nonzero((spec.rank >= lo_starts[r]) & (spec.rank < hi_starts[r])).flatten()
-        mask[r, tied_cols[: t - int(tied_before[r])]] = True
+        kept_cols = tied_cols[: t - int(tied_before[r])]
+        mask[r, kept_cols] = True
+        used_G[r] = True
+        used_A[kept_cols] = True
 
     n_kept = int((d_in - hi_starts).sum()) + t
     mass_kept = (above_mass + t * cut) / total
@@ -164,6 +169,6 @@ def select_components(lam: torch.Tensor, mu: torch.Tensor, keep_mass: float) -> 
         n_kept=n_kept,
         frac_kept=n_kept / (d_out * d_in),
         mass_kept=mass_kept,
-        distinct_G=int(mask.any(1).sum()),
-        distinct_A=int(mask.any(0).sum()),
+        distinct_G=int(used_G.sum()),
+        distinct_A=int(used_A.sum()),
     )
