@@ -1,0 +1,27 @@
+"""Declarative automation conditions shared by the assets (verified idioms, dagster_notes section 4).
+
+- ``BUILD``: materialize when an upstream's *data version* changed (not merely re-materialized with the
+  same content), when this asset's ``code_version`` was bumped, or on the first evaluation if it is
+  missing and its inputs exist (plain ``eager()`` never builds assets that are already missing).
+- ``REPORT``: for the dbt reports over partitioned evaluations: fire on updates even while some
+  evaluation cells are still missing.
+- ``weekly(cron)``: ``BUILD`` or once per cron tick (the resurgence test).
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+AC = dg.AutomationCondition
+
+BOOTSTRAP = (AC.initial_evaluation() & AC.missing() & ~AC.any_deps_missing() & ~AC.in_progress()).with_label(
+    "bootstrap"
+)
+DATA_EAGER = AC.eager().replace("newly_updated", AC.data_version_changed())
+BUILD = (DATA_EAGER | AC.code_version_changed() | BOOTSTRAP).with_label("memkfac_build")
+REPORT = (AC.eager().without(~AC.any_deps_missing()) | AC.code_version_changed()).with_label("memkfac_report")
+
+
+def weekly(cron: str) -> dg.AutomationCondition:
+    """``BUILD``, or at every ``cron`` tick regardless of upstream changes."""
+    return (BUILD | (AC.cron_tick_passed(cron) & ~AC.in_progress())).with_label(f"memkfac_build_or_{cron}")

@@ -1,0 +1,179 @@
+"""Evaluations: memorization per (variant, probe set), utility per variant, and their table checks.
+
+Every table is written by ``memkfac.tables.write_table`` into the hive layout dbt reads
+(``evals/<table>/variant=<v>/probe_set=<p>/part.parquet``).
+"""
+
+import dagster as dg
+
+from assets.automation import BUILD
+from assets.edits import variant_model_dir
+from assets.metadata import table_metadata
+from assets.partitions import Partitions
+from assets.probes import PROBES_FILE
+from resources.config import PipelineConfig, split_variant
+from resources.store import ArtifactStore
+
+GROUP = "evaluation"
+HELDOUT = "heldout"  # the probe_set key of tables measured on held-out general text
+
+
+def _variant_and_probe_set(context) -> tuple[str, str]:
+    key = context.partition_key.keys_by_dimension
+    return key["variant"], key["probe_set"]
+
+
+def _read(store: ArtifactStore, table: str, variant: str, probe_set: str):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(store.eval_table(table, variant, probe_set))
+
+
+def table_check(table: str, expected_rows) -> callable:
+    """Check body: the Parquet partition has ``table``'s exact schema and ``expected_rows(...)`` rows."""
+
+    def check(context, store: ArtifactStore) -> dg.AssetCheckResult:
+        from memkfac.errors import MemkfacError
+        from memkfac.tables import validate_table
+
+        keys = (
+            _variant_and_probe_set(context)
+            if isinstance(context.partition_key, dg.MultiPartitionKey)
+            else (context.partition_key, HELDOUT)
+        )
+        data = _read(store, table, *keys)
+        problems = []
+        try:
+            validate_table(table, data)
+        except MemkfacError as e:
+            problems.append(e.problem)
+        want = expected_rows(store, *keys)
+        if want is not None and data.num_rows != want:
+            problems.append(f"{data.num_rows} rows, expected {want}")
+        if data.num_rows == 0:
+            problems.append("no rows")
+        return dg.AssetCheckResult(
+            passed=not problems, metadata={"rows": data.num_rows, "problems": dg.MetadataValue.json(problems)}
+        )
+
+    return check
+
+
+def _probe_count(store: ArtifactStore, variant: str, probe_set: str) -> int:
+    from memkfac.probes import load_probe_set
+
+    return len(load_probe_set(store.probe_set_dir(probe_set) / PROBES_FILE))
+
+
+def build(config: PipelineConfig, parts: Partitions) -> list:
+    settings = dict(config.evaluation)
+    batch_size = int(settings.get("batch_size", 32))
+    heldout_blocks = int(settings.get("heldout_blocks", 64))
+
+    @dg.asset(
+        partitions_def=parts.variant_x_probe_set,
+        deps=[dg.AssetDep("edited_model"), dg.AssetDep("probe_sets")],
+        group_name=GROUP,
+        kinds={"parquet"},
+        code_version="memorization-v1",
+        automation_condition=BUILD,
+        pool="compute",
+        description="Greedy continuation of |suffix| tokens from every probe's prefix: strict, loose and "
+        "Levenshtein recall per probe (table memorization) and per kind/split (memorization_summary).",
+    )
+    def memorization_eval(context: dg.AssetExecutionContext, store: ArtifactStore) -> dg.MaterializeResult:
+        from memkfac.memorization import memorization_table, summary_table
+        from memkfac.models import load_model
+        from memkfac.probes import load_probe_set
+        from memkfac.tables import write_table
+
+        variant, probe_set = _variant_and_probe_set(context)
+        model, tokenizer = load_model(variant_model_dir(config, store, variant))
+        probes = load_probe_set(store.probe_set_dir(probe_set) / PROBES_FILE)
+        table = memorization_table(
+            model, tokenizer, probes, variant, probe_set, batch_size=batch_size, progress=False
+        )
+        path = write_table("memorization", table, store.root)
+        summary = summary_table(table)
+        write_table("memorization_summary", summary, store.root)
+        rows = summary.to_pylist()
+        figures = {f"strict_pct/{r['kind']}/{r['split']}": r["strict_pct"] for r in rows}
+        return dg.MaterializeResult(
+            metadata={
+                **table_metadata(table, path),
+                **figures,
+                "summary": dg.MetadataValue.md(
+                    _markdown(rows, ["kind", "split", "n_probes", "strict_pct", "loose_pct", "avg_lev"])
+                ),
+            }
+        )
+
+    memorization_check = dg.asset_check(
+        asset=memorization_eval,
+        name="memorization_table_valid",
+        partitions_def=parts.variant_x_probe_set,
+        blocking=True,
+        description="Schema of the memorization table, one row per probe.",
+    )(table_check("memorization", _probe_count))
+
+    @dg.asset(
+        partitions_def=parts.variant,
+        deps=[dg.AssetDep("edited_model"), dg.AssetDep("corpus", partition_mapping=parts.model_to_variants)],
+        group_name=GROUP,
+        kinds={"parquet"},
+        code_version="utility-v1",
+        automation_condition=BUILD,
+        pool="compute",
+        description="Held-out perplexity (table perplexity) and nDCG@10 of next-token top-10 lists against "
+        "the unedited subject model (table ndcg).",
+    )
+    def utility_eval(context: dg.AssetExecutionContext, store: ArtifactStore) -> dg.MaterializeResult:
+        from memkfac.corpora import corpus_fingerprint, load_split
+        from memkfac.models import load_model
+        from memkfac.tables import make_table, new_run_id, write_table
+        from memkfac.utility import ndcg, perplexity, topk_lists
+
+        variant = context.partition_key
+        model_name, _ = split_variant(variant)
+        corpus = store.corpus_dir(model_name)
+        blocks = load_split(corpus, "heldout")[:heldout_blocks]
+        fingerprint = corpus_fingerprint(corpus, "heldout")
+        run_id = new_run_id()
+        model, _ = load_model(variant_model_dir(config, store, variant))
+        ppl = perplexity(model, blocks, progress=False) | {"data_fingerprint": fingerprint}
+        ppl_table = make_table("perplexity", [ppl], variant=variant, probe_set=HELDOUT, run_id=run_id)
+        path = write_table("perplexity", ppl_table, store.root)
+        reference_variant = f"{model_name}__base"
+        reference, _ = load_model(variant_model_dir(config, store, reference_variant))
+        scores = ndcg(model, blocks, topk_lists(reference, blocks, progress=False), progress=False)
+        row = {"reference": reference_variant, **scores, "data_fingerprint": fingerprint}
+        write_table(
+            "ndcg", make_table("ndcg", [row], variant=variant, probe_set=HELDOUT, run_id=run_id), store.root
+        )
+        return dg.MaterializeResult(
+            metadata={
+                **table_metadata(ppl_table, path),
+                "perplexity": ppl["perplexity"],
+                "mean_nll": ppl["mean_nll"],
+                "ndcg": scores["ndcg"],
+                "heldout_tokens": ppl["n_tokens"],
+            }
+        )
+
+    utility_check = dg.asset_check(
+        asset=utility_eval,
+        name="perplexity_table_valid",
+        partitions_def=parts.variant,
+        blocking=True,
+        description="Schema of the perplexity table, one row.",
+    )(table_check("perplexity", lambda *_: 1))
+
+    return [memorization_eval, memorization_check, utility_eval, utility_check]
+
+
+def _markdown(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(fmt(r[c]) for c in columns) + " |\n" for r in rows)

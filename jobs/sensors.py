@@ -1,0 +1,116 @@
+"""Sensors: the automation sensor and the input-files sensor, both RUNNING on a fresh instance.
+
+``input_files_sensor`` checks the base-model directories, the corpus and the probe directory on
+every tick. It re-hashes a file only when its size or mtime changed (the cursor remembers both), and
+reports each new content version as a runless observation of the matching source asset; a new
+probe-set file also becomes a ``probe_set`` partition. Declarative automation (``memkfac_automation``)
+then requests exactly the downstream partitions whose inputs changed.
+"""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from assets.partitions import Partitions
+from assets.sources import corpus_version, model_version, probe_file_versions
+from memkfac.fingerprint import WEIGHT_SUFFIXES
+from resources.config import PipelineConfig
+from resources.store import ArtifactStore
+
+
+def _stat_signature(paths: list[Path]) -> str:
+    """Cheap change detector: names, sizes and mtimes."""
+    parts = []
+    for p in sorted(paths):
+        st = p.stat()
+        parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def input_versions(config: PipelineConfig, store: ArtifactStore, cursor: dict) -> tuple[dict, dict]:
+    """Current content versions of every input, reusing the cursor's hash where the stat is unchanged.
+
+    Returns ``(versions, new_cursor)``; versions maps ``"model/<m>"``, ``"corpus"`` and
+    ``"probe_set/<p>"`` to a data version.
+    """
+    watched: dict[str, tuple[list[Path], object]] = {}
+    for name, m in config.models.items():
+        path = Path(m.source)
+        files = (
+            [p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
+            if path.is_dir()
+            else []
+        )
+        watched[f"model/{name}"] = (files, lambda s=m.source: model_version(s))
+    corpus = Path(config.corpus["source"])
+    watched["corpus"] = (
+        [corpus]
+        if corpus.is_file()
+        else [p for p in corpus.rglob("*") if p.is_file()]
+        if corpus.is_dir()
+        else [],
+        lambda: corpus_version(config.corpus["source"]),
+    )
+    versions, new_cursor = {}, {}
+    for key, (files, version_of) in watched.items():
+        sig = _stat_signature(files)
+        old = cursor.get(key)
+        version = old[1] if old and old[0] == sig else version_of()
+        if version is not None:
+            versions[key] = version
+            new_cursor[key] = [sig, version]
+    probe_files = sorted(store.probes_dir.glob("*.jsonl")) if store.probes_dir.is_dir() else []
+    sig = _stat_signature(probe_files)
+    old = cursor.get("probe_sets")
+    probe_versions = old[1] if old and old[0] == sig else probe_file_versions(store)
+    new_cursor["probe_sets"] = [sig, probe_versions]
+    versions.update({f"probe_set/{p}": v for p, v in probe_versions.items()})
+    return versions, new_cursor
+
+
+def build_input_files_sensor(config: PipelineConfig, parts: Partitions) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="input_files_sensor",
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Hashes base models, the corpus and probe-set files; reports changes as observations "
+        "and registers new probe sets as partitions.",
+    )
+    def input_files_sensor(context: dg.SensorEvaluationContext, store: ArtifactStore) -> dg.SensorResult:
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        previous = cursor.pop("versions", {})
+        versions, new_cursor = input_versions(config, store, cursor)
+        known = set(context.instance.get_dynamic_partitions(parts.probe_set.name))
+        new_sets = sorted(
+            k.split("/", 1)[1] for k in versions if k.startswith("probe_set/") and k[10:] not in known
+        )
+        events = []
+        for key, version in versions.items():
+            if previous.get(key) == version:
+                continue
+            kind, _, partition = key.partition("/")
+            asset = {"model": "model_files", "corpus": "corpus_files", "probe_set": "probe_set_files"}[kind]
+            events.append(
+                dg.AssetObservation(
+                    asset_key=asset, partition=partition or None, tags={"dagster/data_version": version}
+                )
+            )
+        new_cursor["versions"] = versions
+        return dg.SensorResult(
+            asset_events=events,
+            dynamic_partitions_requests=[parts.probe_set.build_add_request(new_sets)] if new_sets else [],
+            cursor=json.dumps(new_cursor, sort_keys=True),
+        )
+
+    return input_files_sensor
+
+
+def build_automation_sensor() -> dg.AutomationConditionSensorDefinition:
+    return dg.AutomationConditionSensorDefinition(
+        "memkfac_automation",
+        target=dg.AssetSelection.all(include_sources=True),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=30,
+        description="Evaluates every automation condition (input changes, code versions, weekly cron).",
+    )

@@ -1,0 +1,159 @@
+"""Resurgence: does removed memorization come back after a little fine-tuning?
+
+The protocol (kfac_engine_notes section 5, adapted to verbatim memorization). For a model (an edit or
+the unedited reference) and a canary probe set:
+- the trained canaries (kind ``memorized``) are split by their ``split`` field: the ``sweep`` half is
+  the relearn set T, the ``holdout`` half V is measured; ``control`` canaries (never trained) are
+  measured too: a rise there means the fine-tuning teaches the format rather than restoring memories;
+- recipes: ``general`` fine-tunes on unrelated general text, ``partial_forget`` on the full T
+  sequences (prefix + suffix), the relearn-on-a-subset attack (Deeb & Roger's RTT);
+- for each N in ``steps`` a fresh copy of the model is fine-tuned N steps (same seed, so the runs share
+  their first steps), then greedy recall on V and on the controls is measured; N = 0 is the model as is.
+
+Rows follow the ``resurgence`` table: ``resurgence`` = strict recall after N steps / strict recall of
+the unedited model before any fine-tuning. The fraction-of-removed-recall form
+(R(N) - R(0)) / (R_base - R(0)) is computed by the dbt report from the N = 0 rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from memkfac.errors import MemkfacError
+from memkfac.finetune import Batch, FinetuneConfig, finetune, mixed_batches
+from memkfac.generation import probe_token_ids
+from memkfac.memorization import memorization_rows, summarize
+from memkfac.models import load_model
+
+RECIPES = ("general", "partial_forget")
+MEASURED_KINDS = ("memorized", "control")
+
+
+@dataclass(frozen=True)
+class ResurgenceArguments:
+    steps: tuple[int, ...] = (10, 50, 200)  # fine-tuning steps at which recall is measured
+    recipes: tuple[str, ...] = RECIPES
+    lr: float = 3e-5
+    warmup_steps: int = 5
+    batch_size: int = 4  # sequences per step
+    train_layers: str = "all"  # decoder layers fine-tuned (memkfac.finetune.FinetuneConfig)
+    seed: int = 0
+    eval_batch_size: int = 32
+
+    def __post_init__(self):
+        if not self.steps or any(s <= 0 for s in self.steps) or list(self.steps) != sorted(set(self.steps)):
+            raise MemkfacError(
+                f"resurgence steps {self.steps} must be increasing and positive", "e.g. (10, 50, 200)"
+            )
+        if not self.recipes or not set(self.recipes) <= set(RECIPES):
+            raise MemkfacError(f"unknown resurgence recipe(s) in {self.recipes}", f"use some of {RECIPES}")
+
+
+def split_canaries(probes) -> tuple[list, list]:
+    """``(relearn, measured)``: memorized sweep probes, and memorized holdout + control probes."""
+    relearn = [p for p in probes if p.kind == "memorized" and p.split == "sweep"]
+    measured = [p for p in probes if (p.kind == "memorized" and p.split == "holdout") or p.kind == "control"]
+    if not relearn or not any(p.kind == "memorized" for p in measured):
+        raise MemkfacError(
+            "the resurgence probe set needs memorized probes in both the sweep and the holdout split",
+            "use the canary probe set (its trained canaries alternate sweep/holdout)",
+        )
+    return relearn, measured
+
+
+def n_step_plan(pool: Sequence[Sequence[int]], n_steps: int, batch_size: int, pad_id: int, seed: int):
+    """An epoch plan whose only epoch is exactly ``n_steps`` batches drawn from ``pool`` (cycled)."""
+    plan = mixed_batches([(pool, batch_size)], pad_id, seed)
+    batches: list[Batch] = []
+    epoch = 0
+    while len(batches) < n_steps:
+        batches += plan(epoch)
+        epoch += 1
+    batches = batches[:n_steps]
+    return lambda _epoch: batches
+
+
+def recall_by_kind(rows: list[dict]) -> dict[str, dict]:
+    """Aggregates over all splits of each kind (``summarize`` rows keyed by kind)."""
+    out = {}
+    for r in summarize(rows):
+        if r["kind"] not in out or r["split"] == "all":
+            out[r["kind"]] = r
+    return out
+
+
+def resurgence_rows(
+    model_dir: Path,
+    reference_dir: Path,
+    probes,
+    general_blocks: torch.Tensor,
+    args: ResurgenceArguments = ResurgenceArguments(),
+    progress: bool = True,
+) -> list[dict]:
+    """Rows of the ``resurgence`` table (without keys) for one model.
+
+    Args:
+        model_dir: the model under test (Hugging Face directory); it is never modified.
+        reference_dir: the unedited model; its recall before any fine-tuning is the denominator of R(N)
+            (the same directory as ``model_dir`` when the unedited model itself is tested).
+        probes: the canary probe set (see ``split_canaries``).
+        general_blocks: (n_blocks, block_len) token ids of general text, the ``general`` recipe's data.
+    """
+    relearn, measured = split_canaries(probes)
+    model, tokenizer = load_model(model_dir)
+    pad_id = tokenizer.pad_token_id
+    pools = {
+        "general": general_blocks.tolist(),
+        "partial_forget": [sum(probe_token_ids(p, tokenizer), []) for p in relearn],
+    }
+
+    def measure(m) -> dict[str, dict]:
+        return recall_by_kind(memorization_rows(m, tokenizer, measured, args.eval_batch_size, progress=False))
+
+    def rows_for(recipe: str, steps: int, recall: dict[str, dict]) -> list[dict]:
+        out = []
+        for kind in MEASURED_KINDS:
+            if kind not in recall:
+                continue
+            r, before = recall[kind], before_edit[kind]["strict_pct"]
+            out.append(
+                {
+                    "recipe": recipe,
+                    "steps": steps,
+                    "kind": kind,
+                    "n_probes": r["n_probes"],
+                    "strict_pct": r["strict_pct"],
+                    "loose_pct": r["loose_pct"],
+                    "avg_lev": r["avg_lev"],
+                    "strict_pct_before_edit": before,
+                    "resurgence": r["strict_pct"] / before if before else None,
+                }
+            )
+        return out
+
+    at_zero = measure(model)
+    before_edit = (
+        at_zero
+        if Path(reference_dir).resolve() == Path(model_dir).resolve()
+        else measure(load_model(reference_dir)[0])
+    )
+    rows = [row for recipe in args.recipes for row in rows_for(recipe, 0, at_zero)]
+    runs = [(recipe, n) for recipe in args.recipes for n in args.steps]
+    for recipe, n in tqdm(runs, desc="resurgence", unit="fine-tune", disable=not progress):
+        model, _ = load_model(model_dir)
+        plan = n_step_plan(pools[recipe], n, args.batch_size, pad_id, args.seed)
+        config = FinetuneConfig(
+            epochs=1,
+            lr=args.lr,
+            warmup_steps=min(args.warmup_steps, n),
+            seed=args.seed,
+            train_layers=args.train_layers,
+        )
+        finetune(model, plan, config, progress=False)
+        rows += rows_for(recipe, n, measure(model))
+    return rows

@@ -1,0 +1,58 @@
+"""Factor collection as an external process: ``python resources/pipes_collect_factors.py`` under Pipes.
+
+Imports only ``dagster_pipes`` and ``memkfac`` (torch, transformers), so a GPU worker image needs no
+Dagster. Extras (JSON): ``model_dir``, ``corpus_dir``, ``out_dir``, ``layers`` (a layer spec such as
+``"14-29"`` or ``"all"``) and ``factor_args`` (the other FactorArguments fields). Reports one
+materialization whose data version is the sha256 of the factor index.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dagster_pipes import open_dagster_pipes
+
+
+def main() -> None:
+    from memkfac.corpora import corpus_fingerprint, load_split
+    from memkfac.factors import FactorArguments, collect_factors
+    from memkfac.fingerprint import model_fingerprint, sha256_file
+    from memkfac.models import load_model
+    from memkfac.targets import parse_layers
+
+    with open_dagster_pipes() as pipes:
+        model_dir = Path(pipes.get_extra("model_dir"))
+        corpus_dir = Path(pipes.get_extra("corpus_dir"))
+        factor_args = dict(pipes.get_extra("factor_args"))
+        model, _ = load_model(model_dir, dtype=factor_args.get("model_dtype", "float32"))
+        layers = parse_layers(pipes.get_extra("layers"), model.config.num_hidden_layers)
+        args = FactorArguments(layers=layers, **factor_args)
+        blocks = load_split(corpus_dir, "factor")
+        pipes.log.info(f"collecting factors of {model_dir.name} on {tuple(blocks.shape)} blocks")
+        index = collect_factors(
+            model,
+            blocks,
+            Path(pipes.get_extra("out_dir")),
+            args,
+            model_fingerprint=model_fingerprint(model_dir),
+            corpus_fingerprint=corpus_fingerprint(corpus_dir, "factor"),
+            progress=True,
+        )
+
+        meta = json.loads(index.read_text())
+        pipes.report_asset_materialization(
+            metadata={
+                "tokens": meta["tokens"],
+                "modules": len(meta["targets"]),
+                "shards": len(meta["shards"]),
+                "fisher": meta["fisher"],
+                "bytes": sum(p.stat().st_size for p in index.parent.iterdir() if p.is_file()),
+                "path": {"raw_value": str(index.parent), "type": "path"},
+            },
+            data_version=sha256_file(index),
+        )
+
+
+if __name__ == "__main__":
+    main()
