@@ -38,6 +38,11 @@ METHODS = ("kfac", "per_side", "svd", "random")
 _OVERRIDE_KEY = re.compile(r"^(\d+)\.(gate|up|down)$")
 
 
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise MemkfacError(f"unknown edit method {method!r}", f"choose one of {', '.join(METHODS)}")
+
+
 @dataclass
 class EditConfig:
     """What to edit and how. ``overrides`` maps "layer.proj" (e.g. "23.gate") to its own rho."""
@@ -51,8 +56,7 @@ class EditConfig:
     seed: int = 0  # random: seeds each module's basis (with the module name)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise MemkfacError(f"unknown edit method {self.method!r}", f"choose one of {', '.join(METHODS)}")
+        _check_method(self.method)
         if not self.layers:
             raise MemkfacError("no layers to edit", "name the layers to edit, e.g. 22,23,24")
         unknown = [p for p in self.projections if p not in PROJECTIONS]
@@ -99,11 +103,11 @@ class WeightEdit:
     skipped: bool  # nothing to remove (rho = 1, or svd_drop = 0): W returned as is
 
 
-def _top_fraction(eigenvalues: torch.Tensor, rho: float) -> int:
-    """Fewest of the largest eigenvalues whose sum is >= rho of the total."""
-    values = torch.sort(eigenvalues.double(), descending=True).values
+def _top_eigenvectors(eigenvalues: torch.Tensor, rho: float) -> torch.Tensor:
+    """Indices of the fewest largest eigenvalues whose sum is >= rho of the total (ties: lower index)."""
+    values, order = torch.sort(eigenvalues.double(), descending=True, stable=True)
     cumulative = torch.cumsum(values, 0)
-    return min(int(torch.searchsorted(cumulative, rho * cumulative[-1])) + 1, values.numel())
+    return order[: min(int(torch.searchsorted(cumulative, rho * cumulative[-1])) + 1, values.numel())]
 
 
 def _haar_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -122,7 +126,7 @@ def _project(W: torch.Tensor, U_G: torch.Tensor, mask: torch.Tensor, U_A: torch.
 def edit_weight(
     W: torch.Tensor,
     eig: ModuleEigen | None,
-    rho: float,
+    rho: float | None,
     method: str = "kfac",
     svd_drop: float = 0.25,
     seed: int = 0,
@@ -130,8 +134,9 @@ def edit_weight(
     """Edit one weight W (d_out, d_in). Returns ``(W_new, diagnostics)``; W_new has W's dtype.
 
     ``eig`` (the eigenbasis of W's factors) is needed by every method but ``svd``; ``seed`` is used by
-    ``random`` only. A skipped edit returns W itself.
+    ``random`` only; ``rho`` is ignored by ``svd``. A skipped edit returns W itself.
     """
+    _check_method(method)
     d_out, d_in = W.shape
     if method == "svd":
         n_total = min(d_out, d_in)
@@ -147,13 +152,12 @@ def edit_weight(
             return W, WeightEdit(n, n, 1.0, 1.0, d_out, d_in, 0.0, True)
         U_G, U_A = eig.U_G, eig.U_A
         if method == "per_side":
-            r_G, r_A = _top_fraction(eig.lam, rho), _top_fraction(eig.mu, rho)
-            order_G = torch.sort(eig.lam, descending=True, stable=True).indices
-            order_A = torch.sort(eig.mu, descending=True, stable=True).indices
+            top_G, top_A = _top_eigenvectors(eig.lam, rho), _top_eigenvectors(eig.mu, rho)
             mask = torch.zeros(d_out, d_in, dtype=torch.bool)
-            mask[order_G[:r_G, None], order_A[None, :r_A]] = True
+            mask[top_G.unsqueeze(1), top_A.unsqueeze(0)] = True
             lam, mu = eig.lam.double(), eig.mu.double()
-            mass = float(lam[order_G[:r_G]].sum() * mu[order_A[:r_A]].sum() / (lam.sum() * mu.sum()))
+            mass = float(lam[top_G].sum() * mu[top_A].sum() / (lam.sum() * mu.sum()))  # >= rho^2
+            r_G, r_A = top_G.numel(), top_A.numel()
             stats = dict(n_kept=r_G * r_A, mass_kept=mass, distinct_G=r_G, distinct_A=r_A)
         else:
             sel = select_components(eig.lam, eig.mu, rho)
