@@ -387,6 +387,15 @@ def _completed_shards(out_dir: Path, identity: dict, plan: list[tuple[int, int]]
     return done
 
 
+def _discard_unusable(out_dir: Path, identity: dict, plan: list[tuple[int, int]]) -> None:
+    """Delete the shards and index in ``out_dir`` unless they all belong to this collection."""
+    try:
+        _completed_shards(out_dir, identity, plan)
+    except MemkfacError:
+        for path in [*out_dir.glob("shard-*.safetensors"), out_dir / INDEX_FILE]:
+            path.unlink(missing_ok=True)
+
+
 def _write_index(out_dir: Path, identity: dict, header: dict, shards: dict[int, dict], planned: int) -> Path:
     records = [shards[k] for k in sorted(shards)]
     return write_json(
@@ -412,13 +421,15 @@ def collect_factors(
     corpus_fingerprint: str,
     attention_mask: Tensor | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Collect K-FAC factor sums of ``model`` over ``blocks`` (n_blocks, seq_len) into shards in ``out_dir``.
 
     ``attention_mask`` (n_blocks, seq_len), 1 for real tokens, is for padded sequences; packed blocks
     need none. Resumes from completed shards of the same collection; refuses shards of another model,
-    corpus or arguments. Under torch.distributed every rank calls this with the same inputs and
-    ``out_dir`` (a shared file system). Returns the path of ``index.json``.
+    corpus or arguments, unless ``overwrite`` (then they are deleted first). Under torch.distributed
+    every rank calls this with the same inputs and ``out_dir`` (a shared file system). Returns the path
+    of ``index.json``.
     """
     _validate(model, blocks, attention_mask, args)
     out_dir = Path(out_dir)
@@ -436,6 +447,10 @@ def collect_factors(
     header = {"fisher": args.fisher, "seed": args.seed, "seq_len": blocks.shape[1]}
     rank, world = _dist_info()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite and rank == 0:
+        _discard_unusable(out_dir, identity, plan)
+    if world > 1:
+        dist.barrier()
     done = _completed_shards(out_dir, identity, plan)
     if world > 1:
         dist.barrier()  # every rank has read the resume state before any rank writes

@@ -285,3 +285,12 @@ def test_bad_arguments_are_refused_before_writing(tmp_path, bad, match):
             model, torch.zeros(2, 4, dtype=torch.long), tmp_path / "f", FactorArguments(**bad), **IDS
         )
     assert not (tmp_path / "f").exists()
+
+
+def test_overwrite_replaces_another_collection(collected):
+    model, blocks, args, out = collected
+    other = FactorArguments(layers=[2], batch_size=2, shard_tokens=16)
+    collect_factors(model, blocks, out, other, progress=False, overwrite=True, **IDS)
+    index = json.loads((out / "index.json").read_text())
+    assert index["complete"] and index["arguments"]["layers"] == [2]
+    assert list(load_factors(out)) == [f"model.layers.2.mlp.{p}_proj" for p in ("gate", "up", "down")]
