@@ -294,3 +294,33 @@ def test_overwrite_replaces_another_collection(collected):
     index = json.loads((out / "index.json").read_text())
     assert index["complete"] and index["arguments"]["layers"] == [2]
     assert list(load_factors(out)) == [f"model.layers.2.mlp.{p}_proj" for p in ("gate", "up", "down")]
+
+
+# ---- command line -----------------------------------------------------------------------------------
+
+
+def test_cli_collects_factors_and_eigenbasis_end_to_end(tiny_model_dir, memkfac_home, tmp_path, capsys):
+    from memkfac.cli import main
+    from memkfac.eigen import load_eigenbasis
+
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text(
+        "\n\n".join(f"Note {i}: the quick brown fox {i * 7} jumps over the lazy dog." for i in range(200))
+    )
+    out = tmp_path / "factors"
+    argv = [str(tiny_model_dir), "--corpus", str(corpus), "--layers", "2-3", "--proj", "gate,up"]
+    argv += ["--tokens", "300", "--block-len", "16", "--batch-size", "4", "--shard-tokens", "120", "--quiet"]
+    assert main(["factors", *argv, "--out", str(out)]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["complete"] and index["tokens"] == 20 * 15 and len(index["shards"]) == 3
+    modules, meta = load_eigenbasis(out / "eigenbasis")
+    assert sorted(modules) == [f"model.layers.{i}.mlp.{p}_proj" for i in (2, 3) for p in ("gate", "up")]
+    assert meta["tokens"] == 300
+    assert (memkfac_home / "corpora").is_dir()  # the text was tokenized under the data root
+    # a second run with other options onto the same directory is refused, with status 2
+    assert main(["factors", *argv, "--fisher", "empirical", "--out", str(out)]) == 2
+    assert "arguments differ" in capsys.readouterr().err
+    assert main(["eigen", str(out), "--out", str(tmp_path / "eig"), "--quiet"]) == 0
+    assert (tmp_path / "eig" / "eigenbasis.safetensors").read_bytes() == (
+        out / "eigenbasis" / "eigenbasis.safetensors"
+    ).read_bytes()
