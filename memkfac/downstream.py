@@ -14,13 +14,15 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from memkfac.errors import MemkfacError
-from memkfac.paths import atomic_dir, memkfac_home, safe_name
+from memkfac.fingerprint import model_fingerprint
+from memkfac.paths import atomic_dir, memkfac_home, safe_name, write_json
 from memkfac.tasks import GENERATORS, generate_items
 
 TASK_PREFIX = "memkfac_"
@@ -281,6 +283,104 @@ def retention(
     return rows
 
 
-def retention_records(rows: list[Retention]) -> list[dict]:
-    """Plain dicts (for JSON and tables)."""
-    return [asdict(r) for r in rows]
+def suite_name(n_items: int, seed: int) -> str:
+    """The suite's name in the tables' ``probe_set`` key: ``suite-s<seed>-n<items>``."""
+    return f"suite-s{seed}-n{n_items}"
+
+
+def item_scores_path(variant: str, suite: str, root: Path | None = None) -> Path:
+    """``MEMKFAC_HOME/downstream/<suite>/<variant>.json``: per-item scores for later retention runs."""
+    root = memkfac_home() if root is None else Path(root)
+    return root / "downstream" / safe_name(suite, "suite") / f"{safe_name(variant, 'variant')}.json"
+
+
+def save_item_scores(results: dict[str, TaskResult], path: Path, model_dir: Path) -> Path:
+    """Write per-item scores with the fingerprint of the model that produced them, atomically."""
+    return write_json(
+        path,
+        {
+            "model_dir": str(model_dir),
+            "model_fingerprint": model_fingerprint(model_dir),
+            "tasks": {
+                t: {
+                    "category": r.category,
+                    "metric": r.metric,
+                    "doc_ids": r.doc_ids.tolist(),
+                    "item_scores": r.item_scores.tolist(),
+                }
+                for t, r in results.items()
+            },
+        },
+    )
+
+
+def load_item_scores(path: Path) -> dict[str, TaskResult]:
+    """Read per-item scores written by ``save_item_scores``."""
+    if not Path(path).is_file():
+        raise MemkfacError(
+            f"no downstream scores at {path}",
+            "run `memkfac downstream` on the base model first, with the same suite seed and items",
+        )
+    tasks = json.loads(Path(path).read_text())["tasks"]
+    return {
+        t: TaskResult(
+            task=t,
+            category=r["category"],
+            metric=r["metric"],
+            score=float(np.mean(r["item_scores"])),
+            doc_ids=np.array(r["doc_ids"], dtype=np.int64),
+            item_scores=np.array(r["item_scores"], dtype=np.float64),
+        )
+        for t, r in tasks.items()
+    }
+
+
+def evaluate_downstream(
+    model_dir: Path,
+    args: DownstreamArguments,
+    variant: str,
+    base_variant: str | None = None,
+    n_boot: int = 2000,
+    task_dir: Path | None = None,
+    root: Path | None = None,
+    progress: bool = True,
+) -> pa.Table:
+    """Run the suite on one model, keep its per-item scores, and write the ``downstream`` table.
+
+    With ``base_variant``, retention against that variant's saved per-item scores (same suite) fills
+    the retention columns; the base model's own rows (and tasks the base lacks) leave them null.
+    Returns the table written to ``evals/downstream/variant=<variant>/probe_set=<suite>/``.
+    """
+    from memkfac.tables import make_table, new_run_id, write_table
+
+    suite = suite_name(args.n_items, args.seed)
+    base = load_item_scores(item_scores_path(base_variant, suite, root)) if base_variant else None
+    if base is not None and (missing := [t for t in args.tasks if t in GENERATORS and t not in base]):
+        raise MemkfacError(
+            f"base variant {base_variant!r} has no {suite} scores for task(s) {missing}",
+            "run `memkfac downstream` on the base model with these tasks first",
+        )
+    results = run_downstream(model_dir, args, task_dir=task_dir, progress=progress)
+    save_item_scores(results, item_scores_path(variant, suite, root), Path(model_dir))
+    kept = {r.task: r for r in retention(base, results, n_boot, args.seed)} if base else {}
+    rows = []
+    for task, r in results.items():
+        k = kept.get(task)
+        rows.append(
+            {
+                "task": task,
+                "category": r.category,
+                "metric": r.metric,
+                "n_items": int(r.doc_ids.size),
+                "score": r.score,
+                "base_score": k.base_score if k else None,
+                "retention": k.retention if k else None,
+                "retention_ci_low": k.ci_low if k else None,
+                "retention_ci_high": k.ci_high if k else None,
+                "n_bootstrap": n_boot if k else None,
+                "seed": args.seed,
+            }
+        )
+    table = make_table("downstream", rows, variant=variant, probe_set=suite, run_id=new_run_id())
+    write_table("downstream", table, root=root)
+    return table

@@ -148,3 +148,23 @@ def test_retention_pairs_items_by_document_id():
     edited["t"].doc_ids = ids + 1
     with pytest.raises(MemkfacError, match="different items"):
         retention(base, edited)
+
+
+@pytest.mark.slow
+def test_downstream_command_writes_scores_then_retention(tiny_model_dir, memkfac_home, capsys):
+    from memkfac.cli import main
+    from memkfac.tables import read_table
+
+    common = ["--tasks", "copying,boolean_expressions", "--n-boot", "200", "--quiet"]
+    assert main(["downstream", str(tiny_model_dir), "--variant", "base", *common]) == 0
+    assert main(["downstream", str(tiny_model_dir), "--variant", "same", "--base", "base", *common]) == 0
+    assert "retention" in capsys.readouterr().out
+    rows = {(r["variant"], r["task"]): r for r in read_table("downstream").to_pylist()}
+    assert len(rows) == 4 and rows[("base", "copying")]["retention"] is None
+    same = rows[("same", "copying")]
+    assert same["probe_set"] == "suite-s0-n200" and same["n_items"] == MIN_ITEMS
+    if same["base_score"] > 0:  # the same model scores the same items identically: retention exactly 1
+        assert (same["retention"], same["retention_ci_low"], same["retention_ci_high"]) == (1.0, 1.0, 1.0)
+    # a base that was never scored is a clear error, before any model runs
+    assert main(["downstream", str(tiny_model_dir), "--variant", "x", "--base", "nope", *common]) == 2
+    assert "run `memkfac downstream` on the base model" in capsys.readouterr().err
