@@ -237,30 +237,48 @@ def sample_labels(logits: Tensor, counts: list[int], blocks: list[int], seed: in
     return torch.cat(labels)
 
 
-def _batch_loss(
-    model: nn.Module, ids: Tensor, mask: Tensor | None, valid: Tensor, first_block: int, args: FactorArguments
-) -> tuple[Tensor, Tensor]:
-    """Forward one batch; return (sum-reduced CE over the contributing positions, their flat indices)."""
+def accumulate_batch(
+    model: nn.Module,
+    hooks: KFACHooks,
+    ids: Tensor,
+    valid: Tensor,
+    first_block: int,
+    args: FactorArguments,
+    attention_mask: Tensor | None = None,
+) -> int:
+    """Forward and backward one batch, adding its contributing positions to ``hooks.sums``.
+
+    ``ids`` (batch, seq) on the model's device; ``valid`` (batch, seq) bool on CPU from
+    ``contributing_positions``; ``first_block`` is the index of the batch's first block (it seeds the
+    sampled labels). The loss is the cross-entropy summed over the contributing positions. The model
+    must be frozen (``frozen``). Returns the number of positions added.
+    """
     device = ids.device
     positions = valid.reshape(-1).nonzero().squeeze(1)  # on CPU: no device sync
+    hooks.positions = positions.to(device)
     kwargs = {}
-    if mask is not None:  # positions from the mask, so left padding gets the same positions as packing
-        kwargs = {"attention_mask": mask, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+    if attention_mask is not None:  # positions from the mask: left padding gets the packed positions
+        kwargs = {
+            "attention_mask": attention_mask,
+            "position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0),
+        }
     logits = model(input_ids=ids, **kwargs).logits
-    flat = logits.reshape(-1, logits.shape[-1]).index_select(0, positions.to(device))
+    flat = logits.reshape(-1, logits.shape[-1]).index_select(0, hooks.positions)
     flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
     if args.fisher == "empirical":
-        labels = ids.reshape(-1).index_select(0, (positions + 1).to(device))
+        labels = ids.reshape(-1).index_select(0, hooks.positions + 1)
     else:
         with torch.no_grad():
             counts = valid.sum(1).tolist()
             blocks = [first_block + i for i, c in enumerate(counts) if c]
             labels = sample_labels(flat.detach(), [c for c in counts if c], blocks, args.seed)
-    return F.cross_entropy(flat, labels, reduction="sum"), positions.to(device)
+    F.cross_entropy(flat, labels, reduction="sum").backward()
+    hooks.sums.tokens += len(positions)
+    return len(positions)
 
 
 @contextlib.contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
+def frozen(model: nn.Module) -> Iterator[None]:
     """Eval mode and no parameter gradients for the duration; restores both afterwards."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     training = model.training
@@ -465,7 +483,7 @@ def collect_factors(
         unit="tok",
         disable=not progress,
     )
-    with _frozen(model):
+    with frozen(model):
         for k in mine:
             start, end = plan[k]
             sums = FactorSums.zeros(targets, acc_dtype, device)
@@ -473,13 +491,8 @@ def collect_factors(
                 for b in range(start, end, args.batch_size):
                     stop = min(b + args.batch_size, end)
                     mask = None if attention_mask is None else attention_mask[b:stop].to(device)
-                    loss, hooks.positions = _batch_loss(
-                        model, blocks[b:stop].to(device), mask, valid[b:stop], b, args
-                    )
-                    loss.backward()
-                    n = int(valid[b:stop].sum())
-                    sums.tokens += n
-                    bar.update(n)
+                    ids = blocks[b:stop].to(device)
+                    bar.update(accumulate_batch(model, hooks, ids, valid[b:stop], b, args, mask))
             meta = identity | header | {"shard": k, "blocks": [start, end], "tokens": sums.tokens}
             path = out_dir / f"shard-{k:05d}.safetensors"
             with atomic_file(path) as tmp:
