@@ -223,20 +223,21 @@ def test_cli_svd_needs_no_factors(tiny_model_dir, tmp_path):
     assert module["name"] == "model.layers.3.mlp.down_proj" and module["n_kept"] == 16
 
 
-@pytest.fixture
-def nan_eig_dir(eig_dir, tmp_path):
-    bad = tmp_path / "nan-eig"
-    shutil.copytree(eig_dir, bad)
-    tensors = load_file(str(bad / EIGEN_FILE))
+def damaged_copy(eig_dir, out, damage):
+    """A copy of an eigenbasis directory with ``damage(tensors)`` applied to its tensors."""
+    shutil.copytree(eig_dir, out)
+    tensors = load_file(str(out / EIGEN_FILE))
+    damage(tensors)
+    save_file(tensors, str(out / EIGEN_FILE))
+    return out
+
+
+def _nan_lam(tensors):
     tensors["G.model.layers.1.mlp.gate_proj.lam"][0] = float("nan")
-    save_file(tensors, str(bad / EIGEN_FILE))
-    return bad
 
 
-@pytest.fixture
-def other_model_dir(tmp_path):
-    build_tiny_model(tmp_path / "other", seed=1)
-    return tmp_path / "other"
+def _short_lam(tensors):
+    tensors["G.model.layers.1.mlp.gate_proj.lam"] = tensors["G.model.layers.1.mlp.gate_proj.lam"][:-1].clone()
 
 
 @pytest.mark.parametrize(
@@ -247,14 +248,16 @@ def other_model_dir(tmp_path):
         ("unknown_layer", "outside the model's 0..3"),
         ("layer_not_in_eigenbasis", "has no module model.layers.3.mlp.gate_proj"),
         ("nan_eigenbasis", "has NaN or Inf"),
+        ("shape_mismatch", r"shape mismatch for model.layers.1.mlp.gate_proj: eigenbasis lam is \(63,\)"),
     ],
 )
 def test_cli_failures_exit_nonzero_with_the_message_and_write_nothing(
-    case, message, tiny_model_dir, eig_dir, nan_eig_dir, other_model_dir, tmp_path, capsys
+    case, message, tiny_model_dir, eig_dir, tmp_path, capsys
 ):
     model, factors, layers, keep = tiny_model_dir, eig_dir, "1,2", "0.6"
     if case == "other_model":
-        model = other_model_dir
+        model = tmp_path / "other"
+        build_tiny_model(model, seed=1)
     elif case == "rho_out_of_range":
         keep = "1.5"
     elif case == "unknown_layer":
@@ -262,7 +265,9 @@ def test_cli_failures_exit_nonzero_with_the_message_and_write_nothing(
     elif case == "layer_not_in_eigenbasis":
         layers = "2,3"
     elif case == "nan_eigenbasis":
-        factors = nan_eig_dir
+        factors = damaged_copy(eig_dir, tmp_path / "nan-eig", _nan_lam)
+    elif case == "shape_mismatch":
+        factors = damaged_copy(eig_dir, tmp_path / "short-eig", _short_lam)
     out = tmp_path / "out"
     argv = ["edit", str(model), "--factors", str(factors), "--layers", layers, "--keep-mass", keep,
             "--out", str(out), "--quiet"]  # fmt: skip
