@@ -16,16 +16,18 @@ The SVD variant (the paper's control) uses W's right singular vectors, banded by
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
 from memkfac.errors import MemkfacError
-from memkfac.paths import atomic_file
+from memkfac.paths import atomic_file, memkfac_home, safe_name
 
 BAND_EDGES = (0.10, 0.25, 0.50)  # cumulative fractions of components, by descending mass rank
 BAND_NAMES = ("top10", "10-25", "25-50", "bottom50")
@@ -39,18 +41,18 @@ class BandBasis:
     V: torch.Tensor  # (d_in, k) unit directions: U_A for K-FAC, right singular vectors for SVD
     weights: torch.Tensor  # (k, n_bands) number of components in band b that read direction k
     basis: str  # "kfac" | "svd"
+    module: str = ""  # full module name whose input is projected, e.g. "model.layers.22.mlp.gate_proj"
+    layer: int = -1
+    proj: str = ""
 
 
-def _band_of_rank(n: int, edges: Sequence[float]) -> torch.Tensor:
-    """(n,) band index of each rank 0..n-1: rank r is in band b when edges[b-1] <= r/n < edges[b]."""
-    return torch.bucketize(
-        torch.arange(n, dtype=torch.float64) / n, torch.tensor(edges, dtype=torch.float64), right=True
-    )
+def _band_of_rank(n: int) -> torch.Tensor:
+    """(n,) band of each rank 0..n-1: rank r is in band b when BAND_EDGES[b-1] <= r/n < BAND_EDGES[b]."""
+    edges = torch.tensor(BAND_EDGES, dtype=torch.float64)
+    return torch.bucketize(torch.arange(n, dtype=torch.float64) / n, edges, right=True)
 
 
-def kfac_band_basis(
-    lam: torch.Tensor, mu: torch.Tensor, U_A: torch.Tensor, edges: Sequence[float] = BAND_EDGES
-) -> BandBasis:
+def kfac_band_basis(lam: torch.Tensor, mu: torch.Tensor, U_A: torch.Tensor) -> BandBasis:
     """Band membership of the d_out * d_in K-FAC components, counted per A-eigenvector.
 
     lam: (d_out,) G eigenvalues; mu: (d_in,) A eigenvalues; U_A: (d_in, d_in) columns are eigenvectors.
@@ -59,20 +61,20 @@ def kfac_band_basis(
     d_in = mu.numel()
     mass = (lam.double().clamp_min(0)[:, None] * mu.double().clamp_min(0)[None, :]).flatten()  # (d_out*d_in,)
     order = torch.argsort(mass, descending=True, stable=True)
-    weights = torch.zeros(d_in, len(edges) + 1, dtype=torch.float64)
+    weights = torch.zeros(d_in, len(BAND_NAMES), dtype=torch.float64)
     weights.index_put_(
-        (order % d_in, _band_of_rank(mass.numel(), edges)),
+        (order % d_in, _band_of_rank(mass.numel())),
         torch.ones(mass.numel(), dtype=torch.float64),
         accumulate=True,
     )
     return BandBasis(V=U_A.float(), weights=weights, basis="kfac")
 
 
-def svd_band_basis(W: torch.Tensor, edges: Sequence[float] = BAND_EDGES) -> BandBasis:
+def svd_band_basis(W: torch.Tensor) -> BandBasis:
     """W (d_out, d_in)'s right singular vectors, one component each, banded by singular value rank."""
     _, _, Vh = torch.linalg.svd(W.double(), full_matrices=False)  # singular values descending
     k = Vh.shape[0]
-    weights = torch.nn.functional.one_hot(_band_of_rank(k, edges), len(edges) + 1).double()
+    weights = torch.nn.functional.one_hot(_band_of_rank(k), len(BAND_NAMES)).double()
     return BandBasis(V=Vh.T.float(), weights=weights, basis="svd")
 
 
@@ -128,36 +130,43 @@ def _cap(source: TokenSource, max_tokens: int, seed: int) -> TokenSource:
 @torch.no_grad()
 def projection_means(
     model,
-    bases: dict[str, BandBasis],
+    bases: list[BandBasis],
     source: TokenSource,
     batch_size: int = 16,
     max_tokens: int = 10_000,
     seed: int = 0,
     progress: bool = True,
-) -> tuple[dict, int]:
-    """Mean |V^T x| per direction over the measured positions, for every module in ``bases``.
+) -> tuple[list[torch.Tensor], int]:
+    """Mean |V^T x| per direction over the measured positions, for each basis (on its module's input x).
 
-    Hooks each module's input x (B, T, d_in); sequences are right-padded, and padding is never measured
-    (causal attention: earlier positions do not see it). Returns ({module: (k,) float64 means}, n_tokens).
+    One forward pre-hook per module reads x (B, T, d_in) and projects it on every basis of that module.
+    Sequences are right-padded; padding is never measured (and with causal attention it is not seen by
+    earlier positions). Returns ([(k,) float64 means per basis], n_tokens).
     """
     source = _cap(source, max_tokens, seed)
     n_tokens = sum(len(p) for p in source.positions)
     if n_tokens == 0:
         raise MemkfacError("a band-analysis data source has no tokens", "give every source some text")
     device = next(model.parameters()).device
-    sums = {name: torch.zeros(b.V.shape[1], dtype=torch.float64) for name, b in bases.items()}
-    mask_holder: list[torch.Tensor] = []
+    sums = [torch.zeros(b.V.shape[1], dtype=torch.float64) for b in bases]
+    measured_now: list[torch.Tensor] = []  # the current batch's (B, T) mask of measured positions
 
-    def hook_for(name: str):
-        V = bases[name].V.to(device)
+    def hook_for(indices: list[int]):
+        Vs = [bases[i].V.to(device) for i in indices]
 
         def hook(_module, inputs):
-            x = inputs[0][mask_holder[0]]  # (n_measured, d_in)
-            sums[name] += (x.float() @ V).abs().sum(0).double().cpu()
+            x = inputs[0][measured_now[0]].float()  # (n_measured, d_in)
+            for i, V in zip(indices, Vs, strict=True):
+                sums[i] += (x @ V).abs().sum(0).double().cpu()
 
         return hook
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in bases]
+    by_module: dict[str, list[int]] = {}
+    for i, b in enumerate(bases):
+        by_module.setdefault(b.module, []).append(i)
+    handles = [
+        model.get_submodule(m).register_forward_pre_hook(hook_for(idx)) for m, idx in by_module.items()
+    ]
     try:
         starts = range(0, len(source.sequences), batch_size)
         for start in tqdm(starts, desc="band activations", unit="batch", disable=not progress):
@@ -172,12 +181,12 @@ def projection_means(
                 ids[row, : len(seq)] = torch.tensor(seq)
                 attention[row, : len(seq)] = 1
                 measured[row, pos] = True
-            mask_holder[:] = [measured.to(device)]
+            measured_now[:] = [measured.to(device)]
             model(input_ids=ids.to(device), attention_mask=attention.to(device))
     finally:
         for handle in handles:
             handle.remove()
-    return {name: s / n_tokens for name, s in sums.items()}, n_tokens
+    return [s / n_tokens for s in sums], n_tokens
 
 
 def band_means(basis: BandBasis, direction_means: torch.Tensor) -> torch.Tensor:
@@ -187,44 +196,42 @@ def band_means(basis: BandBasis, direction_means: torch.Tensor) -> torch.Tensor:
 
 def band_activation_rows(
     model,
-    modules: dict[str, tuple[int, str, BandBasis]],
+    bases: list[BandBasis],
     sources: dict[str, TokenSource],
     batch_size: int = 16,
     max_tokens: int = 10_000,
     seed: int = 0,
     progress: bool = True,
 ) -> list[dict]:
-    """Rows of the ``band_activation`` table: one per (module, band, source).
+    """Rows of the ``band_activation`` table (without keys): one per (basis, band, source).
 
-    ``modules`` maps a module name to (layer, proj, basis); ``sources`` maps a source name to its tokens
-    and must include ``"clean"``, the reference of ``ratio_to_clean`` (memorized/clean in the paper).
+    ``sources`` maps a source name to its tokens and must include ``"clean"``, the reference of
+    ``ratio_to_clean`` (the paper's memorized / clean ratio).
     """
     if CLEAN not in sources:
         raise MemkfacError(
-            "band analysis needs a 'clean' source as the reference",
-            "pass general held-out text as the 'clean' source",
+            "band analysis needs a 'clean' source as the reference", "pass general held-out text as 'clean'"
         )
-    bases = {name: basis for name, (_, _, basis) in modules.items()}
     means, counts = {}, {}
-    for source_name, source in sources.items():
-        per_direction, counts[source_name] = projection_means(
+    for name, source in sources.items():
+        per_direction, counts[name] = projection_means(
             model, bases, source, batch_size, max_tokens, seed, progress
         )
-        means[source_name] = {name: band_means(bases[name], m) for name, m in per_direction.items()}
+        means[name] = [band_means(b, m) for b, m in zip(bases, per_direction, strict=True)]
     rows = []
-    for name, (layer, proj, basis) in modules.items():
-        clean = means[CLEAN][name]
-        for source_name in sources:
-            values = means[source_name][name]
-            for b, band in enumerate(BAND_NAMES[: len(values)]):
+    for i, basis in enumerate(bases):
+        clean = means[CLEAN][i]
+        for name in sources:
+            values = means[name][i]
+            for b, band in enumerate(BAND_NAMES):
                 rows.append(
                     {
-                        "layer": layer,
-                        "proj": proj,
+                        "layer": basis.layer,
+                        "proj": basis.proj,
                         "basis": basis.basis,
                         "band": band,
-                        "source": source_name,
-                        "n_tokens": counts[source_name],
+                        "source": name,
+                        "n_tokens": counts[name],
                         "mean_activation": float(values[b]),
                         "ratio_to_clean": float(values[b] / clean[b]),
                     }
@@ -274,3 +281,84 @@ def plot_band_ratios(rows: list[dict], out_path: Path) -> Path:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return out_path
+
+
+def run_band_analysis(
+    model_dir: Path,
+    eig_dir: Path,
+    layers: Sequence[int],
+    probes: list,
+    clean_blocks: torch.Tensor,
+    *,
+    projections: Sequence[str] = ("gate", "up"),
+    tasks: Sequence[str] = (),
+    bases: Sequence[str] = ("kfac", "svd"),
+    task_items: int = 200,
+    max_tokens: int = 10_000,
+    batch_size: int = 16,
+    seed: int = 0,
+    variant: str = "base",
+    probe_set: str = "probes",
+    plot_path: Path | None = None,
+    root: Path | None = None,
+    progress: bool = True,
+) -> pa.Table:
+    """Band analysis of ``model_dir``'s MLP maps in ``layers``; writes the table and the plot.
+
+    Sources: one per probe kind in ``probes`` ("memorized", "control", ...), measured where the suffix
+    is predicted; "clean" = ``clean_blocks`` (n_blocks, block_len), general held-out text; one per
+    generated downstream task in ``tasks`` (query + gold answer). ``eig_dir`` must hold the eigenbasis
+    of factors collected on this very model. The plot goes to ``plot_path`` (default
+    ``MEMKFAC_HOME/plots/bands-<variant>-<probe_set>.png``). Returns the ``band_activation`` table.
+    """
+    from memkfac.eigen import load_eigenbasis
+    from memkfac.fingerprint import model_fingerprint
+    from memkfac.models import load_model
+    from memkfac.tables import make_table, new_run_id, write_table
+    from memkfac.targets import find_targets
+    from memkfac.tasks import generate_items
+
+    unknown = sorted(set(bases) - {"kfac", "svd"})
+    if unknown:
+        raise MemkfacError(f"unknown band basis {unknown}", "use kfac, svd or both")
+    eigen, meta = load_eigenbasis(Path(eig_dir)) if "kfac" in bases else ({}, None)
+    if meta is not None and meta["model_fingerprint"] != model_fingerprint(model_dir):
+        raise MemkfacError(
+            f"the eigenbasis in {eig_dir} was computed for another model than {model_dir}",
+            "analyse the model the factors were collected on (band analysis uses the unedited model)",
+        )
+    model, tokenizer = load_model(Path(model_dir))
+    band_bases = []
+    for target in find_targets(model, layers, projections):
+        found = []
+        if "kfac" in bases:
+            if target.name not in eigen:
+                raise MemkfacError(
+                    f"the eigenbasis in {eig_dir} has no {target.name}",
+                    f"collect factors on layer {target.layer} ({target.proj}) or analyse tracked layers only",
+                )
+            e = eigen[target.name]
+            found.append(kfac_band_basis(e.lam, e.mu, e.U_A))
+        if "svd" in bases:
+            found.append(svd_band_basis(model.get_submodule(target.name).weight.detach()))
+        band_bases += [
+            dataclasses.replace(b, module=target.name, layer=target.layer, proj=target.proj) for b in found
+        ]
+
+    sources = {CLEAN: block_source(clean_blocks)}
+    for kind in dict.fromkeys(p.kind for p in probes):
+        if kind in sources:
+            raise MemkfacError(f"probe kind {kind!r} clashes with a source name", "rename that probe kind")
+        sources[kind] = probe_source([p for p in probes if p.kind == kind], tokenizer)
+    for task in tasks:
+        items = generate_items(task, task_items, seed)
+        sources[task] = text_source([i["query"] + " " + i["choices"][i["gold"]] for i in items], tokenizer)
+
+    rows = band_activation_rows(model, band_bases, sources, batch_size, max_tokens, seed, progress)
+    table = make_table("band_activation", rows, variant=variant, probe_set=probe_set, run_id=new_run_id())
+    write_table("band_activation", table, root=root)
+    root = memkfac_home() if root is None else Path(root)
+    plot_band_ratios(
+        rows, plot_path or root / "plots" / f"bands-{safe_name(variant)}-{safe_name(probe_set)}.png"
+    )
+    return table

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -64,14 +66,14 @@ class _ToyLM(nn.Module):
 def test_activation_on_inputs_aligned_with_known_eigenvectors():
     model = _ToyLM()
     basis = kfac_band_basis(torch.tensor([10.0, 1.0]), torch.tensor([5.0, 4, 3, 2, 1]), torch.eye(5))
-    modules = {"mlp.gate_proj": (0, "gate", basis)}
+    basis = dataclasses.replace(basis, module="mlp.gate_proj", layer=0, proj="gate")
     # clean text is token 0 (along v0, the top-mass direction); "memorized" text is token 4 (along v4,
     # used only by 25-50 and bottom50 components). Sequences of unequal length are padded with token 0,
     # which must not count: a padded position would add activation on v0.
     clean = TokenSource([[0, 0, 0], [0]], [[0, 1, 2], [0]])
     memorized = TokenSource([[1, 4, 4, 4], [4]], [[1, 2, 3], [0]])  # position 0 of the first is not measured
     rows = band_activation_rows(
-        model, modules, {"clean": clean, "memorized": memorized}, batch_size=2, progress=False
+        model, [basis], {"clean": clean, "memorized": memorized}, batch_size=2, progress=False
     )
     table = {(r["source"], r["band"]): r for r in rows}
     # clean: |v0^T x| = 1 on v0 only -> band means 1, 0, 0, 1/5
@@ -89,11 +91,9 @@ def test_projection_means_match_a_direct_computation_on_a_tiny_llama(tiny_model_
     model, tokenizer = build_tiny_model(arch="llama", seed=0)
     name = "model.layers.2.mlp.up_proj"
     Q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(0)))
-    basis = BandBasis(V=Q, weights=torch.ones(32, 1, dtype=torch.float64), basis="kfac")
+    basis = BandBasis(V=Q, weights=torch.ones(32, 1, dtype=torch.float64), basis="kfac", module=name)
     texts = ["The quick brown fox jumps over the lazy dog.", "def function(self, value): return value + 1"]
-    means, n = projection_means(
-        model, {name: basis}, text_source(texts, tokenizer), batch_size=2, progress=False
-    )
+    means, n = projection_means(model, [basis], text_source(texts, tokenizer), batch_size=2, progress=False)
     captured = []
     handle = model.get_submodule(name).register_forward_pre_hook(lambda m, i: captured.append(i[0][0]))
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_projection_means_match_a_direct_computation_on_a_tiny_llama(tiny_model_
     handle.remove()
     x = torch.cat(captured)  # (n_tokens, 32), each text on its own: no padding involved
     assert n == x.shape[0]
-    assert torch.allclose(means[name], (x @ Q).abs().mean(0).double(), atol=1e-5)
+    assert torch.allclose(means[0], (x @ Q).abs().mean(0).double(), atol=1e-5)
 
 
 def test_band_rows_and_plot_on_tiny_model(tmp_path):
@@ -111,11 +111,13 @@ def test_band_rows_and_plot_on_tiny_model(tmp_path):
 
     model, tokenizer = build_tiny_model(arch="llama", seed=0)
     g = torch.Generator().manual_seed(0)
-    modules = {}
-    for proj, d_out in (("gate", 64), ("up", 64)):
+    bases = []
+    for proj in ("gate", "up"):
+        name = f"model.layers.3.mlp.{proj}_proj"
         U_A, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
-        basis = kfac_band_basis(torch.rand(d_out, generator=g), torch.rand(32, generator=g), U_A)
-        modules[f"model.layers.3.mlp.{proj}_proj"] = (3, proj, basis)
+        kfac = kfac_band_basis(torch.rand(64, generator=g), torch.rand(32, generator=g), U_A)
+        svd = svd_band_basis(model.get_submodule(name).weight.detach())
+        bases += [dataclasses.replace(b, module=name, layer=3, proj=proj) for b in (kfac, svd)]
     probes = [
         Probe(id=f"p{i}", prefix=f"Customer record {i}: name", suffix=" Alice, phone 555 0100")
         for i in range(3)
@@ -125,8 +127,8 @@ def test_band_rows_and_plot_on_tiny_model(tmp_path):
         "memorized": probe_source(probes, tokenizer),
         "copying": text_source(["Repeat the code exactly.\nCode: ab12\nRepeated: ab12"], tokenizer),
     }
-    rows = band_activation_rows(model, modules, sources, max_tokens=30, progress=False)
-    assert len(rows) == 2 * 3 * 4
+    rows = band_activation_rows(model, bases, sources, max_tokens=30, progress=False)
+    assert len(rows) == 4 * 3 * 4  # (gate, up) x (kfac, svd), 3 sources, 4 bands
     assert all(r["ratio_to_clean"] == pytest.approx(1.0) for r in rows if r["source"] == "clean")
     assert all(r["n_tokens"] <= 30 and r["mean_activation"] > 0 for r in rows)
     suffix_len = len(tokenizer(" Alice, phone 555 0100", add_special_tokens=False).input_ids)
@@ -134,4 +136,72 @@ def test_band_rows_and_plot_on_tiny_model(tmp_path):
     png = plot_band_ratios(rows, tmp_path / "bands.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(MemkfacError, match="clean"):
-        band_activation_rows(model, modules, {"memorized": sources["memorized"]}, progress=False)
+        band_activation_rows(model, bases, {"memorized": sources["memorized"]}, progress=False)
+
+
+@pytest.mark.slow
+def test_bands_command_end_to_end(tiny_model_dir, memkfac_home, tmp_path, capsys):
+    from memkfac.cli import main
+    from memkfac.corpora import build_corpus
+    from memkfac.probes import Probe, write_probe_set
+    from memkfac.tables import read_table
+    from memkfac.tiny import build_tiny_model
+
+    _, tokenizer = build_tiny_model(arch="llama", seed=0)
+    notes = tmp_path / "notes.txt"
+    notes.write_text(
+        "\n\n".join(f"Note {i}: the quick brown fox {i * 7} jumps over the lazy dog." for i in range(200))
+    )
+    corpus = build_corpus(str(notes), tokenizer, tmp_path / "corpus", block_len=16, progress=False)
+    factors = tmp_path / "factors"
+    argv = ["factors", str(tiny_model_dir), "--corpus", str(corpus), "--layers", "2-3", "--proj", "gate,up"]
+    assert (
+        main(
+            [
+                *argv,
+                "--tokens",
+                "300",
+                "--block-len",
+                "16",
+                "--batch-size",
+                "4",
+                "--quiet",
+                "--out",
+                str(factors),
+            ]
+        )
+        == 0
+    )
+    probes = tmp_path / "canaries.jsonl"
+    write_probe_set(
+        [Probe(id=f"m{i}", prefix=f"Customer {i} email:", suffix=" alice@example.com") for i in range(4)]
+        + [
+            Probe(id=f"c{i}", prefix=f"Customer {i} phone:", suffix=" +1 555 0100", kind="control")
+            for i in range(4)
+        ],
+        probes,
+    )
+    bands = [
+        "bands",
+        str(tiny_model_dir),
+        "--factors",
+        str(factors),
+        "--layers",
+        "3",
+        "--probes",
+        str(probes),
+    ]
+    bands += ["--clean", str(corpus), "--tasks", "copying", "--max-tokens", "200", "--quiet"]
+    assert main(bands) == 0
+    assert "bottom50" in capsys.readouterr().out
+    rows = read_table("band_activation").to_pylist()
+    sources = {"clean", "memorized", "control", "copying"}
+    assert {r["source"] for r in rows} == sources and {r["basis"] for r in rows} == {"kfac", "svd"}
+    assert len(rows) == 2 * 2 * len(sources) * 4  # (gate, up) x (kfac, svd) x sources x bands
+    assert all(r["probe_set"] == "canaries" and r["layer"] == 3 for r in rows)
+    assert (memkfac_home / "plots" / "bands-base-canaries.png").is_file()
+    # the factors belong to the base model: another model is refused with status 2
+    other = tmp_path / "other"
+    build_tiny_model(other, arch="llama", seed=1)
+    assert main([bands[0], str(other), *bands[2:]]) == 2
+    assert "another model" in capsys.readouterr().err
