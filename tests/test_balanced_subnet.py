@@ -121,3 +121,41 @@ def test_objective_never_nan_and_bad_input_is_an_error(tiny_model_dir, tmp_path)
     with pytest.raises(MemkfacError, match="base model itself"):
         train_balanced_subnet(tiny_model_dir, seqs, seqs, BSNArguments(layers=[0]), tiny_model_dir, False)
     assert not (tmp_path / "x").exists()
+
+
+def test_bsn_command_trains_on_the_sweep_split_and_writes_a_checkpoint(tiny_model_dir, tmp_path, capsys):
+    from memkfac.checkpoint import load_manifest
+    from memkfac.cli import main
+    from memkfac.corpora import build_corpus
+    from memkfac.probes import Probe, write_probe_set
+
+    _, tokenizer = load_model(tiny_model_dir)
+    notes = tmp_path / "notes.txt"
+    notes.write_text(
+        "\n\n".join(f"Note {i}: the quick brown fox {i * 7} jumps over the lazy dog." for i in range(60))
+    )
+    corpus = build_corpus(str(notes), tokenizer, tmp_path / "corpus", block_len=16, progress=False)
+    probes = tmp_path / "probes.jsonl"
+    write_probe_set(
+        [
+            Probe(id=f"s{i}", prefix=f"Customer {i} email:", suffix=" alice@example.com", split="sweep")
+            for i in range(3)
+        ]
+        + [
+            Probe(id=f"c{i}", prefix=f"Customer {i} phone:", suffix=" +1 555 0100", kind="control")
+            for i in range(2)
+        ],
+        probes,
+    )
+    argv = ["bsn", str(tiny_model_dir), "--probes", str(probes), "--retain", str(corpus), "--layers", "2-3"]
+    assert main([*argv, "--ratio", "0.02", "--epochs", "2", "--quiet", "--out", str(tmp_path / "bsn")]) == 0
+    assert "pruned 164 weights" in capsys.readouterr().out  # round(0.02 * 2048) = 41 in each of 4 matrices
+    manifest = load_manifest(tmp_path / "bsn")
+    assert manifest["n_forget"] == 3 and manifest["arguments"]["layers"] == [2, 3]
+    assert [t["name"] for t in manifest["targets"]] == [
+        f"model.layers.{i}.mlp.{p}_proj" for i in (2, 3) for p in ("gate", "up")
+    ]
+    # the control probes are never a forget set; with no memorized holdout probes, nothing to train on
+    assert main([*argv, "--forget-split", "holdout", "--out", str(tmp_path / "none")]) == 2
+    assert "no memorized probes in split 'holdout'" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

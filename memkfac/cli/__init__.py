@@ -9,7 +9,7 @@ import sys
 from memkfac.errors import MemkfacError
 
 # Each module defines register(subparsers); the parser it adds sets `func` (args -> int | None).
-COMMAND_MODULES: tuple[str, ...] = ("edit", "eval", "factors", "downstream", "bands")
+COMMAND_MODULES: tuple[str, ...] = ("edit", "eval", "factors", "downstream", "bands", "bsn")
 
 
 def build_parser() -> argparse.ArgumentParser:
