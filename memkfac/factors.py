@@ -147,10 +147,10 @@ def add_outer_(acc: Tensor, x: Tensor) -> None:
 class KFACHooks:
     """Hooks on the tracked maps that add the selected positions' ``a a^T`` and ``g g^T`` to ``sums``.
 
-    Set ``positions`` before each forward: flat indices into the (batch * seq) positions that
-    contribute, or None for all. A forward pre-hook detaches each map's input into a leaf that requires
-    grad (so autograd starts there and computes no weight gradients); a tensor hook on the output adds
-    G, and A for the first map of each input group, during backward.
+    ``positions`` (set per batch by ``accumulate_batch``) are flat indices into the (batch * seq)
+    positions that contribute, or None for all. A forward pre-hook detaches each map's input into a
+    leaf that requires grad (so autograd starts there and computes no weight gradients); a tensor hook
+    on the output adds G, and A for the first map of each input group, during backward.
     """
 
     def __init__(self, model: nn.Module, targets: list[Target], sums: FactorSums):
