@@ -81,7 +81,7 @@ def test_rho_one_keeps_everything():
     assert sel.mask.all() and sel.n_kept == 35 and sel.frac_kept == 1.0 and sel.mass_kept == 1.0
 
 
-def test_large_spectra_select_quickly_and_consistently():
+def test_large_spectra_keep_exactly_the_heaviest_components():
     g = torch.Generator().manual_seed(4)
     lam, mu = torch.rand(2048, generator=g) ** 4, torch.rand(1024, generator=g) ** 4
     sel = select_components(lam, mu, 0.6)
