@@ -48,7 +48,10 @@ def main() -> None:
             flush=True,
         )
     total = sum(r["seconds"] for r in rows)
-    print(f"{'total':28s} {total:.1f} s for {len(rows)} tasks x {args.n_items} items")
+    print(
+        f"{'total':28s} {total:.1f} s for {len(rows)} tasks x {args.n_items} items; "
+        f"load average {os.getloadavg()}"
+    )
     out = Path(__file__).parent / "results" / "downstream_suite.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(
@@ -60,6 +63,7 @@ def main() -> None:
                 "threads": args.threads,
                 "cpu_count": os.cpu_count(),
                 "machine": platform.processor() or platform.machine(),
+                "load_average_at_end": os.getloadavg(),
                 "rows": rows,
                 "total_seconds": total,
             },

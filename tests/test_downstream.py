@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
@@ -56,6 +57,23 @@ def test_generated_gold_answers_are_right():
         assert len({len(c) for c in item["choices"]}) == 1  # equal length: no length bias in log-likelihood
     for item in generate_items("open_book", MIN_ITEMS, seed=3):
         assert item["choices"][item["gold"]] in item["query"]
+    positions = {"leftmost": 0, "second from the left": 1, "rightmost": 2}
+    for item in generate_items("logical_deduction", MIN_ITEMS, seed=3):
+        objects = item["choices"]
+        rules = []
+        for x, where in re.findall(
+            r"The (\w+ \w+) is the (leftmost|second from the left|rightmost)\.", item["query"]
+        ):
+            rules.append(lambda o, x=x, k=positions[where]: o[k] == x)
+        for x, side, y in re.findall(
+            r"The (\w+ \w+) is to the (left|right) of the (\w+ \w+)\.", item["query"]
+        ):
+            rules.append(lambda o, x=x, y=y, s=side: (o.index(x) < o.index(y)) == (s == "left"))
+        assert len(rules) == item["query"].count(". ") + item["query"].count(".\n") - 1  # every clue parsed
+        solutions = [o for o in itertools.permutations(objects) if all(rule(o) for rule in rules)]
+        assert len(solutions) == 1  # the clues fix the order
+        asked = re.search(r"Which \w+ is the ([\w ]+)\?", item["query"]).group(1)
+        assert solutions[0][positions[asked]] == objects[item["gold"]]
     for item in generate_items("tracking_shuffled_objects", MIN_ITEMS, seed=3):
         holding = dict(re.findall(r"(\w+) has a (\w+) ball", item["query"]))
         for a, b in re.findall(r"(\w+) and (\w+) swap balls", item["query"]):
