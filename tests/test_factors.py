@@ -21,7 +21,7 @@ from memkfac.factors import (
     sample_labels,
 )
 from memkfac.targets import Target, find_targets
-from memkfac.tiny import build_tiny_model
+from memkfac.tiny import TINY_ARCHITECTURES, build_tiny_model
 
 IDS = dict(model_fingerprint="model-a", corpus_fingerprint="corpus-a")
 
@@ -73,9 +73,7 @@ def assert_rel_close(actual, expected, tol):
     assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
 
 
-@pytest.mark.parametrize("fisher", ["sampled", "empirical"])
-@pytest.mark.parametrize("padded", [False, True])
-def test_engine_matches_brute_force_per_token_reference(llama64, tmp_path, fisher, padded):
+def check_against_brute_force(model, tmp_path, fisher, padded, layers=None):
     torch.manual_seed(0)
     seq = 12
     blocks = torch.randint(1, 384, (5, seq))
@@ -85,18 +83,30 @@ def test_engine_matches_brute_force_per_token_reference(llama64, tmp_path, fishe
         lengths = [12, 5, 9, 2, 7]
         mask = (torch.arange(seq)[None] < torch.tensor(lengths)[:, None]).long()
         blocks = blocks.masked_fill(mask == 0, 0)
-    args = FactorArguments(fisher=fisher, seed=3, batch_size=2, model_dtype="float64")
-    collect_factors(llama64, blocks, tmp_path / "f", args, attention_mask=mask, progress=False, **IDS)
+    args = FactorArguments(layers=layers, fisher=fisher, seed=3, batch_size=2, model_dtype="float64")
+    collect_factors(model, blocks, tmp_path / "f", args, attention_mask=mask, progress=False, **IDS)
     factors = load_factors(tmp_path / "f")
-    targets = find_targets(llama64)
-    A, G, tokens = brute_force(llama64, blocks, lengths, targets, fisher, seed=3)
+    targets = find_targets(model, layers)
+    A, G, tokens = brute_force(model, blocks, lengths, targets, fisher, seed=3)
     assert {t.name for t in targets} == set(factors)
     for t in targets:
         assert factors[t.name].tokens == tokens == sum(n - 1 for n in lengths)
         assert_rel_close(factors[t.name].A, A[t.name], 1e-10)
         assert_rel_close(factors[t.name].G, G[t.name], 1e-10)
     # the engine restored the model: weights trainable again, nothing left hooked
-    assert all(p.requires_grad for p in llama64.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("fisher", ["sampled", "empirical"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_engine_matches_brute_force_per_token_reference(llama64, tmp_path, fisher, padded):
+    check_against_brute_force(llama64, tmp_path, fisher, padded)
+
+
+@pytest.mark.parametrize("arch", [a for a in TINY_ARCHITECTURES if a != "llama"])
+def test_engine_matches_brute_force_on_other_architectures(tmp_path, arch):
+    model, _ = build_tiny_model(arch=arch, seed=1, dtype=torch.float64, num_layers=3)
+    check_against_brute_force(model, tmp_path, "sampled", padded=True, layers=[1, 2])
 
 
 def test_gradient_starts_at_lowest_tracked_layer_and_no_weight_grads(llama64, tmp_path):
