@@ -515,7 +515,7 @@ def collect_factors(
         _write_index(out_dir, identity, header, done | written, len(plan))
     if world > 1:
         dist.barrier()  # nobody returns before the final index exists
-    if args.max_tokens is not None and sum(r["tokens"] for r in (done | written).values()) < args.max_tokens:
+    if rank == 0 and args.max_tokens is not None and args.max_tokens > valid.sum():
         print(
             f"memkfac factors: the data holds only {int(valid.sum())} contributing tokens, "
             f"fewer than max_tokens={args.max_tokens}; used them all",
