@@ -29,8 +29,9 @@ examples:
   memkfac bsn MODEL_DIR --probes probes.jsonl --retain CORPUS_DIR --layers 22-24 --proj gate,up,down \\
       --ratio 0.0015 --loss-weight 0.9 --out BSN_DIR
 
-CORPUS_DIR is a corpus built by memkfac; --retain-split picks its split (default: factor, which is
-disjoint from the held-out split that perplexity is measured on).
+CORPUS_DIR is a corpus built by memkfac; --retain-split picks its split (default: finetune, the general
+text mixed into canary injection, as `memkfac compare` uses; disjoint from the held-out split that
+perplexity is measured on).
 """
 
 
@@ -54,7 +55,12 @@ def register(subparsers) -> None:
         help="which memorized probes form the forget set (default: sweep; report on holdout)",
     )
     p.add_argument("--retain", required=True, type=Path, metavar="CORPUS_DIR", help="corpus of general text")
-    p.add_argument("--retain-split", default="factor", choices=["factor", "finetune", "heldout"])
+    p.add_argument(
+        "--retain-split",
+        default="finetune",
+        choices=["factor", "finetune", "heldout"],
+        help="default: finetune",
+    )
     p.add_argument(
         "--max-retain", type=int, default=256, metavar="N", help="retain blocks used (default: 256)"
     )
