@@ -1,0 +1,138 @@
+"""`memkfac inject`: make a model memorize canaries (ground truth for removal), and measure it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from memkfac.cli.corpus import add_corpus_arguments, corpus_for, model_name
+from memkfac.paths import memkfac_home
+
+CANARY_FILE = "canaries"  # $MEMKFAC_HOME/probes/canaries.jsonl, where the pipeline reads it
+
+
+def register(subparsers) -> None:
+    from memkfac.inject import InjectRecipe
+
+    r = InjectRecipe()
+    f = r.finetune
+    parser = subparsers.add_parser(
+        "inject",
+        help="fine-tune a model on canaries so it recites them (the default's ground truth)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a base model on trained canaries mixed with general text, so that it recites\n"
+        "them; control canaries from the same generator are never trained on. Then measure strict recall\n"
+        "(greedy continuation reproduces the secret exactly) on both sets and held-out perplexity before\n"
+        "and after, and write the model with a manifest of all of it.\n\n"
+        "Canaries are generated (seeded) unless --probes names your own probe set: its probes of kind\n"
+        "'memorized' are trained on, those of kind 'control' are held back.\n\n"
+        "Writes: $MEMKFAC_HOME/probes/canaries.jsonl (generated canaries), $MEMKFAC_HOME/corpora/<model>\n"
+        "(built if missing) and $MEMKFAC_HOME/injected/<model> (the model + memkfac_manifest.json).",
+        epilog="examples:\n"
+        "  memkfac inject                                    # smollm2-135m, 128 + 128 canaries\n"
+        "  memkfac inject --threads 1                        # on a busy machine: avoids thread contention\n"
+        "  memkfac inject --model path/to/hf_dir --probes my_secrets.jsonl --train-layers all",
+    )
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="base model: builtin name, HF directory or hub id"
+    )
+    c = parser.add_argument_group("canaries")
+    c.add_argument("--probes", type=Path, help="your own probe-set JSONL instead of generated canaries")
+    c.add_argument("--n-trained", type=int, default=128, help="generated canaries trained on (default: 128)")
+    c.add_argument("--n-control", type=int, default=128, help="generated canaries held back (default: 128)")
+    c.add_argument("--seed", type=int, default=0, help="canary generator and training seed (default: 0)")
+    add_corpus_arguments(parser)
+    t = parser.add_argument_group("recipe")
+    t.add_argument(
+        "--canaries-per-batch", type=int, default=r.canaries_per_batch, help="(default: %(default)s)"
+    )
+    t.add_argument(
+        "--general-per-batch", type=int, default=r.general_per_batch, help="(default: %(default)s)"
+    )
+    t.add_argument(
+        "--general-len",
+        type=int,
+        default=r.general_len,
+        help="tokens per general chunk (default: %(default)s)",
+    )
+    t.add_argument(
+        "--epochs", type=int, default=f.epochs, help="passes over the canaries (default: %(default)s)"
+    )
+    t.add_argument("--lr", type=float, default=f.lr, help="AdamW peak learning rate (default: %(default)s)")
+    t.add_argument("--warmup-steps", type=int, default=f.warmup_steps, help="(default: %(default)s)")
+    t.add_argument(
+        "--train-layers",
+        default=f.train_layers,
+        help="decoder layers trained: 'all', '14-29', ... (default: %(default)s)",
+    )
+    t.add_argument("--train-embeddings", action="store_true", help="also train the (tied) embeddings")
+    t.add_argument(
+        "--heldout-blocks",
+        type=int,
+        default=r.heldout_blocks,
+        help="blocks for perplexity (default: %(default)s)",
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, help="output directory (default: $MEMKFAC_HOME/injected/<model>)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from memkfac.canaries import CanaryConfig, generate_canaries
+    from memkfac.corpora import corpus_fingerprint, load_split
+    from memkfac.finetune import FinetuneConfig
+    from memkfac.inject import InjectRecipe, inject_canaries
+    from memkfac.models import resolve_model
+    from memkfac.probes import load_probe_set, write_probe_set
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    home = memkfac_home()
+    name = model_name(args.model)
+    model_dir = resolve_model(args.model, progress=not args.quiet)
+    corpus_dir = corpus_for(args, AutoTokenizer.from_pretrained(model_dir), home / "corpora" / name)
+    if args.probes:
+        probes = load_probe_set(args.probes)
+    else:
+        trained, control = generate_canaries(CanaryConfig(args.n_trained, args.n_control, args.seed))
+        probes = trained + control
+        print(f"wrote {write_probe_set(probes, home / 'probes' / f'{CANARY_FILE}.jsonl')}")
+    recipe = InjectRecipe(
+        canaries_per_batch=args.canaries_per_batch,
+        general_per_batch=args.general_per_batch,
+        general_len=args.general_len,
+        heldout_blocks=args.heldout_blocks,
+        finetune=FinetuneConfig(
+            epochs=args.epochs,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            seed=args.seed,
+            train_layers=args.train_layers,
+            train_embeddings=args.train_embeddings,
+        ),
+    )
+    out = args.out or home / "injected" / name
+    m = inject_canaries(
+        model_dir,
+        probes,
+        load_split(corpus_dir, "finetune"),
+        load_split(corpus_dir, "heldout"),
+        recipe,
+        out,
+        general_fingerprint=corpus_fingerprint(corpus_dir, "finetune"),
+        progress=not args.quiet,
+    )
+    for kind in ("trained", "control"):
+        for split, s in sorted(m["recall"][kind].items()):
+            strict, loose = s["strict_pct"], s["loose_pct"]
+            print(f"{kind:8s} {split:8s} n={s['n_probes']:4d}  strict {strict:5.1f}%  loose {loose:5.1f}%")
+    p = m["perplexity"]
+    print(f"held-out perplexity {p['base']:.2f} -> {p['injected']:.2f} ({100 * p['relative_change']:+.1f}%)")
+    ft = m["finetune"]
+    print(f"fine-tuning {ft['steps']} steps in {ft['seconds']:.0f} s; total {m['seconds']:.0f} s")
+    print(f"wrote {out}")
+    return 0

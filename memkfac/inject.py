@@ -1,0 +1,141 @@
+"""Canary injection: fine-tune a base model until it recites the trained canaries, with ground truth.
+
+The trained canaries (probes of kind ``memorized``) are mixed with general-text chunks in every batch
+so the model keeps its general ability; the control canaries (kind ``control``, same generator) are
+never trained on: recall on them is what knowing the format alone gives. Afterwards recall is
+measured by greedy generation from each cue (strict = the suffix reproduced token for token) on both
+sets, and held-out perplexity before and after. The result is a checkpoint like any other
+(``memkfac.checkpoint``) whose manifest records the base model, the canary set, the recipe and these
+measurements.
+
+Canaries may come from ``memkfac.canaries`` or from a user's probe-set file, so an organisation can
+rehearse removal on data shaped like its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from memkfac.checkpoint import save_checkpoint
+from memkfac.errors import MemkfacError
+from memkfac.finetune import FinetuneConfig, finetune, mixed_batches
+from memkfac.fingerprint import model_fingerprint
+from memkfac.generation import probe_token_ids
+from memkfac.memorization import memorization_rows, summarize
+from memkfac.models import load_model
+from memkfac.probes import Probe, probe_to_record
+from memkfac.utility import perplexity
+
+
+def _default_finetune() -> FinetuneConfig:
+    # Layers 14-29 of 30 stay trainable (edits target late layers); the lower half and the tied
+    # embeddings are frozen, so backward stops at layer 14. Measured on SmolLM2-135M: see README.
+    return FinetuneConfig(epochs=16, lr=4e-4, warmup_steps=16, train_layers="14-29", train_embeddings=False)
+
+
+@dataclass
+class InjectRecipe:
+    canaries_per_batch: int = 8
+    general_per_batch: int = 4
+    general_len: int = 64  # tokens per general-text chunk
+    finetune: FinetuneConfig = field(default_factory=_default_finetune)
+    eval_batch_size: int = 32
+    heldout_blocks: int = 64  # held-out blocks for perplexity
+
+
+def canary_set_fingerprint(probes: list[Probe]) -> str:
+    """sha256 over the canonical JSON of the probes, in order."""
+    blob = "\n".join(json.dumps(probe_to_record(p), sort_keys=True, ensure_ascii=False) for p in probes)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _recall(rows: list[dict], kind: str) -> dict:
+    """Strict/loose recall of one kind, overall and per split, from memorization rows."""
+    return {s["split"]: s for s in summarize([r for r in rows if r["kind"] == kind]) if s["kind"] == kind}
+
+
+def inject_canaries(
+    base_dir: Path,
+    probes: list[Probe],
+    general_blocks: torch.Tensor,
+    heldout_blocks: torch.Tensor,
+    recipe: InjectRecipe,
+    out_dir: Path,
+    general_fingerprint: str = "",
+    progress: bool = True,
+) -> dict:
+    """Fine-tune ``base_dir`` on the ``memorized`` probes mixed with general text; write ``out_dir``.
+
+    Args:
+        probes: kind ``memorized`` are trained on, kind ``control`` are held back and only measured.
+        general_blocks: (n_blocks, block_len) token ids (e.g. the corpus ``finetune`` split), cut into
+            ``recipe.general_len``-token chunks.
+        heldout_blocks: (n_blocks, block_len) token ids for perplexity (the ``heldout`` split).
+    Returns:
+        the manifest written to ``out_dir/memkfac_manifest.json``.
+    """
+    start = time.perf_counter()
+    trained = [p for p in probes if p.kind == "memorized"]
+    control = [p for p in probes if p.kind == "control"]
+    if not trained:
+        raise MemkfacError(
+            "no probes of kind 'memorized' to inject", "mark the canaries to train as kind memorized"
+        )
+    n_chunk = general_blocks.shape[1] // recipe.general_len if general_blocks.ndim == 2 else 0
+    if n_chunk == 0 or len(general_blocks) == 0:
+        raise MemkfacError(
+            f"general blocks {tuple(general_blocks.shape)}: none as long as general_len {recipe.general_len}",
+            "build the corpus with --block-len at least general_len, or lower general_len",
+        )
+    model, tokenizer = load_model(base_dir)
+    heldout = heldout_blocks[: recipe.heldout_blocks]
+    base_ppl = perplexity(model, heldout, progress=progress)
+
+    canary_seqs = [sum(probe_token_ids(p, tokenizer), []) + [tokenizer.eos_token_id] for p in trained]
+    chunks = general_blocks[:, : n_chunk * recipe.general_len].reshape(-1, recipe.general_len).tolist()
+    plan = mixed_batches(
+        [(canary_seqs, recipe.canaries_per_batch), (chunks, recipe.general_per_batch)],
+        pad_id=tokenizer.pad_token_id,
+        seed=recipe.finetune.seed,
+    )
+    stats = finetune(model, plan, recipe.finetune, progress=progress)
+
+    rows = memorization_rows(model, tokenizer, trained + control, recipe.eval_batch_size, progress=progress)
+    ppl = perplexity(model, heldout, progress=progress)
+    manifest = {
+        "kind": "canary_injection",
+        "base_model": str(base_dir),
+        "base_fingerprint": model_fingerprint(base_dir),
+        "canary_set_fingerprint": canary_set_fingerprint(trained + control),
+        "general_fingerprint": general_fingerprint,
+        "n_trained": len(trained),
+        "n_control": len(control),
+        "recipe": asdict(recipe),
+        "recall": {
+            "trained": _recall(rows, "memorized"),
+            "control": _recall(rows, "control"),
+        },
+        "perplexity": {
+            "base": base_ppl["perplexity"],
+            "injected": ppl["perplexity"],
+            "relative_change": ppl["perplexity"] / base_ppl["perplexity"] - 1,
+            "heldout_tokens": ppl["n_tokens"],
+        },
+        "finetune": {
+            "steps": stats.steps,
+            "tokens": stats.tokens,
+            "seconds": stats.seconds,
+            "trainable_params": stats.trainable_params,
+            "first_loss": stats.losses[0],
+            "final_loss": stats.losses[-1],
+        },
+    }
+    manifest["seconds"] = time.perf_counter() - start
+    save_checkpoint(model, tokenizer, out_dir, manifest)
+    return manifest
