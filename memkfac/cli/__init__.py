@@ -9,7 +9,10 @@ import sys
 from memkfac.errors import MemkfacError
 
 # Each module defines register(subparsers); the parser it adds sets `func` (args -> int | None).
-COMMAND_MODULES: tuple[str, ...] = ("edit", "eval", "factors", "downstream", "bands", "bsn")
+COMMAND_MODULES: tuple[str, ...] = (
+    *("edit", "eval", "factors", "downstream", "bands", "bsn"),
+    *("model", "corpus", "probes", "canaries", "inject"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
