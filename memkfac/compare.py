@@ -1,0 +1,577 @@
+"""The paper's Table 1 on a memorizing model: K-FAC edit vs controls vs BalancedSubnet.
+
+One call does what the paper's section 5 does, on any model with a probe set whose trained probes
+(kind ``memorized``) are split into ``sweep`` and ``holdout``, plus ``control`` probes:
+
+1. K-FAC factors on the corpus's ``factor`` split, and their eigenbasis.
+2. Sweep: for each candidate layer set, walk the rho grid from the gentlest edit down and stop at the
+   first rho whose strict recall on the *sweep* split is <= ``max_sweep_recall``; the chosen K-FAC edit
+   is the one of these with the lowest sweep perplexity (the least damaging edit that removes recall).
+3. Controls on the chosen layers, each at the strength that matches the K-FAC edit's sweep perplexity
+   (bisection on a log scale of the amount removed): SVD truncation, per-side truncation, and the
+   product-rule mask in a random orthonormal basis. BalancedSubnet (supervised on the sweep split)
+   is trained once at its configured strength.
+4. Every method is evaluated on the *holdout* split and the control probes, held-out perplexity and
+   nDCG@10 against the unedited model, and the downstream task suite with retention and paired
+   bootstrap confidence intervals.
+
+Expensive steps are cached under ``MEMKFAC_HOME/cache`` by content: factors by (model, corpus split,
+factor arguments); sweep and matching measurements by (model, eigenbasis, edit config, data); chosen
+edits and the BalancedSubnet as checkpoints; downstream item scores by model weights. A rerun only
+recomputes what changed. Sweep checkpoints are deleted once measured (a 135M checkpoint is 540 MB).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from memkfac.editing import EditConfig, edit_model
+from memkfac.errors import MemkfacError
+from memkfac.evaluate import EvalArguments, HeldOut, evaluate_model, reference_topk, write_tables
+from memkfac.fingerprint import model_fingerprint, sha256_file
+from memkfac.generation import probe_token_ids
+from memkfac.memorization import summarize
+from memkfac.models import load_model
+from memkfac.paths import atomic_file, memkfac_home, safe_name, write_json
+from memkfac.tables import make_table, new_run_id, write_table
+from memkfac.utility import perplexity
+
+CONTROLS = ("svd", "per_side", "random")
+
+
+@dataclass
+class CompareArguments:
+    layer_sets: tuple[tuple[int, ...], ...] = ((20, 21, 22), (22, 23, 24), (24, 25, 26), (26, 27, 28))
+    rhos: tuple[float, ...] = (0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5)  # walked high to low
+    projections: tuple[str, ...] = ("gate", "up")
+    max_sweep_recall: float = 5.0  # strict % on the sweep split that counts as "recall removed"
+    factor_tokens: int = 102_400  # contributing tokens of the factor split used for K-FAC factors
+    factor_layers: tuple[int, ...] | None = None  # default: the union of layer_sets
+    factor_batch_size: int = 8
+    sweep_blocks: int = 32  # held-out blocks for sweep and matching perplexity
+    eval_blocks: int | None = 256  # held-out blocks for the reported perplexity and nDCG (None: all)
+    controls: tuple[str, ...] = CONTROLS
+    match_steps: int = 7  # bisection steps per control
+    bsn: bool = True
+    bsn_ratio: float | None = None  # None: BSNArguments' default
+    bsn_epochs: int | None = None
+    bsn_retain_blocks: int = 256  # blocks of the corpus's finetune split used as the retain set
+    downstream: bool = True
+    downstream_tasks: tuple[str, ...] | None = None  # None: the default generated suite
+    downstream_items: int = 200
+    batch_size: int = 32
+    seed: int = 0
+
+    def check(self) -> None:
+        if not self.layer_sets or any(not layers for layers in self.layer_sets):
+            raise MemkfacError("no layer sets to sweep", "give layer sets such as 22-24 26-28")
+        if not self.rhos or any(not 0 < r < 1 for r in self.rhos):
+            raise MemkfacError(
+                f"rho grid {self.rhos} must hold values in (0, 1)", "use e.g. 0.995 0.99 0.95 0.9"
+            )
+        unknown = set(self.controls) - set(CONTROLS)
+        if unknown:
+            raise MemkfacError(f"unknown control(s) {sorted(unknown)}", f"choose from {', '.join(CONTROLS)}")
+
+
+@dataclass
+class MethodResult:
+    """One row of the comparison: a method at its chosen strength, evaluated on the reported data."""
+
+    method: str
+    variant: str  # the tables' variant name
+    setting: str
+    model_dir: str
+    sweep: dict = field(default_factory=dict)  # the sweep/matching measurement that chose it
+    trained: dict = field(default_factory=dict)  # memorization summary on the holdout split
+    control: dict = field(default_factory=dict)
+    perplexity: float = math.nan
+    ndcg: float = math.nan
+    downstream: dict = field(default_factory=dict)  # pooled retention and per-task rows
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _pooled(rows: list[dict]) -> dict:
+    """Table-1 aggregate over rows regardless of split (n, strict %, loose %, avg_lev)."""
+    if not rows:
+        return {}
+    (summary,) = summarize([r | {"split": "all"} for r in rows])
+    return {k: summary[k] for k in ("n_probes", "strict_pct", "loose_pct", "avg_lev")}
+
+
+class Comparison:
+    """State of one comparison run: inputs, the cache directory and the measurement helpers."""
+
+    def __init__(self, model_dir: Path, probes, corpus_dir: Path, args: CompareArguments, progress: bool):
+        args.check()
+        self.model_dir, self.corpus_dir, self.args, self.progress = (
+            Path(model_dir),
+            Path(corpus_dir),
+            args,
+            progress,
+        )
+        self.probes = probes
+        self.sweep_probes = [p for p in probes if p.kind == "memorized" and p.split == "sweep"]
+        holdout = [p for p in probes if p.kind == "memorized" and p.split == "holdout"]
+        if not self.sweep_probes or not holdout:
+            raise MemkfacError(
+                f"the probe set has {len(self.sweep_probes)} sweep and {len(holdout)} holdout trained probes",
+                "mark the trained probes kind memorized and split them between sweep and holdout",
+            )
+        self.base_fp = model_fingerprint(self.model_dir)
+        self.cache = memkfac_home() / "cache"
+        self.heldout = HeldOut.from_corpus(self.corpus_dir, args.eval_blocks)
+        self.sweep_heldout = HeldOut(
+            self.heldout.blocks[: args.sweep_blocks], self.heldout.name, self.heldout.fingerprint
+        )
+        self.probe_fp = _key([(p.id, p.prefix, p.suffix, p.prefix_ids, p.suffix_ids) for p in probes])
+        self.eig_dir: Path | None = None
+
+    # -- factors and eigenbasis --------------------------------------------------------------------
+    def eigenbasis(self) -> Path:
+        from memkfac.corpora import corpus_fingerprint, load_split
+        from memkfac.eigen import EIGEN_FILE, META_FILE, compute_eigenbasis
+        from memkfac.factors import INDEX_FILE, FactorArguments, collect_factors
+
+        a = self.args
+        layers = sorted(set(a.factor_layers or [i for s in a.layer_sets for i in s]))
+        fargs = FactorArguments(
+            layers=layers,
+            projections=a.projections,
+            batch_size=a.factor_batch_size,
+            max_tokens=a.factor_tokens,
+            seed=a.seed,
+        )
+        corpus_fp = corpus_fingerprint(self.corpus_dir, "factor")
+        factor_dir = self.cache / "factors" / _key(self.base_fp, corpus_fp, fargs.to_json())
+        eig_dir = factor_dir / "eigenbasis"
+        index = factor_dir / INDEX_FILE
+        if not (
+            (eig_dir / EIGEN_FILE).is_file()
+            and index.is_file()
+            and json.loads((eig_dir / META_FILE).read_text())["factor_index_sha256"] == sha256_file(index)
+        ):
+            model, _ = load_model(self.model_dir)
+            collect_factors(
+                model,
+                load_split(self.corpus_dir, "factor"),
+                factor_dir,
+                fargs,
+                model_fingerprint=self.base_fp,
+                corpus_fingerprint=corpus_fp,
+                progress=self.progress,
+            )
+            del model
+            compute_eigenbasis(factor_dir, eig_dir, progress=self.progress)
+        self.eig_dir = eig_dir
+        return eig_dir
+
+    # -- edits and measurements --------------------------------------------------------------------
+    def _edit_key(self, config: EditConfig) -> str:
+        eig = None if config.method == "svd" else sha256_file(self.eig_dir / "meta.json")
+        return _key(self.base_fp, eig, asdict(config))
+
+    def edit(self, config: EditConfig) -> Path:
+        """The edited checkpoint for ``config``, from the cache or written now."""
+        out = self.cache / "edits" / self._edit_key(config)
+        if not (out / "memkfac_manifest.json").is_file():
+            edit_model(
+                self.model_dir, None if config.method == "svd" else self.eig_dir, config, out, progress=False
+            )
+        return out
+
+    def sweep_point(self, config: EditConfig, with_recall: bool) -> dict:
+        """Sweep perplexity (and strict recall on the sweep split) of an edit; cached as JSON."""
+        key = _key(
+            self._edit_key(config),
+            self.probe_fp,
+            self.sweep_heldout.fingerprint,
+            len(self.sweep_heldout.blocks),
+            with_recall,
+        )
+        path = self.cache / "compare" / "points" / f"{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        was_cached = (self.cache / "edits" / self._edit_key(config)).exists()
+        edit_dir = self.edit(config)
+        model, tokenizer = load_model(edit_dir)
+        point = {"ppl": perplexity(model, self.sweep_heldout.blocks, progress=False)["perplexity"]}
+        if with_recall:
+            tables = evaluate_model(
+                model,
+                tokenizer,
+                self.sweep_probes,
+                variant="sweep",
+                probe_set="sweep",
+                args=EvalArguments(batch_size=self.args.batch_size, mia=False),
+                progress=False,
+            )
+            point |= _pooled(tables["memorization"].to_pylist())
+        if not was_cached:
+            shutil.rmtree(edit_dir)  # measured; re-created (bit-identically) only if chosen
+        write_json(path, point)
+        return point
+
+    def base_sweep_ppl(self) -> float:
+        model, _ = load_model(self.model_dir)
+        return perplexity(model, self.sweep_heldout.blocks, progress=False)["perplexity"]
+
+    # -- the K-FAC sweep ---------------------------------------------------------------------------
+    def sweep(self, log) -> tuple[EditConfig, dict, list[dict]]:
+        a = self.args
+        points = []
+        for layers in a.layer_sets:
+            for rho in sorted(a.rhos, reverse=True):
+                config = EditConfig(
+                    layers=list(layers), projections=a.projections, keep_mass=rho, seed=a.seed
+                )
+                point = self.sweep_point(config, with_recall=True) | {"layers": list(layers), "rho": rho}
+                points.append(point)
+                log(
+                    f"  kfac layers {_span(layers)} rho {rho}: sweep strict {point['strict_pct']:.1f}% "
+                    f"loose {point['loose_pct']:.1f}% ppl {point['ppl']:.3f}"
+                )
+                if point["strict_pct"] <= a.max_sweep_recall:
+                    break  # smaller rho removes more and costs more perplexity
+        removed = [p for p in points if p["strict_pct"] <= a.max_sweep_recall]
+        best = min(
+            removed or points,
+            key=lambda p: (p["ppl"], p["strict_pct"]) if removed else (p["strict_pct"], p["ppl"]),
+        )
+        config = EditConfig(
+            layers=best["layers"], projections=a.projections, keep_mass=best["rho"], seed=a.seed
+        )
+        return config, best | {"recall_removed": bool(removed)}, points
+
+    # -- controls at matched perplexity --------------------------------------------------------------
+    def matched_control(
+        self, method: str, kfac: EditConfig, target_ppl: float, log
+    ) -> tuple[EditConfig, dict]:
+        """Bisection on log(amount removed) so the control's sweep perplexity matches ``target_ppl``."""
+
+        def config_for(amount: float) -> EditConfig:
+            if method == "svd":
+                return EditConfig(
+                    kfac.layers, kfac.projections, method="svd", svd_drop=amount, seed=self.args.seed
+                )
+            return EditConfig(
+                kfac.layers, kfac.projections, keep_mass=1 - amount, method=method, seed=self.args.seed
+            )
+
+        lo, hi = math.log(1e-4), math.log(0.99)
+        best = None
+        for _ in range(self.args.match_steps):
+            amount = math.exp((lo + hi) / 2)
+            point = self.sweep_point(config_for(amount), with_recall=False) | {"amount": amount}
+            gap = abs(math.log(point["ppl"] / target_ppl))
+            if best is None or gap < best[0]:
+                best = (gap, point)
+            log(f"  {method} remove {amount:.4g}: sweep ppl {point['ppl']:.3f} (target {target_ppl:.3f})")
+            if point["ppl"] < target_ppl:
+                lo = math.log(amount)
+            else:
+                hi = math.log(amount)
+        point = best[1]
+        return config_for(point["amount"]), point
+
+    def balanced_subnet(self, layers: list[int]) -> tuple[Path, dict]:
+        from memkfac.balanced_subnet import BSNArguments, train_balanced_subnet
+        from memkfac.corpora import corpus_fingerprint, load_split
+
+        a = self.args
+        bsn_args = BSNArguments(layers=list(layers), projections=a.projections, seed=a.seed)
+        if a.bsn_ratio is not None:
+            bsn_args.ratio = a.bsn_ratio
+        if a.bsn_epochs is not None:
+            bsn_args.epochs = a.bsn_epochs
+        _, tokenizer = load_model(self.model_dir)
+        forget = [sum(probe_token_ids(p, tokenizer), []) for p in self.sweep_probes]
+        retain = load_split(self.corpus_dir, "finetune")[: a.bsn_retain_blocks].tolist()
+        key = _key(
+            self.base_fp,
+            asdict(bsn_args),
+            forget,
+            corpus_fingerprint(self.corpus_dir, "finetune"),
+            a.bsn_retain_blocks,
+        )
+        out = self.cache / "bsn" / key
+        if not (out / "memkfac_manifest.json").is_file():
+            train_balanced_subnet(self.model_dir, forget, retain, bsn_args, out, progress=self.progress)
+        return out, asdict(bsn_args)
+
+    # -- reported evaluation -------------------------------------------------------------------------
+    def downstream_scores(self, model_dir: Path) -> dict:
+        """Per-task item scores of ``model_dir`` on the suite, cached by weights and suite."""
+        from memkfac.downstream import DownstreamArguments, TaskResult, run_downstream
+
+        a = self.args
+        dargs = DownstreamArguments(n_items=a.downstream_items, seed=a.seed)
+        if a.downstream_tasks:
+            dargs.tasks = tuple(a.downstream_tasks)
+        path = (
+            self.cache
+            / "compare"
+            / "downstream"
+            / f"{_key(model_fingerprint(model_dir), asdict(dargs))}.json"
+        )
+        if path.is_file():
+            raw = json.loads(path.read_text())
+        else:
+            results = run_downstream(model_dir, dargs, progress=self.progress)
+            raw = {
+                t: asdict(r) | {"doc_ids": r.doc_ids.tolist(), "item_scores": r.item_scores.tolist()}
+                for t, r in results.items()
+            }
+            write_json(path, raw)
+        return {
+            t: TaskResult(
+                **(r | {"doc_ids": np.array(r["doc_ids"]), "item_scores": np.array(r["item_scores"])})
+            )
+            for t, r in raw.items()
+        }
+
+
+def _span(layers) -> str:
+    layers = sorted(layers)
+    contiguous = layers == list(range(layers[0], layers[-1] + 1))
+    return f"{layers[0]}-{layers[-1]}" if contiguous and len(layers) > 1 else ",".join(map(str, layers))
+
+
+def _setting(config: EditConfig) -> str:
+    where = f"layers {_span(config.layers)} {'+'.join(config.projections)}"
+    if config.method == "svd":
+        return f"{where}, drop {config.svd_drop:.4g} of singular directions"
+    return f"{where}, rho {config.keep_mass:.6g}"
+
+
+def run_comparison(
+    model_dir: Path,
+    probes,
+    corpus_dir: Path,
+    args: CompareArguments | None = None,
+    probe_set: str = "canaries",
+    report_path: Path | None = None,
+    progress: bool = True,
+    log=print,
+) -> list[MethodResult]:
+    """Run the whole comparison; write its tables and a Markdown report; return one row per method.
+
+    Tables go to MEMKFAC_HOME/evals (memorization, memorization_summary, mia, mia_auc, perplexity,
+    ndcg and downstream per variant; ``comparison`` for the rows); the Markdown report to
+    ``report_path`` (default MEMKFAC_HOME/reports/comparison-<probe_set>.md).
+    """
+    args = args or CompareArguments()
+    probe_set = safe_name(probe_set, "probe set name")
+    c = Comparison(model_dir, probes, corpus_dir, args, progress)
+    log("K-FAC factors and eigenbasis")
+    c.eigenbasis()
+    log(f"sweep: recall on {len(c.sweep_probes)} probes, perplexity on {len(c.sweep_heldout.blocks)} blocks")
+    kfac, kfac_point, _ = c.sweep(log)
+    if not kfac_point["recall_removed"]:
+        log(f"warning: no swept edit brought sweep recall to <= {args.max_sweep_recall}%; using the lowest")
+    target = kfac_point["ppl"]
+
+    chosen: list[tuple[str, str, Path, str, dict]] = [
+        ("base", "base", c.model_dir, "unedited", {"ppl": c.base_sweep_ppl()}),
+        ("K-FAC", f"kfac-l{_span(kfac.layers)}-r{kfac.keep_mass}", c.edit(kfac), _setting(kfac), kfac_point),
+    ]
+    names = {"svd": "SVD", "per_side": "per-side", "random": "random basis"}
+    for method in args.controls:
+        log(f"{names[method]} control at matched sweep perplexity {target:.3f}")
+        config, point = c.matched_control(method, kfac, target, log)
+        amount = config.svd_drop if method == "svd" else 1 - config.keep_mass
+        chosen.append(
+            (
+                names[method],
+                f"{method}-l{_span(kfac.layers)}-x{amount:.4g}",
+                c.edit(config),
+                _setting(config),
+                point,
+            )
+        )
+    if args.bsn:
+        log("BalancedSubnet on the sweep split")
+        bsn_dir, bsn_args = c.balanced_subnet(kfac.layers)
+        setting = f"layers {_span(kfac.layers)} {'+'.join(args.projections)}, ratio {bsn_args['ratio']}"
+        chosen.append(
+            ("BalancedSubnet", f"bsn-l{_span(kfac.layers)}-p{bsn_args['ratio']}", bsn_dir, setting, {})
+        )
+
+    run_id = new_run_id()
+    reference = reference_topk(c.model_dir, c.heldout, progress=progress)
+    results = []
+    base_downstream = None
+    for method, variant, model_dir_i, setting, point in chosen:
+        log(f"evaluating {method} ({variant})")
+        variant = safe_name(variant, "variant")
+        model, tokenizer = load_model(model_dir_i)
+        tables = evaluate_model(
+            model,
+            tokenizer,
+            probes,
+            variant=variant,
+            probe_set=probe_set,
+            args=EvalArguments(batch_size=args.batch_size),
+            heldout=c.heldout,
+            reference=reference,
+            run_id=run_id,
+            progress=progress,
+        )
+        del model
+        rows = tables["memorization"].to_pylist()
+        result = MethodResult(
+            method=method,
+            variant=variant,
+            setting=setting,
+            model_dir=str(model_dir_i),
+            sweep=point,
+            trained=_pooled([r for r in rows if r["kind"] == "memorized" and r["split"] == "holdout"]),
+            control=_pooled([r for r in rows if r["kind"] == "control"]),
+            perplexity=tables["perplexity"].column("perplexity")[0].as_py(),
+            ndcg=tables["ndcg"].column("ndcg")[0].as_py(),
+        )
+        if args.downstream:
+            scores = c.downstream_scores(Path(model_dir_i))
+            base_downstream = scores if method == "base" else base_downstream
+            result.downstream = _downstream(scores, base_downstream, args.seed)
+            tables["downstream"] = make_table(
+                "downstream",
+                result.downstream["tasks"],
+                variant=variant,
+                probe_set="downstream",
+                run_id=run_id,
+            )
+        write_tables(tables)
+        results.append(result)
+
+    write_table(
+        "comparison",
+        make_table(
+            "comparison",
+            [_comparison_row(r) for r in results],
+            variant="all",
+            probe_set=probe_set,
+            run_id=run_id,
+        ),
+    )
+    report = format_report(results, args, kfac_point)
+    report_path = (
+        Path(report_path) if report_path else memkfac_home() / "reports" / f"comparison-{probe_set}.md"
+    )
+    with atomic_file(report_path) as tmp:
+        tmp.write_text(report)
+    write_json(report_path.with_suffix(".json"), [asdict(r) for r in results])
+    log(report)
+    log(f"wrote {report_path}")
+    return results
+
+
+def _downstream(scores: dict, base: dict, seed: int) -> dict:
+    """Per-task ``downstream`` rows and the pooled retention (all items of all tasks) with its CI."""
+    from memkfac.downstream import paired_bootstrap_retention, retention
+
+    is_base = scores is base
+    tasks = []
+    for r in retention(base, scores, seed=seed):
+        tasks.append(
+            {
+                "task": r.task,
+                "category": scores[r.task].category,
+                "metric": scores[r.task].metric,
+                "n_items": r.n_items,
+                "score": r.edited_score,
+                "base_score": None if is_base else r.base_score,
+                "retention": r.retention,
+                "retention_ci_low": r.ci_low,
+                "retention_ci_high": r.ci_high,
+                "n_bootstrap": r.n_boot,
+                "seed": seed,
+            }
+        )
+    common = sorted(set(base) & set(scores))
+    pooled = paired_bootstrap_retention(
+        np.concatenate([base[t].item_scores for t in common]),
+        np.concatenate([scores[t].item_scores for t in common]),
+        seed=seed,
+    )
+    return {"tasks": tasks, "retention": pooled[0], "ci_low": pooled[1], "ci_high": pooled[2]}
+
+
+def _comparison_row(r: MethodResult) -> dict:
+    d = r.downstream
+    return {
+        "method": r.method,
+        "setting": r.setting,
+        "trained_strict_pct": r.trained["strict_pct"],
+        "trained_loose_pct": r.trained["loose_pct"],
+        "trained_avg_lev": r.trained["avg_lev"],
+        "control_strict_pct": r.control.get("strict_pct"),
+        "control_loose_pct": r.control.get("loose_pct"),
+        "control_avg_lev": r.control.get("avg_lev"),
+        "perplexity": r.perplexity,
+        "ndcg": r.ndcg,
+        "downstream_retention": d.get("retention"),
+        "downstream_ci_low": d.get("ci_low"),
+        "downstream_ci_high": d.get("ci_high"),
+    }
+
+
+def format_report(results: list[MethodResult], args: CompareArguments, kfac_point: dict) -> str:
+    """The comparison as Markdown: the Table-1 rows, then downstream retention per task."""
+    t0 = results[0]
+    lines = [
+        "| method | setting | trained strict % | trained loose % | trained avgLev | control strict % "
+        "| perplexity | nDCG@10 | downstream retention [95% CI] | sweep perplexity |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        d = r.downstream
+        ds = f"{d['retention']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]" if d else "-"
+        control = f"{r.control['strict_pct']:.1f}" if r.control else "-"
+        sweep_ppl = f"{r.sweep['ppl']:.3f}" if r.sweep else "-"
+        lines.append(
+            f"| {r.method} | {r.setting} | {r.trained['strict_pct']:.1f} | {r.trained['loose_pct']:.1f} "
+            f"| {r.trained['avg_lev']:.3f} | {control} | {r.perplexity:.3f} | {r.ndcg:.3f} | {ds} "
+            f"| {sweep_ppl} |"
+        )
+    lines += [
+        "",
+        f"Trained: the {t0.trained['n_probes']} holdout-split trained probes. "
+        f"Control: {t0.control.get('n_probes', 0)} never-trained probes.",
+        (
+            f"K-FAC layers and rho were chosen on the sweep split: strict recall <= {args.max_sweep_recall}% "
+            "there at the lowest perplexity"
+            if kfac_point["recall_removed"]
+            else f"No swept K-FAC edit brought sweep recall to <= {args.max_sweep_recall}%; the row is the "
+            "lowest-recall edit"
+        )
+        + f" (sweep strict {kfac_point['strict_pct']:.1f}%, sweep perplexity {kfac_point['ppl']:.3f}).",
+        "The SVD, per-side and random-basis controls edit the same layers, each at the strength matching "
+        "that sweep perplexity. BalancedSubnet was trained once at its configured strength (not matched).",
+        "Perplexity: exp(mean token NLL) on held-out blocks. "
+        "nDCG@10: paper formula, against the unedited model.",
+    ]
+    tasks = [t["task"] for t in t0.downstream.get("tasks", [])]
+    if tasks:
+        lines += ["", "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        base_scores = {t["task"]: t["score"] for t in t0.downstream["tasks"]}
+        lines.append("| base (accuracy) | " + " | ".join(f"{base_scores[t]:.3f}" for t in tasks) + " |")
+        for r in results[1:]:
+            by_task = {t["task"]: t for t in r.downstream["tasks"]}
+            cells = [
+                f"{by_task[t]['retention']:.2f} [{by_task[t]['retention_ci_low']:.2f}, "
+                f"{by_task[t]['retention_ci_high']:.2f}]"
+                for t in tasks
+            ]
+            lines.append(f"| {r.method} (retention) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,115 @@
+"""The Table-1 comparison end to end on a tiny model: rows, tables, report, and cache reuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memkfac import compare as compare_module
+from memkfac.compare import CompareArguments, run_comparison
+from memkfac.corpora import build_corpus
+from memkfac.generation import greedy_continuations
+from memkfac.models import load_model
+from memkfac.probes import Probe
+from memkfac.tables import read_table
+
+TEXT = "\n\n".join(
+    f"Record {i}: the customer Alice {i} paid {i * 7} dollars on day {i % 28}. def f(x): return x + {i}"
+    for i in range(600)
+)
+
+
+def _probes(model, tok) -> list[Probe]:
+    """Trained probes = the tiny model's own greedy continuations (recalled by construction)."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 384, (10,), generator=g).tolist() for _ in range(12)]
+    own = greedy_continuations(model, tok, prompts, 8, progress=False)
+    probes = []
+    for i, (p, o) in enumerate(zip(prompts, own, strict=True)):
+        kind, split = (
+            ("memorized", "sweep") if i < 4 else ("memorized", "holdout") if i < 8 else ("control", "holdout")
+        )
+        suffix = o if kind == "memorized" else torch.randint(1, 384, (8,), generator=g).tolist()
+        probes.append(Probe(f"p{i}", tok.decode(p), tok.decode(suffix), kind, "test", split, p, suffix))
+    return probes
+
+
+@pytest.mark.slow
+def test_comparison_on_tiny_model(tiny_model_dir, memkfac_home, tmp_path, monkeypatch):
+    model, tok = load_model(tiny_model_dir)
+    (tmp_path / "text.txt").write_text(TEXT)
+    corpus = build_corpus(str(tmp_path / "text.txt"), tok, tmp_path / "corpus", block_len=32, progress=False)
+    probes = _probes(model, tok)
+    args = CompareArguments(
+        layer_sets=((1, 2), (2, 3)),
+        rhos=(0.99, 0.9, 0.5),
+        factor_tokens=2048,
+        sweep_blocks=4,
+        eval_blocks=8,
+        match_steps=3,
+        bsn_epochs=2,
+        bsn_retain_blocks=8,
+        downstream_tasks=("copying",),
+    )
+    report = tmp_path / "table1.md"
+    lines = []
+    results = run_comparison(
+        tiny_model_dir, probes, corpus, args, "tiny", report, progress=False, log=lines.append
+    )
+
+    assert [r.method for r in results] == [
+        "base",
+        "K-FAC",
+        "SVD",
+        "per-side",
+        "random basis",
+        "BalancedSubnet",
+    ]
+    base, kfac = results[0], results[1]
+    assert base.trained["strict_pct"] == 100.0 and base.ndcg == pytest.approx(1.0)
+    assert base.downstream["retention"] == pytest.approx(1.0)
+    assert kfac.setting.startswith("layers ") and "rho" in kfac.setting
+    for r in results[2:5]:  # controls land near the K-FAC sweep perplexity (within the bisection's reach)
+        assert r.sweep["ppl"] > 0 and r.setting.startswith(kfac.setting.split(",")[0])
+    text = report.read_text()
+    assert text.count("\n| ") >= 6 + 2 and "copying" in text
+    assert report.with_suffix(".json").is_file()
+    assert read_table("comparison").num_rows == 6
+    assert set(read_table("memorization").column("variant").to_pylist()) == {r.variant for r in results}
+    assert read_table("downstream").num_rows == 6
+
+    # a rerun reuses factors, sweep points, edits, BalancedSubnet and downstream scores
+    def fail(*a, **k):
+        raise AssertionError("recomputed a cached step")
+
+    monkeypatch.setattr(compare_module, "edit_model", fail)
+    monkeypatch.setattr("memkfac.factors.collect_factors", fail)
+    monkeypatch.setattr("memkfac.balanced_subnet.train_balanced_subnet", fail)
+    monkeypatch.setattr("memkfac.downstream.run_downstream", fail)
+    again = run_comparison(
+        tiny_model_dir, probes, corpus, args, "tiny", report, progress=False, log=lines.append
+    )
+    assert [r.trained for r in again] == [r.trained for r in results]
+
+
+def test_compare_command_rejects_probes_without_both_splits(tiny_model_dir, memkfac_home, tmp_path, capsys):
+    from memkfac.cli import main
+    from memkfac.probes import write_probe_set
+
+    probes = write_probe_set(
+        [Probe("a", "Customer record for Alice:", " email alice@example.com", split="holdout")],
+        tmp_path / "only_holdout.jsonl",
+    )
+    argv = ["compare", str(tiny_model_dir), "--probes", str(probes), "--corpus", str(tmp_path), "--quiet"]
+    assert main(argv) == 2
+    assert "0 sweep and 1 holdout trained probes" in capsys.readouterr().err
+    assert not (memkfac_home / "cache").exists()
+
+
+def test_compare_arguments_are_checked():
+    from memkfac.errors import MemkfacError
+
+    with pytest.raises(MemkfacError, match="rho grid"):
+        CompareArguments(rhos=(1.0,)).check()
+    with pytest.raises(MemkfacError, match="unknown control"):
+        CompareArguments(controls=("lora",)).check()
