@@ -177,6 +177,11 @@ def run_downstream(
         )
     for task in args.tasks:
         safe_name(task, "task name")
+    if args.num_fewshot is not None and any(t in GENERATORS for t in args.tasks):
+        raise MemkfacError(
+            "num_fewshot applies to every task, but generated tasks carry their own examples",
+            "run registry tasks with num_fewshot in a separate call from the generated suite",
+        )
     task_dir = Path(task_dir) if task_dir is not None else default_task_dir(args.n_items, args.seed)
     write_task_suite(task_dir, args.n_items, args.seed)
     names = [TASK_PREFIX + t if t in GENERATORS else t for t in args.tasks]

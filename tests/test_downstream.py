@@ -136,9 +136,17 @@ def test_lm_eval_runs_offline_on_tiny_model(tiny_model_dir, tmp_path):
         assert results["copying"].item_scores[doc_id] == float(int(np.argmax(scores)) == item["gold"])
 
 
+@pytest.mark.slow  # indexing lm-eval's whole task registry to look the name up takes a while
 def test_unknown_task_is_a_clear_error(tiny_model_dir, tmp_path):
     with pytest.raises(MemkfacError, match="unknown downstream task"):
         run_downstream(tiny_model_dir, DownstreamArguments(tasks=("no_such_task",)), tmp_path / "t", False)
+
+
+def test_shots_on_generated_tasks_are_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(MemkfacError, match="their own examples"):
+        run_downstream(
+            tiny_model_dir, DownstreamArguments(tasks=("arithmetic",), num_fewshot=5), tmp_path, False
+        )
 
 
 def test_paired_bootstrap_retention_hand_cases():
