@@ -11,7 +11,7 @@ from memkfac.errors import MemkfacError
 # Each module defines register(subparsers); the parser it adds sets `func` (args -> int | None).
 COMMAND_MODULES: tuple[str, ...] = (
     *("edit", "eval", "factors", "downstream", "bands", "bsn"),
-    *("model", "corpus", "probes", "canaries", "inject"),
+    *("model", "corpus", "probes", "canaries", "inject", "mine"),
 )
 
 

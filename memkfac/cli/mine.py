@@ -1,0 +1,96 @@
+"""`memkfac mine`: find sequences a model has memorized (teacher-forced argmax criterion) in any text."""
+
+from __future__ import annotations
+
+import argparse
+from itertools import islice
+from pathlib import Path
+
+from memkfac.mining import MineConfig
+from memkfac.paths import memkfac_home
+
+
+def register(subparsers) -> None:
+    d = MineConfig()
+    parser = subparsers.add_parser(
+        "mine",
+        help="find memorized sequences in text and write them as a probe set",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Cut texts into candidate windows (a prefix of --prefix-len tokens, then a suffix of\n"
+        "--suffix-len tokens) and keep a window when the model's teacher-forced argmax equals the gold\n"
+        "token at every suffix position (the paper's criterion; the same as greedy decoding reproducing\n"
+        "the suffix). With --quotes each text is one candidate whose last 8 tokens are the suffix.\n"
+        "Near-duplicates (Jaccard of suffix token n-grams >= --dedup-threshold) are dropped, the rest\n"
+        "split into sweep/holdout halves and written as a token-exact probe set.",
+        epilog="examples:\n"
+        "  memkfac mine --text stdlib --max-texts 2000           # natural memorization (licences...)\n"
+        "  memkfac mine --model .memkfac/injected/smollm2-135m --probes .memkfac/probes/canaries.jsonl \\\n"
+        "               --prefix-len 8 --suffix-len 16 --stride 4\n"
+        "  memkfac mine --text quotes.jsonl --quotes --out quotes-probes.jsonl",
+    )
+    parser.add_argument("--model", default="smollm2-135m", help="model: builtin name, HF directory or hub id")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--text",
+        metavar="SPEC",
+        help="texts to search: 'stdlib', 'hf:NAME[:CONFIG[:SPLIT]]', or .txt/.jsonl/.parquet files/directory",
+    )
+    src.add_argument("--probes", type=Path, help="search the texts (prefix + suffix) of a probe-set file")
+    parser.add_argument("--text-column", default="text", help="column/field holding the text (default: text)")
+    parser.add_argument("--max-texts", type=int, help="search at most this many texts")
+    parser.add_argument("--prefix-len", type=int, default=d.prefix_len, help="(default: %(default)s)")
+    parser.add_argument("--suffix-len", type=int, default=d.suffix_len, help="(default: %(default)s)")
+    parser.add_argument("--stride", type=int, help="tokens between window starts (default: prefix + suffix)")
+    parser.add_argument(
+        "--quotes", action="store_true", help="one candidate per text: last 8 tokens as suffix"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="windows per forward (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--dedup-threshold", type=float, default=d.dedup_threshold, help="(default: %(default)s)"
+    )
+    parser.add_argument("--dedup-ngram", type=int, default=d.dedup_ngram, help="(default: %(default)s)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--out", type=Path, help="output probe set (default: $MEMKFAC_HOME/probes/mined.jsonl)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from memkfac.corpora import iter_documents
+    from memkfac.mining import mine
+    from memkfac.models import load_model, resolve_model
+    from memkfac.probes import load_probe_set, write_probe_set
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(resolve_model(args.model, progress=not args.quiet))
+    if args.probes:
+        texts, source = (p.prefix + p.suffix for p in load_probe_set(args.probes)), str(args.probes)
+    else:
+        texts, source = iter_documents(args.text, args.text_column), args.text
+    config = MineConfig(
+        prefix_len=args.prefix_len,
+        suffix_len=args.suffix_len,
+        stride=args.stride,
+        quotes=args.quotes,
+        batch_size=args.batch_size,
+        dedup_threshold=args.dedup_threshold,
+        dedup_ngram=args.dedup_ngram,
+    )
+    probes, counts = mine(model, tokenizer, islice(texts, args.max_texts), config, source, not args.quiet)
+    print(
+        f"{counts['texts']} texts, {counts['candidates']} candidates, {counts['memorized']} memorized, "
+        f"{counts['kept']} after de-duplication"
+    )
+    if not probes:
+        print("nothing memorized found; no file written")
+        return 0
+    out = write_probe_set(probes, args.out or memkfac_home() / "probes" / "mined.jsonl")
+    print(f"wrote {out}")
+    return 0
