@@ -1,0 +1,110 @@
+"""Fine-tuning loop and canary injection on tiny models; the CLI end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from memkfac.canaries import CanaryConfig, generate_canaries
+from memkfac.checkpoint import load_manifest
+from memkfac.cli import main
+from memkfac.errors import MemkfacError
+from memkfac.finetune import FinetuneConfig, collate, finetune, mixed_batches, set_trainable
+from memkfac.inject import InjectRecipe, canary_set_fingerprint, inject_canaries
+from memkfac.tiny import build_tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and the CI machine is shared
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_collate_masks_padding():
+    b = collate([[5, 6, 7], [8]], pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
+
+
+def test_mixed_batches_cover_the_first_pool_each_epoch_and_are_seeded():
+    canaries = [[i] * (1 + i % 5) for i in range(10)]
+    general = [[100 + i] for i in range(3)]
+    plan = mixed_batches([(canaries, 4), (general, 2)], pad_id=0, seed=1)
+    for epoch in range(2):
+        batches = plan(epoch)
+        assert [len(b["input_ids"]) for b in sorted(batches, key=lambda b: -len(b["input_ids"]))] == [6, 6, 4]
+        firsts = sorted(int(row[0]) for b in batches for row in b["input_ids"] if row[0] < 100)
+        assert firsts == list(range(10))  # every canary exactly once per epoch
+
+    def first_epoch(seed):
+        return [b["input_ids"].tolist() for b in mixed_batches([(canaries, 4), (general, 2)], 0, seed)(0)]
+
+    assert first_epoch(1) == first_epoch(1) != first_epoch(2)
+    with pytest.raises(MemkfacError, match="non-empty first pool"):
+        mixed_batches([([], 4)], pad_id=0)
+
+
+def test_finetune_lowers_the_loss_and_trains_only_chosen_layers():
+    model, _ = build_tiny_model(None, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = collate([list(range(1, 30)), list(range(40, 60))], pad_id=0)
+    config = FinetuneConfig(epochs=30, lr=3e-3, warmup_steps=3, train_layers="2-3", train_embeddings=False)
+    stats = finetune(model, lambda epoch: [batch], config, progress=False)
+    assert stats.steps == 30 and stats.tokens == 30 * (29 + 20) and len(stats.losses) == 30
+    assert stats.losses[-1] < 0.5 * stats.losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(".layers.3." in n for n in changed) and any(".layers.2." in n for n in changed)
+    assert not any(".layers.0." in n or ".layers.1." in n or "embed_tokens" in n for n in changed)
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    with pytest.raises(MemkfacError, match="outside the model"):
+        set_trainable(model, FinetuneConfig(train_layers="7"))
+
+
+def test_inject_recites_trained_not_control_and_writes_a_manifest(tmp_path):
+    base = tmp_path / "base"
+    build_tiny_model(base, hidden_size=64, intermediate_size=128, seed=0)
+    trained, control = generate_canaries(CanaryConfig(n_trained=8, n_control=8))
+    general = torch.randint(1, 384, (16, 64), generator=torch.Generator().manual_seed(0))
+    recipe = InjectRecipe(
+        canaries_per_batch=8,
+        general_per_batch=2,
+        general_len=32,
+        eval_batch_size=16,
+        heldout_blocks=8,
+        finetune=FinetuneConfig(epochs=80, lr=3e-3, warmup_steps=5),
+    )
+    m = inject_canaries(base, trained + control, general, general, recipe, tmp_path / "out", progress=False)
+    assert m["recall"]["trained"]["all"]["strict_pct"] >= 75.0
+    assert m["recall"]["control"]["all"]["strict_pct"] == 0.0
+    assert set(m["recall"]["trained"]) == {"all", "sweep", "holdout"}
+    assert m["canary_set_fingerprint"] == canary_set_fingerprint(trained + control)
+    assert m["n_trained"] == 8 and m["n_control"] == 8 and m["finetune"]["steps"] == 80
+    assert m["perplexity"]["base"] > 0 and m["recipe"]["finetune"]["lr"] == 3e-3
+    assert load_manifest(tmp_path / "out")["base_fingerprint"] == m["base_fingerprint"]
+    with pytest.raises(MemkfacError, match="no probes of kind 'memorized'"):
+        inject_canaries(base, control, general, general, recipe, tmp_path / "x", progress=False)
+    with pytest.raises(MemkfacError, match="none as long as general_len"):
+        inject_canaries(base, trained, general[:, :16], general, recipe, tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_inject_on_a_tiny_model(tmp_path, memkfac_home, capsys):
+    base = tmp_path / "tiny"
+    build_tiny_model(base, hidden_size=64, intermediate_size=128, seed=0)
+    argv = ["inject", "--model", str(base), "--n-trained", "4", "--n-control", "4", "--epochs", "2"]
+    argv += ["--factor-tokens", "640", "--finetune-tokens", "1280", "--heldout-tokens", "640"]
+    argv += ["--train-layers", "all", "--heldout-blocks", "4", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "trained  all" in out and "held-out perplexity" in out
+    manifest = json.loads((memkfac_home / "injected" / "tiny" / "memkfac_manifest.json").read_text())
+    assert manifest["n_trained"] == 4 and manifest["finetune"]["steps"] == 2
+    assert (memkfac_home / "probes" / "canaries.jsonl").is_file()
+    assert (memkfac_home / "corpora" / "tiny" / "meta.json").is_file()
+    assert main(argv + ["--train-layers", "9"]) == 2  # a bad layer spec is a user error, not a traceback
+    assert "outside the model" in capsys.readouterr().err
