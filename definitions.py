@@ -33,5 +33,6 @@ def build_definitions(config: PipelineConfig, settings: Settings) -> dg.Definiti
     )
 
 
-_settings = Settings.from_env()
-defs = build_definitions(load_config(_settings.config_path), _settings)
+SETTINGS = Settings.from_env()
+CONFIG = load_config(SETTINGS.config_path)
+defs = build_definitions(CONFIG, SETTINGS)

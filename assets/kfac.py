@@ -53,7 +53,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         automation_condition=BUILD,
         pool="compute",
         description="K-FAC factors A = E[a a^T], G = E[g g^T] of the tracked MLP maps over the corpus "
-        "factor split; collected by the factor runner (a Pipes subprocess locally, any Pipes client elsewhere).",
+        "factor split; collected by the factor runner (a Pipes subprocess here, any Pipes client elsewhere).",
     )
     def kfac_factors(
         context: dg.AssetExecutionContext, store: ArtifactStore, factor_runner: FactorRunner

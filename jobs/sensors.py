@@ -69,9 +69,12 @@ def input_versions(config: PipelineConfig, store: ArtifactStore, cursor: dict) -
     return versions, new_cursor
 
 
+SENSOR_NAME = "input_files_sensor"
+
+
 def build_input_files_sensor(config: PipelineConfig, parts: Partitions) -> dg.SensorDefinition:
     @dg.sensor(
-        name="input_files_sensor",
+        name=SENSOR_NAME,
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Hashes base models, the corpus and probe-set files; reports changes as observations "
