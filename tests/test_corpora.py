@@ -103,3 +103,22 @@ def test_bad_specs_and_inputs(tmp_path, tok):
         load_split(tmp_path, "train")
     with pytest.raises(MemkfacError, match="not a built corpus"):
         load_split(tmp_path, "factor")
+
+
+def test_unreachable_dataset_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MemkfacError, match="could not open dataset memkfac-test/none"):
+        next(iter_documents("hf:memkfac-test/none"))
+
+
+def test_cli_corpus_build(tiny_model_dir, tmp_path, capsys):
+    from memkfac.cli import main
+
+    src = tmp_path / "docs.txt"
+    src.write_text("\n\n".join(_docs(200)))
+    out = tmp_path / "corpus"
+    argv = ["corpus", "build", "--model", str(tiny_model_dir), "--corpus", str(src), "--block-len", "16"]
+    assert main(argv + ["--factor-tokens", "320", "--out", str(out), "--quiet"]) == 0
+    assert "factor        20 blocks" in capsys.readouterr().out
+    assert load_split(out, "factor").shape == (20, 16)

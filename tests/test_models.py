@@ -101,3 +101,12 @@ def test_default_conversion_from_the_pypi_wheel(tmp_path):
     with torch.no_grad():
         loss = model(text, labels=text).loss
     assert loss.item() < 5.0
+
+
+def test_cli_model_prepare_prints_path_and_fingerprint(tiny_model_dir, capsys):
+    from memkfac.cli import main
+
+    assert main(["model", "prepare", str(tiny_model_dir), "--quiet"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["fingerprint"] == model_fingerprint(tiny_model_dir) and info["layers"] == 4
+    assert main(["model", "prepare", "no-such-model"]) == 2

@@ -187,3 +187,28 @@ def test_probes_from_a_dataset_with_a_column_mapping(tmp_path):
     _write(path, [{"qid": "q1", "question": "Capital of France?", "answer": " Paris, the city"}])
     (p,) = probes_from_dataset(str(path), {"id": "qid", "prefix": "question", "suffix": "answer"})
     assert (p.id, p.prefix, p.suffix) == ("q1", "Capital of France?", " Paris, the city")
+
+
+def test_cli_validate_lists_every_error_and_exits_2(tmp_path, capsys):
+    from memkfac.cli import main
+
+    good = _write(
+        tmp_path / "good.jsonl", [{"id": "a", "prefix": "p", "suffix": " long enough", "kind": "control"}]
+    )
+    assert main(["probes", "validate", str(good)]) == 0
+    assert "1 probes, valid" in capsys.readouterr().out
+    bad = _write(
+        tmp_path / "bad.jsonl", [{"id": "a", "suffix": " x y z"}, {"id": "a", "prefix": "p", "suffix": ""}]
+    )
+    assert main(["probes", "validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "line 1: missing field 'prefix'" in err and "line 2: empty suffix" in err
+
+
+def test_cli_canaries_writes_a_valid_probe_set(tmp_path, capsys):
+    from memkfac.cli import main
+
+    out = tmp_path / "c.jsonl"
+    assert main(["canaries", "--n-trained", "6", "--n-control", "4", "--out", str(out)]) == 0
+    probes = load_probe_set(out)
+    assert [p.kind for p in probes].count("memorized") == 6 and len(probes) == 10
