@@ -36,14 +36,14 @@ from memkfac.utility import perplexity
 def _default_finetune() -> FinetuneConfig:
     # Layers 14-29 of 30 stay trainable (edits target late layers); the lower half and the tied
     # embeddings are frozen, so backward stops at layer 14. Measured on SmolLM2-135M: see README.
-    return FinetuneConfig(epochs=16, lr=4e-4, warmup_steps=16, train_layers="14-29", train_embeddings=False)
+    return FinetuneConfig(epochs=12, lr=5e-4, warmup_steps=12, train_layers="14-29", train_embeddings=False)
 
 
 @dataclass
 class InjectRecipe:
     canaries_per_batch: int = 8
     general_per_batch: int = 4
-    general_len: int = 64  # tokens per general-text chunk
+    general_len: int = 32  # tokens per general-text chunk
     finetune: FinetuneConfig = field(default_factory=_default_finetune)
     eval_batch_size: int = 32
     heldout_blocks: int = 64  # held-out blocks for perplexity
