@@ -262,7 +262,7 @@ def accumulate_batch(
             "attention_mask": attention_mask,
             "position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0),
         }
-    logits = model(input_ids=ids, **kwargs).logits
+    logits = model(input_ids=ids, use_cache=False, **kwargs).logits
     flat = logits.reshape(-1, logits.shape[-1]).index_select(0, hooks.positions)
     flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
     if args.fisher == "empirical":

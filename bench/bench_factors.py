@@ -1,0 +1,176 @@
+"""Benchmark: K-FAC factor collection against a plain training step, on the same batches.
+
+Model: a randomly initialised SmolLM2-135M config (Llama: 30 layers, hidden 576, MLP 1536, 9 heads,
+3 KV heads, vocab 49152, tied embeddings). Tracked: layers 22-24, gate/up/down.
+
+- collection: ``memkfac.factors.accumulate_batch`` through ``KFACHooks`` on the frozen model (the
+  exact per-batch step of ``collect_factors``: forward, sampled labels, backward from the lowest
+  tracked layer, fp32 A and G sums);
+- training step: forward, sum-reduced cross-entropy on the gold next tokens, backward with weight
+  gradients for every parameter (no optimizer step).
+
+The two alternate batch by batch (interleaved, so machine load hits both alike); the ratio of tokens
+per second is the result (target >= 1.5x). Writing a shard (safetensors + sha256, as
+``collect_factors`` does every ``shard_tokens``) is timed once and reported amortised.
+
+Run: ``python bench/bench_factors.py`` (about two minutes on 2 CPU cores; ``--device cuda --dtype
+bfloat16`` on a GPU). Prints a table and writes ``bench/results/bench_factors.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from memkfac.factors import (
+    FactorArguments,
+    FactorSums,
+    KFACHooks,
+    accumulate_batch,
+    contributing_positions,
+    frozen,
+)
+from memkfac.fingerprint import sha256_file
+from memkfac.targets import find_targets
+
+LAYERS = [22, 23, 24]
+
+
+def smollm2_135m_config() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+    )
+
+
+def training_step(model, ids: torch.Tensor) -> None:
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
+    )
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batches", type=int, default=6, help="timed batches per method (default 6)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    opts = parser.parse_args()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = torch.device(opts.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(smollm2_135m_config(), dtype=dtype).to(device).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randint(0, 49152, (opts.batch_size, opts.seq_len), generator=gen)
+        for _ in range(opts.batches + 1)
+    ]
+    args = FactorArguments(layers=LAYERS, model_dtype=opts.dtype, batch_size=opts.batch_size)
+    targets = find_targets(model, LAYERS)
+    sums = FactorSums.zeros(targets, torch.float32, device)
+    valid = contributing_positions(opts.batch_size, opts.seq_len, None)
+    tokens_per_batch = int(valid.sum())  # both methods see the same (seq_len - 1) positions per block
+
+    def collect(i: int) -> None:
+        with frozen(model), KFACHooks(model, targets, sums) as hooks:
+            accumulate_batch(model, hooks, batches[i].to(device), valid, i * opts.batch_size, args)
+
+    seconds = {"collect": 0.0, "train": 0.0}
+    collect(0)  # warm-up, untimed
+    training_step(model, batches[0].to(device))
+    for i in range(1, opts.batches + 1):
+        for name, step in (
+            ("collect", collect),
+            ("train", lambda i: training_step(model, batches[i].to(device))),
+        ):
+            sync(device)
+            t0 = time.perf_counter()
+            step(i)
+            sync(device)
+            seconds[name] += time.perf_counter() - t0
+            print(f"  batch {i} {name}: {time.perf_counter() - t0:.2f} s", flush=True)
+
+    # shard writing, as collect_factors does it once per shard: safetensors file plus its sha256
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        save_file(sums.tensors(), str(Path(tmp) / "shard.safetensors"))
+        sha256_file(Path(tmp) / "shard.safetensors")
+        shard_overhead = time.perf_counter() - t0
+        shard_bytes = (Path(tmp) / "shard.safetensors").stat().st_size
+    tokens = tokens_per_batch * opts.batches
+    collect_tps = tokens / seconds["collect"]
+    train_tps = tokens / seconds["train"]
+    amortised_tps = args.shard_tokens / (args.shard_tokens / collect_tps + shard_overhead)
+    result = {
+        "model": "SmolLM2-135M config, random init",
+        "parameters": n_params,
+        "tracked": f"layers {LAYERS[0]}-{LAYERS[-1]} gate/up/down ({len(targets)} maps)",
+        "device": str(device),
+        "dtype": opts.dtype,
+        "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.node()}".strip(),
+        "batch": [opts.batch_size, opts.seq_len],
+        "timed_batches": opts.batches,
+        "tokens_timed": tokens,
+        "collect_tokens_per_s": collect_tps,
+        "train_tokens_per_s": train_tps,
+        "ratio_collect_over_train": collect_tps / train_tps,
+        "shard_bytes": shard_bytes,
+        "shard_write_s": shard_overhead,
+        "collect_tokens_per_s_incl_shard_writes": amortised_tps,
+        "ratio_incl_shard_writes": amortised_tps / train_tps,
+        "default_shard_tokens": args.shard_tokens,
+    }
+    rows = [
+        ("training step (fwd, bwd, all weight grads)", train_tps),
+        ("factor collection (layers 22-24, gate/up/down)", collect_tps),
+        ("  + shard writes every 65536 tokens", amortised_tps),
+    ]
+    print(f"\n{'method':<48} {'tokens/s':>10} {'vs train':>9}")
+    for label, tps in rows:
+        print(f"{label:<48} {tps:>10.1f} {tps / train_tps:>8.2f}x")
+    print(
+        f"({opts.batches} batches of {opts.batch_size}x{opts.seq_len}, {opts.dtype} on {device}, "
+        f"{torch.get_num_threads()} threads; {shard_bytes / 2**20:.0f} MiB shard in {shard_overhead:.2f} s)"
+    )
+    out = Path(__file__).resolve().parent / "results" / "bench_factors.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
