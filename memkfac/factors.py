@@ -229,11 +229,12 @@ def sample_labels(logits: Tensor, counts: list[int], blocks: list[int], seed: in
     Rows come in runs of ``counts[i]`` positions of block ``blocks[i]``; each block draws from its own
     generator seeded with ``block_seed(seed, block)``. Returns (n,) int64.
     """
-    probs = torch.softmax(logits, dim=-1)
     labels = []
-    for chunk, block in zip(probs.split(counts), blocks, strict=True):
+    for chunk, block in zip(
+        logits.split(counts), blocks, strict=True
+    ):  # one block's probs in memory at a time
         gen = torch.Generator(device=logits.device).manual_seed(block_seed(seed, block))
-        labels.append(torch.multinomial(chunk, 1, generator=gen).squeeze(1))
+        labels.append(torch.multinomial(torch.softmax(chunk, dim=-1), 1, generator=gen).squeeze(1))
     return torch.cat(labels)
 
 
