@@ -310,35 +310,24 @@ class Comparison:
         return out, asdict(bsn_args)
 
     # -- reported evaluation -------------------------------------------------------------------------
+    def downstream_args(self):
+        from memkfac.downstream import DownstreamArguments
+
+        dargs = DownstreamArguments(n_items=self.args.downstream_items, seed=self.args.seed)
+        if self.args.downstream_tasks:
+            dargs.tasks = tuple(self.args.downstream_tasks)
+        return dargs
+
     def downstream_scores(self, model_dir: Path) -> dict:
         """Per-task item scores of ``model_dir`` on the suite, cached by weights and suite."""
-        from memkfac.downstream import DownstreamArguments, TaskResult, run_downstream
+        from memkfac.downstream import load_item_scores, run_downstream, save_item_scores
 
-        a = self.args
-        dargs = DownstreamArguments(n_items=a.downstream_items, seed=a.seed)
-        if a.downstream_tasks:
-            dargs.tasks = tuple(a.downstream_tasks)
-        path = (
-            self.cache
-            / "compare"
-            / "downstream"
-            / f"{_key(model_fingerprint(model_dir), asdict(dargs))}.json"
-        )
-        if path.is_file():
-            raw = json.loads(path.read_text())
-        else:
-            results = run_downstream(model_dir, dargs, progress=self.progress)
-            raw = {
-                t: asdict(r) | {"doc_ids": r.doc_ids.tolist(), "item_scores": r.item_scores.tolist()}
-                for t, r in results.items()
-            }
-            write_json(path, raw)
-        return {
-            t: TaskResult(
-                **(r | {"doc_ids": np.array(r["doc_ids"]), "item_scores": np.array(r["item_scores"])})
-            )
-            for t, r in raw.items()
-        }
+        dargs = self.downstream_args()
+        key = _key(model_fingerprint(model_dir), asdict(dargs))
+        path = self.cache / "compare" / "downstream" / f"{key}.json"
+        if not path.is_file():
+            save_item_scores(run_downstream(model_dir, dargs, progress=self.progress), path, model_dir)
+        return load_item_scores(path)
 
 
 def _span(layers) -> str:
@@ -441,6 +430,8 @@ def run_comparison(
             ndcg=tables["ndcg"].column("ndcg")[0].as_py(),
         )
         if args.downstream:
+            from memkfac.downstream import suite_name
+
             scores = c.downstream_scores(Path(model_dir_i))
             base_downstream = scores if method == "base" else base_downstream
             result.downstream = _downstream(scores, base_downstream, args.seed)
@@ -448,7 +439,7 @@ def run_comparison(
                 "downstream",
                 result.downstream["tasks"],
                 variant=variant,
-                probe_set="downstream",
+                probe_set=suite_name(args.downstream_items, args.seed),  # as `memkfac downstream` names it
                 run_id=run_id,
             )
         write_tables(tables)
@@ -477,28 +468,34 @@ def run_comparison(
 
 
 def _downstream(scores: dict, base: dict, seed: int) -> dict:
-    """Per-task ``downstream`` rows and the pooled retention (all items of all tasks) with its CI."""
+    """Per-task ``downstream`` rows and the pooled retention (all items of all tasks) with its CI.
+
+    The base model's own rows leave the retention columns null, as ``memkfac downstream`` does.
+    """
     from memkfac.downstream import paired_bootstrap_retention, retention
 
-    is_base = scores is base
+    kept = {} if scores is base else {r.task: r for r in retention(base, scores, seed=seed)}
     tasks = []
-    for r in retention(base, scores, seed=seed):
+    for task, r in sorted(scores.items()):
+        k = kept.get(task)
         tasks.append(
             {
-                "task": r.task,
-                "category": scores[r.task].category,
-                "metric": scores[r.task].metric,
-                "n_items": r.n_items,
-                "score": r.edited_score,
-                "base_score": None if is_base else r.base_score,
-                "retention": r.retention,
-                "retention_ci_low": r.ci_low,
-                "retention_ci_high": r.ci_high,
-                "n_bootstrap": r.n_boot,
+                "task": task,
+                "category": r.category,
+                "metric": r.metric,
+                "n_items": int(r.doc_ids.size),
+                "score": r.score,
+                "base_score": k.base_score if k else None,
+                "retention": k.retention if k else None,
+                "retention_ci_low": k.ci_low if k else None,
+                "retention_ci_high": k.ci_high if k else None,
+                "n_bootstrap": k.n_boot if k else None,
                 "seed": seed,
             }
         )
-    common = sorted(set(base) & set(scores))
+    if not kept:
+        return {"tasks": tasks, "retention": None, "ci_low": None, "ci_high": None}
+    common = sorted(kept)
     pooled = paired_bootstrap_retention(
         np.concatenate([base[t].item_scores for t in common]),
         np.concatenate([scores[t].item_scores for t in common]),
@@ -536,7 +533,7 @@ def format_report(results: list[MethodResult], args: CompareArguments, kfac_poin
     ]
     for r in results:
         d = r.downstream
-        ds = f"{d['retention']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]" if d else "-"
+        ds = f"{d['retention']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]" if d.get("retention") else "-"
         control = f"{r.control['strict_pct']:.1f}" if r.control else "-"
         sweep_ppl = f"{r.sweep['ppl']:.3f}" if r.sweep else "-"
         lines.append(
