@@ -249,14 +249,14 @@ def probes_from_dataset(
     default_split: str = "holdout",
     text_suffix_words: int = TEXT_SUFFIX_WORDS,
 ) -> list[Probe]:
-    """Load probes from a ``datasets`` dataset ``NAME[:CONFIG[:SPLIT]]`` (or a local data file).
+    """Load probes from a ``datasets`` dataset ``[hf:]NAME[:CONFIG[:SPLIT]]`` or a local data file.
 
     ``columns`` maps probe fields to dataset columns, e.g. ``{"prefix": "question", "suffix": "answer"}``;
     unmapped fields are read from columns of the same name. Row locations are reported as ``row N``.
     """
     import datasets
 
-    parts = spec.split(":") if not Path(spec).exists() else [spec]
+    parts = [spec] if Path(spec).exists() else spec.removeprefix("hf:").split(":")
     name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
     split = parts[2] if len(parts) > 2 and parts[2] else "train"
     try:
@@ -279,12 +279,10 @@ def probes_from_dataset(
             f"dataset {spec} has no column(s) {missing} (columns: {ds.column_names})",
             "map probe fields to existing columns, e.g. prefix=question suffix=answer",
         )
-    renamed = {v: k for k, v in mapping.items()}
+    renamed = {column: fld for fld, column in mapping.items()}
+    # A column named like a mapped field (e.g. "id" when id=qid) is shadowed by the mapping.
     rows = (
-        (
-            f"row {i}",
-            {renamed.get(k, k): v for k, v in row.items() if k in renamed or k not in mapping.values()},
-        )
+        (f"row {i}", {renamed.get(k, k): v for k, v in row.items() if k in renamed or k not in mapping})
         for i, row in enumerate(ds)
     )
     return parse_probes(

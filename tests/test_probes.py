@@ -184,7 +184,10 @@ def test_probes_from_a_dataset_with_a_column_mapping(tmp_path):
     )
     with pytest.raises(ProbeSetError, match="row 1: suffix ' ab' is too short"):
         probes_from_dataset(str(path), {"id": "qid", "prefix": "question", "suffix": "answer"})
-    _write(path, [{"qid": "q1", "question": "Capital of France?", "answer": " Paris, the city"}])
+    _write(
+        path,
+        [{"id": "shadowed", "qid": "q1", "question": "Capital of France?", "answer": " Paris, the city"}],
+    )
     (p,) = probes_from_dataset(str(path), {"id": "qid", "prefix": "question", "suffix": "answer"})
     assert (p.id, p.prefix, p.suffix) == ("q1", "Capital of France?", " Paris, the city")
 
