@@ -210,6 +210,8 @@ def build_corpus(
     def full(split: str) -> bool:
         return caps[split] is not None and len(tokens[split]) >= caps[split]
 
+    bar = tqdm(desc=f"tokenizing {spec}", unit="tok", disable=not progress)
+
     def flush(batch: list[tuple[str, str]]) -> None:
         ids = tokenizer([text for _, text in batch], add_special_tokens=False, verbose=False)["input_ids"]
         for (split, _), doc_ids in zip(batch, ids, strict=True):
@@ -219,7 +221,6 @@ def build_corpus(
                 n_docs[split] += 1
         bar.update(sum(len(x) + 1 for x in ids))
 
-    bar = tqdm(desc=f"tokenizing {spec}", unit="tok", disable=not progress)
     batch: list[tuple[str, str]] = []
     for text in iter_documents(spec, text_column):
         digest = _digest(text)

@@ -120,7 +120,10 @@ def set_trainable(model, config: FinetuneConfig) -> int:
 
 
 def finetune(model, plan: EpochPlan, config: FinetuneConfig, progress: bool = True) -> FinetuneStats:
-    """Train ``model`` in place on ``plan(epoch)`` for each epoch; return per-step losses and totals."""
+    """Train ``model`` in place on ``plan(epoch)`` for each epoch; return per-step losses and totals.
+
+    The model is left in eval mode with every parameter's ``requires_grad`` set back to True.
+    """
     torch.manual_seed(config.seed)
     n_trainable = set_trainable(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
