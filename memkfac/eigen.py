@@ -98,6 +98,15 @@ def compute_eigenbasis(
     return Path(out_dir)
 
 
+def eigenbasis_is_current(eig_dir: Path, factor_dir: Path) -> bool:
+    """Whether ``eig_dir`` holds the eigenbasis of exactly the factors now in ``factor_dir``."""
+    meta = Path(eig_dir) / META_FILE
+    if not meta.is_file() or not (Path(eig_dir) / EIGEN_FILE).is_file():
+        return False
+    index_sha = sha256_file(Path(factor_dir) / INDEX_FILE)
+    return json.loads(meta.read_text()).get("factor_index_sha256") == index_sha
+
+
 def load_eigenbasis(eig_dir: Path) -> tuple[dict[str, ModuleEigen], dict]:
     """Eigenbases per tracked map (gate and up share their A tensors) and the meta dict."""
     eig_dir = Path(eig_dir)

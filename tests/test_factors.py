@@ -327,6 +327,10 @@ def test_cli_collects_factors_and_eigenbasis_end_to_end(tiny_model_dir, memkfac_
     assert sorted(modules) == [f"model.layers.{i}.mlp.{p}_proj" for i in (2, 3) for p in ("gate", "up")]
     assert meta["tokens"] == 300
     assert (memkfac_home / "corpora").is_dir()  # the text was tokenized under the data root
+    capsys.readouterr()
+    # the same command again: nothing to resume, the eigenbasis is reused
+    assert main(["factors", *argv, "--out", str(out)]) == 0
+    assert "eigenbasis of these factors already in" in capsys.readouterr().out
     # a second run with other options onto the same directory is refused, with status 2
     assert main(["factors", *argv, "--fisher", "empirical", "--out", str(out)]) == 2
     assert "arguments differ" in capsys.readouterr().err

@@ -157,7 +157,7 @@ def run_factors(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from memkfac.corpora import corpus_fingerprint, load_split
-    from memkfac.eigen import compute_eigenbasis
+    from memkfac.eigen import compute_eigenbasis, eigenbasis_is_current
     from memkfac.factors import FactorArguments, collect_factors
     from memkfac.fingerprint import model_fingerprint
     from memkfac.models import load_model, resolve_model
@@ -216,8 +216,12 @@ def run_factors(args: argparse.Namespace) -> int:
                 f"in {len(index['shards'])} shards -> {index_path}"
             )
             if not args.no_eigen:
-                eig = compute_eigenbasis(args.out, args.out / "eigenbasis", progress=progress, device=device)
-                print(f"eigenbasis -> {eig}")
+                eig = args.out / "eigenbasis"
+                if eigenbasis_is_current(eig, args.out):
+                    print(f"eigenbasis of these factors already in {eig}")
+                else:
+                    compute_eigenbasis(args.out, eig, progress=progress, device=device)
+                    print(f"eigenbasis -> {eig}")
     finally:
         if world > 1:
             dist.destroy_process_group()
