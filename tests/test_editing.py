@@ -287,3 +287,33 @@ def test_edit_model_refuses_unknown_layers_and_svd_only_skips_the_eigenbasis(
     with pytest.raises(MemkfacError, match="is the base model itself"):
         edit_model(tiny_model_dir, eig_dir, EditConfig(layers=[1]), tiny_model_dir, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "damage, message", [("corrupt", "does not match its sha256"), ("missing", "is missing")]
+)
+def test_cli_refuses_missing_or_corrupt_shards_and_writes_nothing(
+    damage, message, tiny_model_dir, factor_dir, tmp_path, capsys
+):
+    factors = tmp_path / "factors"
+    shutil.copytree(factor_dir, factors)
+    shard = sorted(factors.glob("shard-*.safetensors"))[0]
+    if damage == "corrupt":
+        shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
+    else:
+        shard.unlink()
+    out = tmp_path / "out"
+    argv = [
+        "edit",
+        str(tiny_model_dir),
+        "--factors",
+        str(factors),
+        "--layers",
+        "1",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not (factors / "eigenbasis").exists()
