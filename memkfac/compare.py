@@ -55,8 +55,8 @@ class CompareArguments:
     factor_tokens: int = 102_400  # contributing tokens of the factor split used for K-FAC factors
     factor_layers: tuple[int, ...] | None = None  # default: the union of layer_sets
     factor_batch_size: int = 8
-    sweep_blocks: int = 32  # held-out blocks for sweep and matching perplexity
-    eval_blocks: int | None = 256  # held-out blocks for the reported perplexity and nDCG (None: all)
+    sweep_blocks: int = 32  # the last held-out blocks: perplexity for the sweep and the matching
+    eval_blocks: int | None = 256  # the first held-out blocks (disjoint): reported perplexity, nDCG
     controls: tuple[str, ...] = CONTROLS
     match_steps: int = 7  # bisection steps per control
     bsn: bool = True
@@ -130,10 +130,18 @@ class Comparison:
             )
         self.base_fp = model_fingerprint(self.model_dir)
         self.cache = memkfac_home() / "cache"
-        self.heldout = HeldOut.from_corpus(self.corpus_dir, args.eval_blocks)
-        self.sweep_heldout = HeldOut(
-            self.heldout.blocks[: args.sweep_blocks], self.heldout.name, self.heldout.fingerprint
-        )
+        # choices are made on the last sweep_blocks held-out blocks, results reported on the first ones
+        split = HeldOut.from_corpus(self.corpus_dir)
+        n = len(split.blocks)
+        if n < 2 * args.sweep_blocks:
+            raise MemkfacError(
+                f"the held-out split of {corpus_dir} has {n} blocks; the sweep needs {args.sweep_blocks} "
+                "and the report at least as many others",
+                "build the corpus with more held-out text or lower --sweep-blocks",
+            )
+        report_n = min(args.eval_blocks or n, n - args.sweep_blocks)
+        self.heldout = HeldOut(split.blocks[:report_n], split.name, split.fingerprint)
+        self.sweep_heldout = HeldOut(split.blocks[-args.sweep_blocks :], split.name, split.fingerprint)
         self.probe_fp = _key([(p.id, p.prefix, p.suffix, p.prefix_ids, p.suffix_ids) for p in probes])
         self.eig_dir: Path | None = None
 

@@ -239,7 +239,8 @@ def register_compare(subparsers) -> None:
         type=int,
         default=d.eval_blocks,
         metavar="N",
-        help=f"held-out blocks for reported perplexity and nDCG (default: {d.eval_blocks})",
+        help=f"the first N held-out blocks (never the sweep's), for the reported perplexity and nDCG "
+        f"(default: {d.eval_blocks})",
     )
     p.add_argument(
         "--controls",
