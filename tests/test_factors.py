@@ -309,6 +309,7 @@ def test_overwrite_replaces_another_collection(collected):
 # ---- command line -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_collects_factors_and_eigenbasis_end_to_end(tiny_model_dir, memkfac_home, tmp_path, capsys):
     from memkfac.cli import main
     from memkfac.eigen import load_eigenbasis

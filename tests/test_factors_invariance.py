@@ -155,6 +155,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_equal_one(blocks, tmp_path):
     script = tmp_path / "worker.py"
