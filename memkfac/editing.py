@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AutoConfig
 
 import memkfac
 from memkfac.checkpoint import load_manifest, save_checkpoint
@@ -205,12 +206,9 @@ def _check_eigen(target: Target, eig: ModuleEigen | None, eig_dir: Path) -> None
             )
 
 
-def _model_dtype(model_dir: Path) -> str:
+def _stored_dtype(hf_config) -> str:
     """The dtype the checkpoint is stored in, so untouched tensors are written back unchanged."""
-    from transformers import AutoConfig
-
-    dtype = AutoConfig.from_pretrained(model_dir).dtype
-    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    name = str(hf_config.dtype).removeprefix("torch.") if hf_config.dtype is not None else "float32"
     return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
@@ -239,24 +237,27 @@ def edit_model(
         eig_modules, eig_meta = load_eigenbasis(Path(eig_dir))
         if eig_meta["model_fingerprint"] != base_fingerprint:
             raise MemkfacError(
-                f"the eigenbasis in {eig_dir} was computed for model fingerprint "
-                f"{eig_meta['model_fingerprint'][:16]}..., but {model_dir} has fingerprint "
-                f"{base_fingerprint[:16]}...",
+                f"the eigenbasis in {eig_dir} was computed for the model with fingerprint "
+                f"{eig_meta['model_fingerprint']}, but {model_dir} has fingerprint {base_fingerprint}",
                 "collect factors on this model (`memkfac factors MODEL ...`) and edit with those",
             )
 
-    model, tokenizer = load_model(model_dir, dtype=_model_dtype(model_dir))
-    num_layers = model.config.num_hidden_layers
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    num_layers = hf_config.num_hidden_layers
     missing = [i for i in config.layers if not 0 <= i < num_layers]
     if missing:
         raise MemkfacError(
             f"layer(s) {missing} are not in {model_dir}, which has layers 0..{num_layers - 1}",
             f"choose layers between 0 and {num_layers - 1}",
         )
+    model, tokenizer = load_model(model_dir, dtype=_stored_dtype(hf_config))
     targets = find_targets(model, config.layers, config.projections)
     for target in targets:
         if not torch.isfinite(model.get_submodule(target.name).weight).all():
-            raise MemkfacError(f"the weight of {target.name} in {model_dir} has NaN or Inf values")
+            raise MemkfacError(
+                f"the weight of {target.name} in {model_dir} has NaN or Inf values",
+                "the base model is damaged: re-create or re-download it",
+            )
         if config.method != "svd":
             _check_eigen(target, eig_modules.get(target.name), Path(eig_dir))
 
