@@ -9,10 +9,12 @@ greedy path is the one it would take alone (tests/test_generation.py checks this
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from memkfac.errors import MemkfacError
 
@@ -56,18 +58,15 @@ def _greedy_batch(model, prompts: Sequence[Sequence[int]], n_new: int, pad_id: i
         mask[row, width - len(p) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count 0, 1, 2, ... after the padding
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    # the model fills the cache in place; transformers renamed the argument past_key_values -> cache in 5.x
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kv = {name: DynamicCache(config=model.config), "use_cache": True}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1, **kv)
     tokens = [out.logits[:, -1].argmax(-1)]
     for _ in range(n_new - 1):
         mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
         positions = positions[:, -1:] + 1
-        out = model(
-            input_ids=tokens[-1][:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            cache=out.cache,
-            use_cache=True,
-        )
+        out = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=positions, **kv)
         tokens.append(out.logits[:, -1].argmax(-1))
     return torch.stack(tokens, dim=1).cpu()
 

@@ -28,7 +28,7 @@ def _random_prompts(n: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
     return prompts, counts
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("arch", ["llama", "olmo2", "qwen2", "mistral", "gemma"])
 def test_batched_equals_one_at_a_time_and_reference(arch):
     model, tok = build_tiny_model(arch=arch, seed=1)
     prompts, counts = _random_prompts(17)
