@@ -10,7 +10,7 @@ Controls, for comparison at the same keep setting:
   W_new = P_G W P_A (the paper code's ``apply_kfac`` ablation).
 - ``svd``: drop the smallest ``svd_drop`` fraction of W's singular directions (the paper's SVD baseline;
   rho is not used).
-- ``random``: the K-FAC mask at rho (same components count, same rows and columns used) applied in a
+- ``random``: the K-FAC mask at rho (same component count, same rows and columns used) applied in a
   seeded Haar-random orthonormal basis instead of the curvature eigenbasis.
 """
 

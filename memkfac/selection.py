@@ -95,7 +95,9 @@ class _Spectrum:
 
     def starts(self, tau: float) -> torch.Tensor:
         """(d_out,) long: per row, the first sorted position with lam_i * mu >= tau (tau a grid value > 0)."""
-        return torch.searchsorted(self.mu_sorted, tau / self.lam)  # tau / 0 = inf: nothing kept
+        # A 0-d tensor numerator: ``float / tensor`` multiplies by a rounded reciprocal (not exact).
+        quotient = torch.tensor(tau, dtype=torch.float64) / self.lam  # tau / 0 = inf: nothing kept
+        return torch.searchsorted(self.mu_sorted, quotient)
 
     def mass(self, starts: torch.Tensor) -> float:
         return float((self.lam * self.mu_suffix[starts]).sum())

@@ -76,6 +76,19 @@ def test_mass_is_monotone_and_overshoots_by_at_most_one_component():
         previous = sel
 
 
+def test_rho_just_below_one_keeps_every_positive_component():
+    # The cut is the smallest positive mass: exact comparisons are needed to keep it (and none of the zeros).
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        lam, mu = torch.rand(40, generator=g), torch.rand(30, generator=g)
+        lam[torch.rand(40, generator=g) < 0.5] = 0.0
+        if lam.sum() == 0:
+            continue
+        sel = select_components(lam, mu, 1 - 1e-12)
+        assert torch.equal(sel.mask, torch.outer(lam, mu) > 0)
+        assert torch.equal(sel.mask, brute_force_mask(lam, mu, 1 - 1e-12))
+
+
 def test_rho_one_keeps_everything():
     sel = select_components(torch.rand(5), torch.rand(7), 1.0)
     assert sel.mask.all() and sel.n_kept == 35 and sel.frac_kept == 1.0 and sel.mass_kept == 1.0
