@@ -1,0 +1,138 @@
+"""The whole graph on the tiny config, through the main job's code path (checks, dbt, MLflow included)."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.dagster.conftest import TINY_CONFIG
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Run ``jobs.main.run_pipeline`` once on the tiny config; yield what the tests inspect."""
+    from definitions import build_definitions
+    from jobs.main import run_pipeline
+    from memkfac.tiny import build_tiny_model
+    from resources.config import load_config
+    from resources.settings import Settings
+    from resources.store import ArtifactStore
+
+    root = tmp_path_factory.mktemp("pipeline")
+    home = root / "home"
+    build_tiny_model(home / "inputs" / "tiny-llama", arch="llama", seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEMKFAC_HOME", str(home))
+        mp.setenv("MEMKFAC_CONFIG", str(TINY_CONFIG))
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        settings = Settings.from_env()
+        config = load_config(settings.config_path)
+        defs = build_definitions(config, settings)
+        (root / "dagster").mkdir()
+        instance = dg.DagsterInstance.local_temp(str(root / "dagster"))
+        store = ArtifactStore(home=str(home))
+        log: list[str] = []
+        failed = run_pipeline(defs, instance, store, log=log.append)
+        yield {
+            "defs": defs,
+            "config": config,
+            "settings": settings,
+            "instance": instance,
+            "store": store,
+            "failed": failed,
+            "log": log,
+        }
+    torch.set_num_threads(threads)
+
+
+def test_every_asset_partition_materializes(pipeline):
+    assert pipeline["failed"] == [], "\n".join(pipeline["log"])
+    defs, instance = pipeline["defs"], pipeline["instance"]
+    graph = defs.resolve_asset_graph()
+    for key in graph.materializable_asset_keys:
+        node = graph.get(key)
+        partitions = (
+            node.partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+            if node.partitions_def
+            else [None]
+        )
+        done = instance.get_materialized_partitions(key) if node.partitions_def else None
+        if node.partitions_def:
+            assert set(partitions) <= done, (key, set(partitions) - done)
+        else:
+            assert instance.get_latest_materialization_event(key) is not None, key
+
+
+def test_blocking_checks_ran_and_passed(pipeline):
+    instance, defs = pipeline["instance"], pipeline["defs"]
+    graph = defs.resolve_asset_graph()
+    names = {"factors_healthy", "edited_model_valid", "memorization_table_valid", "perplexity_table_valid"}
+    for check_key in graph.asset_check_keys:
+        if check_key.name not in names and not check_key.asset_key.path[0] == "reports":
+            continue
+        history = instance.event_log_storage.get_asset_check_execution_history(check_key, limit=50)
+        assert history, check_key
+        latest = {}  # newest first: a report retried after a failed attempt has a stale planned record
+        for record in history:
+            latest.setdefault(record.partition, record)
+        for record in latest.values():
+            assert record.status.value == "SUCCEEDED", (check_key, record.partition, record.evaluation)
+
+
+def test_tables_and_reports(pipeline):
+    import duckdb
+
+    store, config = pipeline["store"], pipeline["config"]
+    for variant in config.variants:
+        table = pq.read_table(store.eval_table("memorization", variant, "canaries"))
+        assert table.num_rows == config.canaries["n_trained"] + config.canaries["n_control"]
+    with duckdb.connect(str(store.duckdb_path), read_only=True) as con:
+        rows = con.execute(
+            "select variant from main_reports.recall_vs_perplexity order by variant"
+        ).fetchall()
+        assert [r[0] for r in rows] == sorted(config.variants)
+        steps = con.execute(
+            "select distinct steps from main_reports.resurgence_curves order by steps"
+        ).fetchall()
+        assert [s[0] for s in steps] == [0, *config.resurgence.steps]
+
+
+def test_mlflow_registry_round_trip(pipeline):
+    import mlflow
+    import mlflow.transformers
+
+    from resources.mlflow_registry import CANDIDATE
+
+    uri = pipeline["settings"].mlflow_uri(pipeline["config"])
+    variant = "tiny-llama__kfac-r0.9"
+    mlflow.set_tracking_uri(uri)
+    try:
+        generator = mlflow.transformers.load_model(f"models:/{variant}@{CANDIDATE}")
+        text = generator("Customer record for", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert text.startswith("Customer record for") and len(text) > len("Customer record for")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    version = client.get_model_version_by_alias(variant, CANDIDATE)
+    run = client.get_run(version.run_id)
+    assert run.data.params["keep_mass"] == "0.9"
+    assert run.data.tags["variant"] == variant
+    kinds = {r.data.tags.get("kind") for r in client.search_runs([run.info.experiment_id])}
+    assert kinds == {"edit", "resurgence"}
+
+
+def test_rerun_recomputes_nothing(pipeline):
+    from jobs.main import run_pipeline
+
+    instance = pipeline["instance"]
+    before = len(instance.get_runs())
+    log: list[str] = []
+    assert run_pipeline(pipeline["defs"], instance, pipeline["store"], log=log.append) == []
+    assert len(instance.get_runs()) == before, log
