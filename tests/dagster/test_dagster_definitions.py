@@ -50,7 +50,7 @@ def test_every_asset_has_group_code_version_description_and_automation():
         node = graph.get(key)
         assert node.group_name and node.group_name != "default", key
         assert node.automation_condition is not None, key
-        if not key.path[0] == "reports":  # dbt code versions come from the SQL
+        if key.path[0] != "reports":  # dbt code versions come from the SQL
             assert node.code_version, key
             assert node.description, key
 

@@ -75,7 +75,7 @@ def test_blocking_checks_ran_and_passed(pipeline):
     graph = defs.resolve_asset_graph()
     names = {"factors_healthy", "edited_model_valid", "memorization_table_valid", "perplexity_table_valid"}
     for check_key in graph.asset_check_keys:
-        if check_key.name not in names and not check_key.asset_key.path[0] == "reports":
+        if check_key.name not in names and check_key.asset_key.path[0] != "reports":
             continue
         history = instance.event_log_storage.get_asset_check_execution_history(check_key, limit=50)
         assert history, check_key
