@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -108,7 +109,7 @@ def main() -> None:
         with frozen(model), KFACHooks(model, targets, sums) as hooks:
             accumulate_batch(model, hooks, batches[i].to(device), valid, i * opts.batch_size, args)
 
-    seconds = {"collect": 0.0, "train": 0.0}
+    seconds: dict[str, list[float]] = {"collect": [], "train": []}
     collect(0)  # warm-up, untimed
     training_step(model, batches[0].to(device))
     for i in range(1, opts.batches + 1):
@@ -120,8 +121,14 @@ def main() -> None:
             t0 = time.perf_counter()
             step(i)
             sync(device)
-            seconds[name] += time.perf_counter() - t0
-            print(f"  batch {i} {name}: {time.perf_counter() - t0:.2f} s", flush=True)
+            seconds[name].append(time.perf_counter() - t0)
+        print(
+            f"  batch {i}: collect {seconds['collect'][-1]:.2f} s, train {seconds['train'][-1]:.2f} s",
+            flush=True,
+        )
+    # the median of per-batch ratios resists load spikes that hit one side of one pair
+    pair_ratios = [t / c for c, t in zip(seconds["collect"], seconds["train"], strict=True)]
+    median_ratio = statistics.median(pair_ratios)
 
     # shard writing, as collect_factors does it once per shard: safetensors file plus its sha256
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,8 +138,8 @@ def main() -> None:
         shard_overhead = time.perf_counter() - t0
         shard_bytes = (Path(tmp) / "shard.safetensors").stat().st_size
     tokens = tokens_per_batch * opts.batches
-    collect_tps = tokens / seconds["collect"]
-    train_tps = tokens / seconds["train"]
+    collect_tps = tokens / sum(seconds["collect"])
+    train_tps = tokens / sum(seconds["train"])
     amortised_tps = args.shard_tokens / (args.shard_tokens / collect_tps + shard_overhead)
     result = {
         "model": "SmolLM2-135M config, random init",
@@ -148,6 +155,8 @@ def main() -> None:
         "collect_tokens_per_s": collect_tps,
         "train_tokens_per_s": train_tps,
         "ratio_collect_over_train": collect_tps / train_tps,
+        "median_per_batch_ratio": median_ratio,
+        "seconds_per_batch": seconds,
         "shard_bytes": shard_bytes,
         "shard_write_s": shard_overhead,
         "collect_tokens_per_s_incl_shard_writes": amortised_tps,
@@ -162,6 +171,7 @@ def main() -> None:
     print(f"\n{'method':<48} {'tokens/s':>10} {'vs train':>9}")
     for label, tps in rows:
         print(f"{label:<48} {tps:>10.1f} {tps / train_tps:>8.2f}x")
+    print(f"median of per-batch ratios (train s / collect s): {median_ratio:.2f}x")
     print(
         f"({opts.batches} batches of {opts.batch_size}x{opts.seq_len}, {opts.dtype} on {device}, "
         f"{torch.get_num_threads()} threads; {shard_bytes / 2**20:.0f} MiB shard in {shard_overhead:.2f} s)"
