@@ -37,7 +37,7 @@ from memkfac.errors import MemkfacError
 from memkfac.evaluate import EvalArguments, HeldOut, evaluate_model, reference_topk, write_tables
 from memkfac.fingerprint import model_fingerprint, sha256_file
 from memkfac.generation import probe_token_ids
-from memkfac.memorization import summarize
+from memkfac.memorization import memorization_rows, summarize
 from memkfac.models import load_model
 from memkfac.paths import atomic_file, memkfac_home, safe_name, write_json
 from memkfac.tables import make_table, new_run_id, write_table
@@ -114,13 +114,8 @@ class Comparison:
 
     def __init__(self, model_dir: Path, probes, corpus_dir: Path, args: CompareArguments, progress: bool):
         args.check()
-        self.model_dir, self.corpus_dir, self.args, self.progress = (
-            Path(model_dir),
-            Path(corpus_dir),
-            args,
-            progress,
-        )
-        self.probes = probes
+        self.model_dir, self.corpus_dir = Path(model_dir), Path(corpus_dir)
+        self.args, self.progress = args, progress
         self.sweep_probes = [p for p in probes if p.kind == "memorized" and p.split == "sweep"]
         holdout = [p for p in probes if p.kind == "memorized" and p.split == "holdout"]
         if not self.sweep_probes or not holdout:
@@ -215,16 +210,9 @@ class Comparison:
         model, tokenizer = load_model(edit_dir)
         point = {"ppl": perplexity(model, self.sweep_heldout.blocks, progress=False)["perplexity"]}
         if with_recall:
-            tables = evaluate_model(
-                model,
-                tokenizer,
-                self.sweep_probes,
-                variant="sweep",
-                probe_set="sweep",
-                args=EvalArguments(batch_size=self.args.batch_size, mia=False),
-                progress=False,
+            point |= _pooled(
+                memorization_rows(model, tokenizer, self.sweep_probes, self.args.batch_size, progress=False)
             )
-            point |= _pooled(tables["memorization"].to_pylist())
         if not was_cached:
             shutil.rmtree(edit_dir)  # measured; re-created (bit-identically) only if chosen
         write_json(path, point)
@@ -318,19 +306,13 @@ class Comparison:
         return out, asdict(bsn_args)
 
     # -- reported evaluation -------------------------------------------------------------------------
-    def downstream_args(self):
-        from memkfac.downstream import DownstreamArguments
+    def downstream_scores(self, model_dir: Path) -> dict:
+        """Per-task item scores of ``model_dir`` on the suite, cached by weights and suite."""
+        from memkfac.downstream import DownstreamArguments, load_item_scores, run_downstream, save_item_scores
 
         dargs = DownstreamArguments(n_items=self.args.downstream_items, seed=self.args.seed)
         if self.args.downstream_tasks:
             dargs.tasks = tuple(self.args.downstream_tasks)
-        return dargs
-
-    def downstream_scores(self, model_dir: Path) -> dict:
-        """Per-task item scores of ``model_dir`` on the suite, cached by weights and suite."""
-        from memkfac.downstream import load_item_scores, run_downstream, save_item_scores
-
-        dargs = self.downstream_args()
         key = _key(model_fingerprint(model_dir), asdict(dargs))
         path = self.cache / "compare" / "downstream" / f"{key}.json"
         if not path.is_file():
