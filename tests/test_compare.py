@@ -114,3 +114,17 @@ def test_compare_arguments_are_checked():
         CompareArguments(rhos=(1.0,)).check()
     with pytest.raises(MemkfacError, match="unknown control"):
         CompareArguments(controls=("lora",)).check()
+
+
+def test_compare_command_line_maps_to_arguments():
+    from memkfac.cli import build_parser
+    from memkfac.cli.eval import compare_arguments
+
+    argv = ["compare", "M", "--probes", "p.jsonl", "--corpus", "c", "--layers", "22-24", "26,27,28"]
+    argv += ["--rhos", "0.99,0.95", "--controls", "svd", "--no-bsn", "--tasks", "copying,arithmetic"]
+    got = compare_arguments(build_parser().parse_args(argv), num_layers=30)
+    assert got.layer_sets == ((22, 23, 24), (26, 27, 28))
+    assert got.rhos == (0.99, 0.95) and got.controls == ("svd",) and not got.bsn and got.downstream
+    assert got.downstream_tasks == ("copying", "arithmetic") and got.projections == ("gate", "up")
+    defaults = compare_arguments(build_parser().parse_args(argv[:6]), num_layers=30)
+    assert defaults == CompareArguments()

@@ -266,19 +266,11 @@ def register_compare(subparsers) -> None:
     p.set_defaults(func=run_compare)
 
 
-def run_compare(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig
-
-    from memkfac.compare import CompareArguments, run_comparison
-    from memkfac.models import resolve_model
-    from memkfac.paths import safe_name
-    from memkfac.probes import load_probe_set
+def compare_arguments(args: argparse.Namespace, num_layers: int):
+    """The ``CompareArguments`` the command line asks for (layer specs resolved for ``num_layers``)."""
+    from memkfac.compare import CompareArguments
     from memkfac.targets import parse_layers
 
-    progress = not args.quiet
-    probes = load_probe_set(args.probes)
-    model_dir = resolve_model(args.model, progress=progress)
-    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
     compare_args = CompareArguments(
         projections=args.proj,
         max_sweep_recall=args.max_sweep_recall,
@@ -297,11 +289,27 @@ def run_compare(args: argparse.Namespace) -> int:
         compare_args.layer_sets = tuple(tuple(parse_layers(s, num_layers)) for s in args.layers)
     if args.rhos:
         compare_args.rhos = args.rhos
+    compare_args.check()
+    return compare_args
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from memkfac.compare import run_comparison
+    from memkfac.models import resolve_model
+    from memkfac.paths import safe_name
+    from memkfac.probes import load_probe_set
+
+    progress = not args.quiet
+    probes = load_probe_set(args.probes)
+    model_dir = resolve_model(args.model, progress=progress)
+    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
     run_comparison(
         model_dir,
         probes,
         args.corpus,
-        compare_args,
+        compare_arguments(args, num_layers),
         probe_set=safe_name(args.probe_set or args.probes.stem, "probe set name"),
         report_path=args.report,
         progress=progress,
