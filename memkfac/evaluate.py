@@ -16,13 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memkfac.fingerprint import model_fingerprint
-from memkfac.memorization import (
-    LOOSE_THRESHOLD,
-    memorization_rows,
-    positional_stress_rows,
-    summarize,
-)
-from memkfac.mia import auc_rows, mia_rows
+from memkfac.memorization import LOOSE_THRESHOLD, memorization_table, positional_stress_rows, summary_table
+from memkfac.mia import mia_tables
 from memkfac.paths import atomic_file, memkfac_home
 from memkfac.tables import make_table, new_run_id, write_table
 from memkfac.utility import ndcg_from_lists, perplexity, topk_lists
@@ -99,18 +94,25 @@ def evaluate_model(
     args = args or EvalArguments()
     run_id = run_id or new_run_id()
     keys = dict(variant=variant, probe_set=probe_set, run_id=run_id)
-    rows = memorization_rows(model, tokenizer, probes, args.batch_size, args.loose_threshold, progress)
+    per_probe = memorization_table(
+        model,
+        tokenizer,
+        probes,
+        batch_size=args.batch_size,
+        loose_threshold=args.loose_threshold,
+        progress=progress,
+        **keys,
+    )
     tables = {
-        "memorization": make_table("memorization", rows, **keys),
-        "memorization_summary": make_table(
-            "memorization_summary", summarize(rows, args.loose_threshold), **keys
-        ),
+        "memorization": per_probe,
+        "memorization_summary": summary_table(per_probe, args.loose_threshold),
     }
     if args.mia:
-        scores = mia_rows(model, tokenizer, probes, args.ppl_batch_size, progress=progress)
-        tables["mia"] = make_table("mia", scores, **keys)
-        if {"memorized", "control"} <= {r["kind"] for r in scores}:
-            tables["mia_auc"] = make_table("mia_auc", auc_rows(scores), **keys)
+        tables["mia"], auc = mia_tables(
+            model, tokenizer, probes, batch_size=args.ppl_batch_size, progress=progress, **keys
+        )
+        if auc is not None:
+            tables["mia_auc"] = auc
     if args.stress:
         stress = positional_stress_rows(model, tokenizer, probes, args.stress_t, args.batch_size, progress)
         tables["positional_stress"] = make_table("positional_stress", stress, **keys)
