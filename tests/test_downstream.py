@@ -194,3 +194,15 @@ def test_downstream_command_writes_scores_then_retention(tiny_model_dir, memkfac
     # a base that was never scored is a clear error, before any model runs
     assert main(["downstream", str(tiny_model_dir), "--variant", "x", "--base", "nope", *common]) == 2
     assert "run `memkfac downstream` on the base model" in capsys.readouterr().err
+
+
+def test_command_output_flags_scores_at_chance():
+    from memkfac.cli.downstream import format_rows
+
+    row = dict(category="logic", n_items=200, retention=None, base_score=None)
+    text = format_rows(
+        [{**row, "task": "boolean_expressions", "score": 0.52}, {**row, "task": "copying", "score": 0.9}]
+    )
+    at_chance, above = text.splitlines()[2:4]
+    assert "0.520*" in at_chance and "0.900 " in above and "*" not in above
+    assert "retention is noise" in text

@@ -83,16 +83,35 @@ def register(subparsers) -> None:
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = f"{'task':28} {'category':12} {'score':>7} {'base':>7} {'retention':>10}  95% CI"
+    """The table as text; generated tasks show their chance level, and '*' marks a score within two
+    standard errors of chance (retention there measures noise, not kept ability)."""
+    from memkfac.tasks import GENERATORS
+
+    header = f"{'task':28} {'category':12} {'chance':>6} {'score':>7} {'base':>7} {'retention':>10}  95% CI"
     lines = [header, "-" * len(header)]
+    flagged = False
     for r in rows:
+        chance = 1 / GENERATORS[r["task"]][2] if r["task"] in GENERATORS else None
+        near = (
+            chance is not None
+            and abs(r["score"] - chance) < 2 * (chance * (1 - chance) / r["n_items"]) ** 0.5
+        )
+        flagged |= near
+        shown = "-" if chance is None else f"{chance:.3f}"
+        line = f"{r['task']:28} {r['category']:12} {shown:>6} {r['score']:7.3f}"
+        line += "*" if near else " "
         if r["retention"] is None:
-            lines.append(f"{r['task']:28} {r['category']:12} {r['score']:7.3f} {'-':>7} {'-':>10}")
+            line += f"{'-':>7} {'-':>10}"
         else:
-            lines.append(
-                f"{r['task']:28} {r['category']:12} {r['score']:7.3f} {r['base_score']:7.3f} "
-                f"{r['retention']:10.3f}  [{r['retention_ci_low']:.3f}, {r['retention_ci_high']:.3f}]"
+            line += (
+                f"{r['base_score']:7.3f} {r['retention']:10.3f}  "
+                f"[{r['retention_ci_low']:.3f}, {r['retention_ci_high']:.3f}]"
             )
+        lines.append(line)
+    if flagged:
+        lines.append(
+            "* within two standard errors of chance: this model cannot do the task, so its retention is noise"
+        )
     return "\n".join(lines)
 
 
