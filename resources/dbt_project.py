@@ -1,10 +1,10 @@
 """The dbt project of the reports, and its manifest.
 
-``@dbt_assets`` needs ``dbt_reports/target/manifest.json`` at import time. ``dagster dev`` prepares
-it (``prepare_if_dev``); everywhere else (pytest, CI, ``dagster definitions validate``, the main job)
-``ensure_manifest`` runs ``dbt parse`` (offline) when the manifest is missing or older than a project
-file. This module defines only the project, so ``dagster-dbt project prepare-and-package --file
-resources/dbt_project.py`` works too.
+``@dbt_assets`` needs ``dbt_reports/target/manifest.json`` at import time. ``ensure_manifest`` runs
+``dbt parse`` (offline, about 10 s) when the manifest is missing or older than a project file, under
+``dagster dev``, pytest, CI, ``dagster definitions validate`` and the main job alike. (Not
+``DbtProject.prepare_if_dev``: it only acts under ``dagster dev`` and looks for ``dbt`` on PATH, which
+a virtualenv that is not activated lacks.)
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dagster_dbt import DbtCliResource, DbtProject
 from resources.settings import DBT_EXECUTABLE, DBT_PROJECT_DIR
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
-dbt_project.prepare_if_dev()
 
 
 def ensure_manifest(project: DbtProject = dbt_project) -> Path:
