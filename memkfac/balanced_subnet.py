@@ -17,9 +17,9 @@ a 500-sequence forget set):
 - ratio 0.01 per matrix instead of 0.0015: a SmolLM2-135M MLP matrix (576 x 1536) has 51x fewer entries
   than an OLMo-2-7B one (4096 x 11008), so 0.0015 would prune ~1.3k weights per matrix; 1% (~8.8k) is
   inside the paper's search range [0.001, 0.05] and nearer the absolute count it pruned.
-- 20 epochs instead of 5: the default forget set (the sweep split of 64 canaries) has 32 sequences,
-  ~16x fewer than the paper's 500, so 20 epochs at 4 forget sequences per step give 160 steps, the
-  same order as 5 epochs over 500 sequences.
+- 20 epochs instead of 5: 5 epochs over the paper's 500 sequences are a few hundred steps; the default
+  canary forget set (the sweep split) has 32-64 sequences, so 20 epochs at 4 forget sequences per step
+  give 160-320 steps, the same order.
 These were chosen by that arithmetic, not tuned; sweep ratio and alpha and compare at matched perplexity.
 """
 
