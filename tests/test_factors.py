@@ -339,3 +339,46 @@ def test_cli_collects_factors_and_eigenbasis_end_to_end(tiny_model_dir, memkfac_
     assert (tmp_path / "eig" / "eigenbasis.safetensors").read_bytes() == (
         out / "eigenbasis" / "eigenbasis.safetensors"
     ).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_cli_under_torchrun_equals_one_process(tiny_model_dir, memkfac_home, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from memkfac.cli import main
+
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text(
+        "\n\n".join(f"Record {i}: alice@example.com paid {i * 13} on day {i}." for i in range(150))
+    )
+    argv = ["factors", str(tiny_model_dir), "--corpus", str(corpus), "--layers", "3", "--tokens", "200"]
+    argv += ["--block-len", "16", "--batch-size", "2", "--shard-tokens", "60", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    memkfac_cmd = str(Path(sys.executable).parent / "memkfac")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--no-python",
+        ]
+        + [memkfac_cmd, *argv, "--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "index.json").read_text())
+    two = json.loads((tmp_path / "two" / "index.json").read_text())
+    assert two["complete"] and len(two["shards"]) > 1 and two["shards"] == one["shards"]
+    assert (tmp_path / "two" / "eigenbasis" / "eigenbasis.safetensors").read_bytes() == (
+        tmp_path / "one" / "eigenbasis" / "eigenbasis.safetensors"
+    ).read_bytes()
