@@ -6,11 +6,11 @@ the data: sources -> models -> probes -> kfac -> edits -> evaluation -> analysis
 
 from __future__ import annotations
 
-from assets import edits, evaluation, kfac, models, probes, resurgence, sources
+from assets import analysis, edits, evaluation, kfac, models, probes, resurgence, sources
 from assets.partitions import Partitions
 from resources.config import PipelineConfig
 
-MODULES = (sources, models, probes, kfac, edits, evaluation, resurgence)
+MODULES = (sources, models, probes, kfac, edits, evaluation, analysis, resurgence)
 
 
 def build_assets(config: PipelineConfig, parts: Partitions) -> list:

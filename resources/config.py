@@ -72,7 +72,9 @@ class PipelineConfig:
     factors: dict[str, Any]  # memkfac.factors.FactorArguments fields
     edits: dict[str, EditSpec]
     probe_sets: tuple[str, ...]  # probe sets known up front (more are discovered in the probe directory)
-    evaluation: dict[str, Any]
+    evaluation: dict[str, Any]  # batch_size, heldout_blocks, max_perplexity_increase (champion budget)
+    downstream: dict[str, Any]  # memkfac.downstream.DownstreamArguments; empty = no downstream assets
+    bands: dict[str, Any]  # memkfac.bands.run_band_analysis keyword arguments (tasks, max_tokens, ...)
     resurgence: ResurgenceConfig
     mlflow: dict[str, Any]
 
@@ -133,7 +135,7 @@ def parse_config(raw: Any, path: str = "<dict>") -> PipelineConfig:
         top,
         "",
         {"models", "corpus", "canaries", "injection", "factors", "edits", "probe_sets", "evaluation"}
-        | {"resurgence", "mlflow"},
+        | {"downstream", "bands", "resurgence", "mlflow"},
     )
     models = {}
     for name, m in _mapping(top.get("models"), "models", required=True).items():
@@ -230,6 +232,8 @@ def parse_config(raw: Any, path: str = "<dict>") -> PipelineConfig:
         edits=edits,
         probe_sets=probe_sets,
         evaluation=_mapping(top.get("evaluation"), "evaluation"),
+        downstream=_mapping(top.get("downstream"), "downstream"),
+        bands=_mapping(top.get("bands"), "bands"),
         resurgence=resurgence,
         mlflow=mlflow,
     )

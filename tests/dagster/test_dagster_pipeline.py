@@ -98,6 +98,8 @@ def test_tables_and_reports(pipeline):
             "select variant from main_reports.recall_vs_perplexity order by variant"
         ).fetchall()
         assert [r[0] for r in rows] == sorted(config.variants)
+        retention = con.execute("select distinct variant from main_reports.downstream_retention").fetchall()
+        assert sorted(r[0] for r in retention) == sorted(v for v in config.variants if "__base" not in v)
         steps = con.execute(
             "select distinct steps from main_reports.resurgence_curves order by steps"
         ).fetchall()
@@ -126,6 +128,20 @@ def test_mlflow_registry_round_trip(pipeline):
     assert run.data.tags["variant"] == variant
     kinds = {r.data.tags.get("kind") for r in client.search_runs([run.info.experiment_id])}
     assert kinds == {"edit", "resurgence"}
+    champions = [
+        v for v in pipeline["config"].variants if "__base" not in v and _has_alias(client, v, "champion")
+    ]
+    assert len(champions) == 1  # one per model
+
+
+def _has_alias(client, name: str, alias: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return False
+    return True
 
 
 def test_rerun_recomputes_nothing(pipeline):
