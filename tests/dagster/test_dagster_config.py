@@ -71,3 +71,54 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(bad)
     with pytest.raises(MemkfacError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", [default_config_path(), TINY_CONFIG])
+def test_config_sections_fit_the_engine_arguments(path, monkeypatch, tmp_path):
+    """Every engine section of the shipped configs builds its memkfac arguments object (no typos)."""
+
+    from memkfac.balanced_subnet import BSNArguments
+    from memkfac.canaries import CanaryConfig
+    from memkfac.editing import EditConfig
+    from memkfac.factors import FactorArguments
+    from memkfac.finetune import FinetuneConfig
+    from memkfac.inject import InjectRecipe
+    from memkfac.resurgence import ResurgenceArguments
+    from memkfac.targets import parse_layers
+    from memkfac.tiny import tiny_config
+
+    monkeypatch.setenv("MEMKFAC_HOME", str(tmp_path))
+    config = load_config(path)
+    n_layers = 30 if path == default_config_path() else tiny_config().num_hidden_layers
+    CanaryConfig(**config.canaries)
+    injection = dict(config.injection)
+    finetune = FinetuneConfig(**injection.pop("finetune", {}))
+    InjectRecipe(**injection, finetune=finetune)
+    factors = dict(config.factors)
+    FactorArguments(layers=parse_layers(str(factors.pop("layers")), n_layers), **factors)
+    for spec in config.edits.values():
+        layers = parse_layers(spec.layers, n_layers)
+        if spec.method == "balanced_subnet":
+            BSNArguments(layers=layers, projections=spec.projections, seed=spec.seed, **spec.options).check()
+        else:
+            EditConfig(
+                layers=layers,
+                projections=spec.projections,
+                keep_mass=spec.keep_mass,
+                method=spec.method,
+                svd_drop=spec.svd_drop,
+                seed=spec.seed,
+                **spec.options,
+            )
+    r = config.resurgence
+    ResurgenceArguments(
+        steps=r.steps,
+        recipes=r.recipes,
+        lr=r.lr,
+        batch_size=r.batch_size,
+        train_layers=r.train_layers,
+        seed=r.seed,
+    )
+    from assets.analysis import _downstream_args
+
+    _downstream_args(config)
