@@ -26,8 +26,16 @@ CURSOR_FILE = "memkfac_automation_cursor.json"  # under DAGSTER_HOME: what autom
 
 
 def dagster_home(memkfac_home: Path) -> Path:
+    """``$DAGSTER_HOME`` (default ``$MEMKFAC_HOME/dagster``), with dagster.yaml.example's settings
+    (one slot per pool: dbt stays the only DuckDB writer) unless a dagster.yaml is already there."""
+    import shutil
+
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(memkfac_home / "dagster"))).resolve()
     home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        shutil.copyfile(
+            Path(__file__).resolve().parent.parent / "dagster.yaml.example", home / "dagster.yaml"
+        )
     return home
 
 

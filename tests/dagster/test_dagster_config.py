@@ -122,3 +122,18 @@ def test_config_sections_fit_the_engine_arguments(path, monkeypatch, tmp_path):
     from assets.analysis import _downstream_args
 
     _downstream_args(config)
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc", "a/b", "..", ""])
+def test_store_paths_stay_inside_the_data_root(bad, tmp_path):
+    from resources.store import ArtifactStore
+
+    store = ArtifactStore(home=str(tmp_path))
+    for path_of in (
+        store.edit_dir,
+        store.factor_dir,
+        store.probe_file,
+        lambda n: store.eval_table("memorization", n),
+    ):
+        with pytest.raises(MemkfacError, match="invalid"):
+            path_of(bad)
