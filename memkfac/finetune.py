@@ -46,25 +46,39 @@ class FinetuneStats:
     losses: list[float] = field(default_factory=list)  # mean token loss per step
 
 
-def collate(sequences: Sequence[Sequence[int]], pad_id: int) -> Batch:
-    """Right-pad token sequences into a batch; padding is masked out of attention and loss."""
+def collate(
+    sequences: Sequence[Sequence[int]], pad_id: int, loss_starts: Sequence[int] | None = None
+) -> Batch:
+    """Right-pad token sequences into a batch; padding is masked out of attention and loss.
+
+    ``loss_starts[i]`` (optional): the first position of sequence ``i`` that is a training target; the
+    tokens before it (e.g. a canary's cue) only condition the prediction.
+    """
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, s in enumerate(sequences):
         ids[row, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
         mask[row, : len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    labels = ids.masked_fill(mask == 0, -100)
+    for row, start in enumerate(loss_starts or []):
+        labels[row, :start] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def mixed_batches(
-    pools: Sequence[tuple[Sequence[Sequence[int]], int]], pad_id: int, seed: int = 0
+    pools: Sequence[tuple[Sequence[Sequence[int]], int]],
+    pad_id: int,
+    seed: int = 0,
+    loss_starts: Sequence[int] | None = None,
 ) -> EpochPlan:
     """An epoch plan drawing ``per_batch`` sequences from each ``(pool, per_batch)`` into every batch.
 
     The first pool sets the epoch: every one of its sequences is seen once per epoch (one batch may
     be smaller); its batches group sequences of similar length. The other pools are cycled through
     in a shuffled order. Shuffles depend only on ``seed`` and the epoch, so a run is reproducible.
+    ``loss_starts`` (optional, one per sequence of the first pool): see ``collate``; the other pools'
+    sequences are trained on every token.
     """
     if not pools or not pools[0][0] or any(n < 1 for _, n in pools):
         raise MemkfacError("mixed_batches needs a non-empty first pool and per_batch >= 1", "check the data")
@@ -97,9 +111,10 @@ def mixed_batches(
         batches = []
         for g in torch.randperm(len(groups), generator=gen).tolist():
             seqs = [first[i] for i in groups[g]]
+            starts = [loss_starts[i] for i in groups[g]] if loss_starts is not None else [0] * len(seqs)
             for k in range(1, len(pools)):
                 seqs += take(k, pools[k][1], gen)
-            batches.append(collate(seqs, pad_id))
+            batches.append(collate(seqs, pad_id, starts + [0] * (len(seqs) - len(starts))))
         return batches
 
     return plan

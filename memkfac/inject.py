@@ -36,7 +36,7 @@ from memkfac.utility import perplexity
 def _default_finetune() -> FinetuneConfig:
     # Layers 14-29 of 30 stay trainable (edits target late layers); the lower half and the tied
     # embeddings are frozen, so backward stops at layer 14. Measured on SmolLM2-135M: see README.
-    return FinetuneConfig(epochs=12, lr=5e-4, warmup_steps=12, train_layers="14-29", train_embeddings=False)
+    return FinetuneConfig(epochs=12, lr=7e-4, warmup_steps=12, train_layers="14-29", train_embeddings=False)
 
 
 @dataclass
@@ -44,6 +44,7 @@ class InjectRecipe:
     canaries_per_batch: int = 8
     general_per_batch: int = 4
     general_len: int = 32  # tokens per general-text chunk
+    train_on_cue: bool = False  # False: a canary's loss covers its secret only; the cue just conditions it
     finetune: FinetuneConfig = field(default_factory=_default_finetune)
     eval_batch_size: int = 32
     heldout_blocks: int = 64  # held-out blocks for perplexity
@@ -97,12 +98,15 @@ def inject_canaries(
     heldout = heldout_blocks[: recipe.heldout_blocks]
     base_ppl = perplexity(model, heldout, progress=progress)
 
-    canary_seqs = [sum(probe_token_ids(p, tokenizer), []) + [tokenizer.eos_token_id] for p in trained]
+    canary_ids = [probe_token_ids(p, tokenizer) for p in trained]
+    canary_seqs = [prefix + suffix + [tokenizer.eos_token_id] for prefix, suffix in canary_ids]
+    loss_starts = [0 if recipe.train_on_cue else len(prefix) for prefix, _ in canary_ids]
     chunks = general_blocks[:, : n_chunk * recipe.general_len].reshape(-1, recipe.general_len).tolist()
     plan = mixed_batches(
         [(canary_seqs, recipe.canaries_per_batch), (chunks, recipe.general_per_batch)],
         pad_id=tokenizer.pad_token_id,
         seed=recipe.finetune.seed,
+        loss_starts=loss_starts,
     )
     stats = finetune(model, plan, recipe.finetune, progress=progress)
 

@@ -29,6 +29,8 @@ def test_collate_masks_padding():
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
+    cue = collate([[5, 6, 7], [8]], pad_id=0, loss_starts=[2, 0])
+    assert cue["labels"].tolist() == [[-100, -100, 7], [8, -100, -100]]
 
 
 def test_mixed_batches_cover_the_first_pool_each_epoch_and_are_seeded():

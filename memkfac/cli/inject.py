@@ -67,6 +67,9 @@ def register(subparsers) -> None:
     )
     t.add_argument("--train-embeddings", action="store_true", help="also train the (tied) embeddings")
     t.add_argument(
+        "--train-on-cue", action="store_true", help="also train on the cue tokens, not just the secret"
+    )
+    t.add_argument(
         "--heldout-blocks",
         type=int,
         default=r.heldout_blocks,
@@ -106,6 +109,7 @@ def _run(args: argparse.Namespace) -> int:
         general_per_batch=args.general_per_batch,
         general_len=args.general_len,
         heldout_blocks=args.heldout_blocks,
+        train_on_cue=args.train_on_cue,
         finetune=FinetuneConfig(
             epochs=args.epochs,
             lr=args.lr,
