@@ -98,9 +98,9 @@ class Retention:
     confidence: float
 
 
-def default_task_dir(n_items: int, seed: int) -> Path:
-    """Where a generated suite lives by default: ``MEMKFAC_HOME/tasks/seed=<s>-n=<n>``."""
-    return memkfac_home() / "tasks" / f"seed={seed}-n={n_items}"
+def default_task_dir(n_items: int, seed: int, root: Path | None = None) -> Path:
+    """Where a generated suite lives by default: ``<root or MEMKFAC_HOME>/tasks/seed=<s>-n=<n>``."""
+    return (memkfac_home() if root is None else Path(root)) / "tasks" / f"seed={seed}-n={n_items}"
 
 
 def write_task_suite(out_dir: Path, n_items: int = MIN_ITEMS, seed: int = 0) -> Path:
@@ -365,6 +365,7 @@ def evaluate_downstream(
             f"base variant {base_variant!r} has no {suite} scores for task(s) {missing}",
             "run `memkfac downstream` on the base model with these tasks first",
         )
+    task_dir = task_dir if task_dir is not None else default_task_dir(args.n_items, args.seed, root)
     results = run_downstream(model_dir, args, task_dir=task_dir, progress=progress)
     save_item_scores(results, item_scores_path(variant, suite, root), Path(model_dir))
     kept = {r.task: r for r in retention(base, results, n_boot, args.seed)} if base else {}
