@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memkfac",
         description="Remove memorized text from causal LMs by K-FAC curvature editing.",
-        epilog="Run `memkfac COMMAND --help` for each command. Data lives under $MEMKFAC_HOME (default .memkfac).",
+        epilog="Run `memkfac COMMAND --help` for each command. "
+        "Data lives under $MEMKFAC_HOME (default .memkfac).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
