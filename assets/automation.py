@@ -4,7 +4,8 @@
   same content), when this asset's ``code_version`` was bumped, or on the first evaluation if it is
   missing and its inputs exist (plain ``eager()`` never builds assets that are already missing).
 - ``REPORT``: for the dbt reports over partitioned evaluations: fire on updates even while some
-  evaluation cells are still missing (and bootstrap like ``BUILD``).
+  evaluation cells are still missing (and bootstrap like ``BUILD``), but not before the other
+  reports a report reads exist.
 - ``weekly(cron)``: ``BUILD`` or once per cron tick (the resurgence test).
 """
 
@@ -19,9 +20,12 @@ BOOTSTRAP = (AC.initial_evaluation() & AC.missing() & ~AC.any_deps_missing() & ~
 )
 DATA_EAGER = AC.eager().replace("newly_updated", AC.data_version_changed())
 BUILD = (DATA_EAGER | AC.code_version_changed() | BOOTSTRAP).with_label("memkfac_build")
-REPORT = (AC.eager().without(~AC.any_deps_missing()) | AC.code_version_changed() | BOOTSTRAP).with_label(
-    "memkfac_report"
-)
+# a report waits for the reports it reads (not for every evaluation cell)
+_REPORT_INPUTS_MISSING = AC.any_deps_match(AC.missing()).allow(dg.AssetSelection.groups("reports"))
+REPORT = (
+    (AC.eager().without(~AC.any_deps_missing()) | AC.code_version_changed() | BOOTSTRAP)
+    & ~_REPORT_INPUTS_MISSING
+).with_label("memkfac_report")
 
 
 def weekly(cron: str) -> dg.AutomationCondition:
