@@ -4,8 +4,9 @@
   same content), when this asset's ``code_version`` was bumped, or on the first evaluation if it is
   missing and its inputs exist (plain ``eager()`` never builds assets that are already missing).
 - ``REPORT``: for the dbt reports over partitioned evaluations: fire on updates even while some
-  evaluation cells are still missing (and bootstrap like ``BUILD``), but not before the other
-  reports a report reads exist.
+  evaluation cells are still missing, but not before the other reports a report reads exist. No
+  bootstrap clause: with no probe set registered yet an evaluation has zero partitions, none
+  "missing", and a bootstrap would run a report over no files.
 - ``weekly(cron)``: ``BUILD`` or once per cron tick (the resurgence test).
 """
 
@@ -23,8 +24,7 @@ BUILD = (DATA_EAGER | AC.code_version_changed() | BOOTSTRAP).with_label("memkfac
 # a report waits for the reports it reads (not for every evaluation cell)
 _REPORT_INPUTS_MISSING = AC.any_deps_match(AC.missing()).allow(dg.AssetSelection.groups("reports"))
 REPORT = (
-    (AC.eager().without(~AC.any_deps_missing()) | AC.code_version_changed() | BOOTSTRAP)
-    & ~_REPORT_INPUTS_MISSING
+    (AC.eager().without(~AC.any_deps_missing()) | AC.code_version_changed()) & ~_REPORT_INPUTS_MISSING
 ).with_label("memkfac_report")
 
 
