@@ -1,0 +1,41 @@
+"""memkfac.resurgence (the protocol the resurgence asset runs) on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memkfac.canaries import CanaryConfig, generate_canaries
+from memkfac.errors import MemkfacError
+from memkfac.resurgence import ResurgenceArguments, n_step_plan, resurgence_rows, split_canaries
+
+
+def test_n_step_plan_has_exactly_n_batches():
+    pool = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11]]
+    plan = n_step_plan(pool, 7, batch_size=2, pad_id=0, seed=0)
+    batches = plan(0)
+    assert len(batches) == 7
+    assert all(b["input_ids"].shape[0] <= 2 for b in batches)
+
+
+def test_split_canaries_relearns_sweep_and_measures_the_rest():
+    trained, control = generate_canaries(CanaryConfig(n_trained=8, n_control=4))
+    relearn, measured = split_canaries(trained + control)
+    assert {p.split for p in relearn} == {"sweep"} and len(relearn) == 4
+    assert {(p.kind, p.split) for p in measured if p.kind == "memorized"} == {("memorized", "holdout")}
+    assert sum(p.kind == "control" for p in measured) == 4
+    with pytest.raises(MemkfacError, match="sweep and the holdout"):
+        split_canaries(control)
+
+
+def test_resurgence_rows_cover_every_recipe_step_and_kind(tiny_model_dir):
+    trained, control = generate_canaries(CanaryConfig(n_trained=4, n_control=2))
+    blocks = torch.randint(0, 300, (8, 16))
+    args = ResurgenceArguments(steps=(1, 2), batch_size=2, eval_batch_size=8)
+    rows = resurgence_rows(tiny_model_dir, tiny_model_dir, trained + control, blocks, args, progress=False)
+    keys = {(r["recipe"], r["steps"], r["kind"]) for r in rows}
+    assert keys == {(rc, n, k) for rc in args.recipes for n in (0, 1, 2) for k in ("memorized", "control")}
+    for r in rows:
+        assert 0 <= r["strict_pct"] <= 100
+        # an unedited random model recites nothing: R(N) is undefined, not a division by zero
+        assert r["strict_pct_before_edit"] == 0 and r["resurgence"] is None
