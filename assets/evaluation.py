@@ -11,7 +11,8 @@ from assets.edits import variant_model_dir
 from assets.metadata import table_metadata
 from assets.partitions import Partitions
 from assets.probes import PROBES_FILE
-from resources.config import PipelineConfig, split_variant
+from resources.config import BASE_EDIT, PipelineConfig, split_variant, variant_key
+from resources.mlflow_registry import MlflowRegistry
 from resources.store import ArtifactStore
 
 GROUP = "evaluation"
@@ -81,7 +82,9 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         description="Greedy continuation of |suffix| tokens from every probe's prefix: strict, loose and "
         "Levenshtein recall per probe (table memorization) and per kind/split (memorization_summary).",
     )
-    def memorization_eval(context: dg.AssetExecutionContext, store: ArtifactStore) -> dg.MaterializeResult:
+    def memorization_eval(
+        context: dg.AssetExecutionContext, store: ArtifactStore, mlflow: MlflowRegistry
+    ) -> dg.MaterializeResult:
         from memkfac.memorization import memorization_table, summary_table
         from memkfac.models import load_model
         from memkfac.probes import load_probe_set
@@ -98,10 +101,19 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         write_table("memorization_summary", summary, store.root)
         rows = summary.to_pylist()
         figures = {f"strict_pct/{r['kind']}/{r['split']}": r["strict_pct"] for r in rows}
+        figures |= {f"loose_pct/{r['kind']}/{r['split']}": r["loose_pct"] for r in rows}
+        run_id = mlflow.log_run(
+            f"memorization {variant} on {probe_set}",
+            params={"variant": variant, "probe_set": probe_set, "probes": len(probes)},
+            metrics=figures,
+            tags={"dagster_run_id": context.run.run_id, "variant": variant, "kind": "evaluation"},
+            artifacts={"tables": path},
+        )
         return dg.MaterializeResult(
             metadata={
                 **table_metadata(table, path),
                 **figures,
+                "mlflow_run_id": run_id,
                 "summary": dg.MetadataValue.md(
                     _markdown(rows, ["kind", "split", "n_probes", "strict_pct", "loose_pct", "avg_lev"])
                 ),
@@ -127,7 +139,9 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         description="Held-out perplexity (table perplexity) and nDCG@10 of next-token top-10 lists against "
         "the unedited subject model (table ndcg).",
     )
-    def utility_eval(context: dg.AssetExecutionContext, store: ArtifactStore) -> dg.MaterializeResult:
+    def utility_eval(
+        context: dg.AssetExecutionContext, store: ArtifactStore, mlflow: MlflowRegistry
+    ) -> dg.MaterializeResult:
         from memkfac.corpora import corpus_fingerprint, load_split
         from memkfac.models import load_model
         from memkfac.tables import make_table, new_run_id, write_table
@@ -143,16 +157,24 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         ppl = perplexity(model, blocks, progress=False) | {"data_fingerprint": fingerprint}
         ppl_table = make_table("perplexity", [ppl], variant=variant, probe_set=HELDOUT, run_id=run_id)
         path = write_table("perplexity", ppl_table, store.root)
-        reference_variant = f"{model_name}__base"
+        reference_variant = variant_key(model_name, BASE_EDIT)
         reference, _ = load_model(variant_model_dir(config, store, reference_variant))
         scores = ndcg(model, blocks, topk_lists(reference, blocks, progress=False), progress=False)
         row = {"reference": reference_variant, **scores, "data_fingerprint": fingerprint}
         write_table(
             "ndcg", make_table("ndcg", [row], variant=variant, probe_set=HELDOUT, run_id=run_id), store.root
         )
+        mlflow_run = mlflow.log_run(
+            f"utility {variant}",
+            params={"variant": variant, "heldout_blocks": len(blocks), "reference": reference_variant},
+            metrics={"perplexity": ppl["perplexity"], "mean_nll": ppl["mean_nll"], "ndcg": scores["ndcg"]},
+            tags={"dagster_run_id": context.run.run_id, "variant": variant, "kind": "evaluation"},
+            artifacts={"tables": path},
+        )
         return dg.MaterializeResult(
             metadata={
                 **table_metadata(ppl_table, path),
+                "mlflow_run_id": mlflow_run,
                 "perplexity": ppl["perplexity"],
                 "mean_nll": ppl["mean_nll"],
                 "ndcg": scores["ndcg"],

@@ -127,7 +127,7 @@ def test_mlflow_registry_round_trip(pipeline):
     assert run.data.params["keep_mass"] == "0.9"
     assert run.data.tags["variant"] == variant
     kinds = {r.data.tags.get("kind") for r in client.search_runs([run.info.experiment_id])}
-    assert kinds == {"edit", "resurgence"}
+    assert kinds == {"edit", "evaluation", "resurgence"}
     champions = [
         v for v in pipeline["config"].variants if "__base" not in v and _has_alias(client, v, "champion")
     ]
