@@ -1,4 +1,4 @@
-"""A small full fine-tuning loop: AdamW, linear warm-up then a constant rate, fp32, seeded.
+"""A small full fine-tuning loop: AdamW, linear warm-up then a constant or linearly decaying rate, fp32.
 
 Canary injection and resurgence fine-tunes share it. Data comes as an epoch plan: a function from
 the epoch number to that epoch's batches, so callers decide the mix (``mixed_batches`` draws each
@@ -30,6 +30,7 @@ class FinetuneConfig:
     epochs: int = 20
     lr: float = 3e-4
     warmup_steps: int = 20
+    decay: str = "constant"  # after warm-up: "constant" or "linear" (to 0 at the last step)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -143,9 +144,18 @@ def finetune(model, plan: EpochPlan, config: FinetuneConfig, progress: bool = Tr
     n_trainable = set_trainable(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
-    )
+    if config.decay not in ("constant", "linear"):
+        raise MemkfacError(f"unknown decay {config.decay!r}", "use 'constant' or 'linear'")
+    first_epoch = plan(0)
+    total = max(1, len(first_epoch) * config.epochs)  # mixed_batches epochs all have the same length
+
+    def rate(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
+        if config.decay == "linear" and step >= config.warmup_steps:
+            return max(0.0, (total - step) / max(1, total - config.warmup_steps))
+        return warm
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     device = next(model.parameters()).device
     stats = FinetuneStats(steps=0, tokens=0, seconds=0.0, trainable_params=n_trainable)
     start = time.perf_counter()
@@ -153,7 +163,7 @@ def finetune(model, plan: EpochPlan, config: FinetuneConfig, progress: bool = Tr
     try:
         with tqdm(total=config.epochs, desc="fine-tuning", unit="epoch", disable=not progress) as bar:
             for epoch in range(config.epochs):
-                for batch in plan(epoch):
+                for batch in first_epoch if epoch == 0 else plan(epoch):
                     batch = {k: v.to(device) for k, v in batch.items()}
                     loss = model(**batch).loss
                     if not math.isfinite(loss.item()):

@@ -36,7 +36,9 @@ from memkfac.utility import perplexity
 def _default_finetune() -> FinetuneConfig:
     # Layers 14-29 of 30 stay trainable (edits target late layers); the lower half and the tied
     # embeddings are frozen, so backward stops at layer 14. Measured on SmolLM2-135M: see README.
-    return FinetuneConfig(epochs=12, lr=7e-4, warmup_steps=12, train_layers="14-29", train_embeddings=False)
+    return FinetuneConfig(
+        epochs=14, lr=6e-4, warmup_steps=12, decay="linear", train_layers="14-29", train_embeddings=False
+    )
 
 
 @dataclass

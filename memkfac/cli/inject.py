@@ -61,6 +61,12 @@ def register(subparsers) -> None:
     t.add_argument("--lr", type=float, default=f.lr, help="AdamW peak learning rate (default: %(default)s)")
     t.add_argument("--warmup-steps", type=int, default=f.warmup_steps, help="(default: %(default)s)")
     t.add_argument(
+        "--decay",
+        choices=("constant", "linear"),
+        default=f.decay,
+        help="rate after warm-up (default: %(default)s)",
+    )
+    t.add_argument(
         "--train-layers",
         default=f.train_layers,
         help="decoder layers trained: 'all', '14-29', ... (default: %(default)s)",
@@ -114,6 +120,7 @@ def _run(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             lr=args.lr,
             warmup_steps=args.warmup_steps,
+            decay=args.decay,
             seed=args.seed,
             train_layers=args.train_layers,
             train_embeddings=args.train_embeddings,
