@@ -45,6 +45,7 @@ class FinetuneStats:
     seconds: float
     trainable_params: int
     losses: list[float] = field(default_factory=list)  # mean token loss per step
+    lrs: list[float] = field(default_factory=list)  # learning rate of each step
 
 
 def collate(
@@ -174,6 +175,7 @@ def finetune(model, plan: EpochPlan, config: FinetuneConfig, progress: bool = Tr
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    stats.lrs.append(optimizer.param_groups[0]["lr"])
                     optimizer.step()
                     schedule.step()
                     stats.steps += 1

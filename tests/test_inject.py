@@ -67,6 +67,23 @@ def test_finetune_lowers_the_loss_and_trains_only_chosen_layers():
         set_trainable(model, FinetuneConfig(train_layers="7"))
 
 
+def test_warmup_then_constant_or_linear_decay():
+    model, _ = build_tiny_model(None, seed=0)
+    batch = collate([[1, 2, 3, 4]], pad_id=0)
+
+    def plan(epoch):
+        return [batch, batch]
+
+    lin = finetune(
+        model, plan, FinetuneConfig(epochs=3, lr=1e-3, warmup_steps=2, decay="linear"), progress=False
+    )
+    assert lin.lrs == pytest.approx([5e-4, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    const = finetune(model, plan, FinetuneConfig(epochs=2, lr=1e-3, warmup_steps=2), progress=False)
+    assert const.lrs == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+    with pytest.raises(MemkfacError, match="unknown decay"):
+        finetune(model, plan, FinetuneConfig(decay="cosine"), progress=False)
+
+
 def test_inject_recites_trained_not_control_and_writes_a_manifest(tmp_path):
     base = tmp_path / "base"
     build_tiny_model(base, hidden_size=64, intermediate_size=128, seed=0)
