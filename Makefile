@@ -40,8 +40,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Each benchmark prints a table and writes bench/results/<name>.json; see README "Benchmarks".
+BENCHES := bench_factors bench_selection bench_edit_model bench_generation bench_downstream
 bench: $(STAMP)
-	$(BIN)/python -m bench.run_all
+	for b in $(BENCHES); do $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache dbt_reports/target

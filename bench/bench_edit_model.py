@@ -22,27 +22,16 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from memkfac.editing import EditConfig, edit_model
 from memkfac.eigen import EIGEN_FILE, compute_eigenbasis
 from memkfac.factors import FactorArguments, collect_factors
 from memkfac.fingerprint import model_fingerprint
-from memkfac.tiny import build_byte_tokenizer
+from memkfac.tiny import build_byte_tokenizer, smollm2_135m_config
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = RESULTS / "edit_model_cache"
-SMOLLM2_135M = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
 
 
 def cached_eigenbasis() -> tuple[Path, Path]:
@@ -50,14 +39,14 @@ def cached_eigenbasis() -> tuple[Path, Path]:
     model_dir, factor_dir, eig_dir = CACHE / "model", CACHE / "factors", CACHE / "eigenbasis"
     if not (model_dir / "model.safetensors").is_file():
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_135M), dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_config(smollm2_135m_config(), dtype=torch.float32).eval()
         model.save_pretrained(model_dir)
         build_byte_tokenizer().save_pretrained(model_dir)
     if not (eig_dir / EIGEN_FILE).is_file():
         shutil.rmtree(factor_dir, ignore_errors=True)
         model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         blocks = torch.randint(
-            0, SMOLLM2_135M["vocab_size"], (16, 128), generator=torch.Generator().manual_seed(0)
+            0, model.config.vocab_size, (16, 128), generator=torch.Generator().manual_seed(0)
         )
         collect_factors(
             model,

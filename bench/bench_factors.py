@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from memkfac.factors import (
     FactorArguments,
@@ -42,23 +42,9 @@ from memkfac.factors import (
 )
 from memkfac.fingerprint import sha256_file
 from memkfac.targets import find_targets
+from memkfac.tiny import smollm2_135m_config
 
 LAYERS = [22, 23, 24]
-
-
-def smollm2_135m_config() -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-    )
 
 
 def training_step(model, ids: torch.Tensor) -> None:

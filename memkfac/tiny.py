@@ -91,3 +91,25 @@ def build_tiny_model(
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     return model, tokenizer
+
+
+def smollm2_135m_config():
+    """The default model's architecture (SmolLM2-135M: Llama, 30 layers, hidden 576, MLP 1536).
+
+    For benchmarks on a random initialisation of the real shapes when the converted weights are not
+    needed.
+    """
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+    )
