@@ -462,27 +462,10 @@ def _downstream(scores: dict, base: dict, seed: int) -> dict:
 
     The base model's own rows leave the retention columns null, as ``memkfac downstream`` does.
     """
-    from memkfac.downstream import paired_bootstrap_retention, retention
+    from memkfac.downstream import downstream_rows, paired_bootstrap_retention, retention
 
     kept = {} if scores is base else {r.task: r for r in retention(base, scores, seed=seed)}
-    tasks = []
-    for task, r in sorted(scores.items()):
-        k = kept.get(task)
-        tasks.append(
-            {
-                "task": task,
-                "category": r.category,
-                "metric": r.metric,
-                "n_items": int(r.doc_ids.size),
-                "score": r.score,
-                "base_score": k.base_score if k else None,
-                "retention": k.retention if k else None,
-                "retention_ci_low": k.ci_low if k else None,
-                "retention_ci_high": k.ci_high if k else None,
-                "n_bootstrap": k.n_boot if k else None,
-                "seed": seed,
-            }
-        )
+    tasks = downstream_rows(scores, kept, seed)
     if not kept:
         return {"tasks": tasks, "retention": None, "ci_low": None, "ci_high": None}
     common = sorted(kept)

@@ -340,6 +340,33 @@ def load_item_scores(path: Path) -> dict[str, TaskResult]:
     }
 
 
+def downstream_rows(results: dict, kept: dict, seed: int) -> list[dict]:
+    """Rows of the ``downstream`` table, one per task, sorted by task name.
+
+    ``kept`` maps task -> its retention against a base model; tasks without one (the base model's own
+    rows) leave the retention columns null.
+    """
+    rows = []
+    for task, r in sorted(results.items()):
+        k = kept.get(task)
+        rows.append(
+            {
+                "task": task,
+                "category": r.category,
+                "metric": r.metric,
+                "n_items": int(r.doc_ids.size),
+                "score": r.score,
+                "base_score": k.base_score if k else None,
+                "retention": k.retention if k else None,
+                "retention_ci_low": k.ci_low if k else None,
+                "retention_ci_high": k.ci_high if k else None,
+                "n_bootstrap": k.n_boot if k else None,
+                "seed": seed,
+            }
+        )
+    return rows
+
+
 def evaluate_downstream(
     model_dir: Path,
     args: DownstreamArguments,
@@ -369,24 +396,7 @@ def evaluate_downstream(
     results = run_downstream(model_dir, args, task_dir=task_dir, progress=progress)
     save_item_scores(results, item_scores_path(variant, suite, root), Path(model_dir))
     kept = {r.task: r for r in retention(base, results, n_boot, args.seed)} if base else {}
-    rows = []
-    for task, r in results.items():
-        k = kept.get(task)
-        rows.append(
-            {
-                "task": task,
-                "category": r.category,
-                "metric": r.metric,
-                "n_items": int(r.doc_ids.size),
-                "score": r.score,
-                "base_score": k.base_score if k else None,
-                "retention": k.retention if k else None,
-                "retention_ci_low": k.ci_low if k else None,
-                "retention_ci_high": k.ci_high if k else None,
-                "n_bootstrap": n_boot if k else None,
-                "seed": args.seed,
-            }
-        )
+    rows = downstream_rows(results, kept, args.seed)
     table = make_table("downstream", rows, variant=variant, probe_set=suite, run_id=new_run_id())
     write_table("downstream", table, root=root)
     return table
