@@ -168,7 +168,15 @@ def main(argv: list[str] | None = None) -> int:
         "offline on this machine, then print where to look at the results.",
     )
     parser.parse_args(argv)
+    import warnings
+
+    from dagster import BetaWarning, PreviewWarning
+
     from memkfac.errors import MemkfacError
+
+    # The pinned Dagster marks APIs this project relies on as beta/preview; say so once, not per tick.
+    warnings.filterwarnings("ignore", category=BetaWarning)
+    warnings.filterwarnings("ignore", category=PreviewWarning)
 
     try:
         from dagster import DagsterInstance
