@@ -143,9 +143,10 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         context: dg.AssetExecutionContext, store: ArtifactStore, mlflow: MlflowRegistry
     ) -> dg.MaterializeResult:
         from memkfac.corpora import corpus_fingerprint, load_split
+        from memkfac.evaluate import HeldOut, utility_tables
         from memkfac.models import load_model
-        from memkfac.tables import make_table, new_run_id, write_table
-        from memkfac.utility import ndcg, perplexity, topk_lists
+        from memkfac.tables import new_run_id, write_table
+        from memkfac.utility import topk_lists
 
         variant = context.partition_key
         model_name, _ = split_variant(variant)
@@ -154,16 +155,22 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         fingerprint = corpus_fingerprint(corpus, "heldout")
         run_id = new_run_id()
         model, _ = load_model(variant_model_dir(config, store, variant))
-        ppl = perplexity(model, blocks, progress=False) | {"data_fingerprint": fingerprint}
-        ppl_table = make_table("perplexity", [ppl], variant=variant, probe_set=HELDOUT, run_id=run_id)
-        path = write_table("perplexity", ppl_table, store.root)
         reference_variant = variant_key(model_name, BASE_EDIT)
         reference, _ = load_model(variant_model_dir(config, store, reference_variant))
-        scores = ndcg(model, blocks, topk_lists(reference, blocks, progress=False), progress=False)
-        row = {"reference": reference_variant, **scores, "data_fingerprint": fingerprint}
-        write_table(
-            "ndcg", make_table("ndcg", [row], variant=variant, probe_set=HELDOUT, run_id=run_id), store.root
+        heldout = HeldOut(blocks, HELDOUT, fingerprint)
+        tables = utility_tables(
+            model,
+            heldout,
+            variant,
+            run_id,
+            topk_lists(reference, blocks, progress=False),
+            reference_variant,
+            progress=False,
         )
+        ppl_table = tables["perplexity"]
+        ppl, scores = ppl_table.to_pylist()[0], tables["ndcg"].to_pylist()[0]
+        path = write_table("perplexity", ppl_table, store.root)
+        write_table("ndcg", tables["ndcg"], store.root)
         mlflow_run = mlflow.log_run(
             f"utility {variant}",
             params={"variant": variant, "heldout_blocks": len(blocks), "reference": reference_variant},

@@ -117,19 +117,36 @@ def evaluate_model(
         stress = positional_stress_rows(model, tokenizer, probes, args.stress_t, args.batch_size, progress)
         tables["positional_stress"] = make_table("positional_stress", stress, **keys)
     if heldout is not None:
-        text_keys = dict(variant=variant, probe_set=heldout.name, run_id=run_id)
-        ppl = perplexity(model, heldout.blocks, args.ppl_batch_size, progress)
-        tables["perplexity"] = make_table(
-            "perplexity", [ppl | {"data_fingerprint": heldout.fingerprint}], **text_keys
+        tables |= utility_tables(
+            model, heldout, variant, run_id, reference, reference_name, args.ppl_batch_size, progress
         )
-        if reference is not None:
-            edited = topk_lists(model, heldout.blocks, reference.shape[-1], args.ppl_batch_size, progress)
-            scores = ndcg_from_lists(edited, reference)
-            row = scores | {"reference": reference_name, "data_fingerprint": heldout.fingerprint}
-            tables["ndcg"] = make_table("ndcg", [row], **text_keys)
     return tables
 
 
 def write_tables(tables: dict[str, pa.Table], root: Path | None = None) -> dict[str, Path]:
     """Write each table to its partition under ``root`` (default MEMKFAC_HOME); returns the paths."""
     return {name: write_table(name, table, root) for name, table in tables.items()}
+
+
+def utility_tables(
+    model,
+    heldout: HeldOut,
+    variant: str,
+    run_id: str,
+    reference: torch.Tensor | None = None,
+    reference_name: str = "base",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, pa.Table]:
+    """``perplexity`` on ``heldout``, and ``ndcg`` against ``reference`` top-k lists when given."""
+    keys = dict(variant=variant, probe_set=heldout.name, run_id=run_id)
+    ppl = perplexity(model, heldout.blocks, batch_size, progress)
+    tables = {
+        "perplexity": make_table("perplexity", [ppl | {"data_fingerprint": heldout.fingerprint}], **keys)
+    }
+    if reference is not None:
+        edited = topk_lists(model, heldout.blocks, reference.shape[-1], batch_size, progress)
+        scores = ndcg_from_lists(edited, reference)
+        row = scores | {"reference": reference_name, "data_fingerprint": heldout.fingerprint}
+        tables["ndcg"] = make_table("ndcg", [row], **keys)
+    return tables
