@@ -18,7 +18,7 @@ from resources.mlflow_registry import CANDIDATE, MlflowRegistry
 from resources.store import ArtifactStore
 
 GROUP = "edits"
-CHECK_BLOCKS = 4  # held-out blocks run through an edited model by its check
+CHECK_PROBES = 8  # canaries (prefix + suffix) run through an edited model by its check
 
 
 def variant_model_dir(config: PipelineConfig, store: ArtifactStore, variant: str) -> Path:
@@ -66,20 +66,23 @@ def _edit(config: PipelineConfig, store: ArtifactStore, variant: str) -> dict:
     return edit_model(subject, eig, edit, out, progress=False)
 
 
-def _forget_sequences(store: ArtifactStore, model_dir: Path) -> list[list[int]]:
-    """BalancedSubnet's forget set: token ids of the sweep half of the memorized canaries (the holdout
-    half stays unseen, as for the K-FAC edit's tuning)."""
-    from transformers import AutoTokenizer
-
+def _canary_sequences(store: ArtifactStore, tokenizer, keep=lambda probe: True) -> list[list[int]]:
+    """Token ids (prefix + suffix) of the canaries that ``keep`` selects."""
     from assets.models import CANARY_PROBE_SET
     from memkfac.generation import probe_token_ids
     from memkfac.probes import load_probe_set
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     probes = load_probe_set(store.probe_file(CANARY_PROBE_SET))
-    return [
-        sum(probe_token_ids(p, tokenizer), []) for p in probes if p.kind == "memorized" and p.split == "sweep"
-    ]
+    return [sum(probe_token_ids(p, tokenizer), []) for p in probes if keep(p)]
+
+
+def _forget_sequences(store: ArtifactStore, model_dir: Path) -> list[list[int]]:
+    """BalancedSubnet's forget set: the sweep half of the memorized canaries (the holdout half stays
+    unseen, as for the K-FAC edit's tuning)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return _canary_sequences(store, tokenizer, lambda p: p.kind == "memorized" and p.split == "sweep")
 
 
 def build(config: PipelineConfig, parts: Partitions) -> list:
@@ -134,7 +137,8 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         asset=edited_model,
         partitions_def=parts.variant,
         blocking=True,
-        description="Loads, finite logits on held-out blocks, manifest names the current inputs.",
+        description=f"Loads, finite logits on a batch of {CHECK_PROBES} canaries (prefix + suffix), and "
+        "the manifest names the current inputs (subject model, weights, factors, keep_mass).",
     )
     def edited_model_valid(
         context: dg.AssetCheckExecutionContext, store: ArtifactStore
@@ -142,16 +146,17 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         import torch
 
         from memkfac.checkpoint import load_manifest
-        from memkfac.corpora import load_split
+        from memkfac.finetune import collate
         from memkfac.models import load_model
 
         variant = context.partition_key
         model_name, _ = split_variant(variant)
         path = variant_model_dir(config, store, variant)
-        model, _ = load_model(path)
-        blocks = load_split(store.corpus_dir(model_name), "heldout")[:CHECK_BLOCKS]
+        model, tokenizer = load_model(path)
+        batch = collate(_canary_sequences(store, tokenizer)[:CHECK_PROBES], tokenizer.pad_token_id)
         with torch.no_grad():
-            finite = bool(torch.isfinite(model(input_ids=blocks).logits).all())
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        finite = bool(torch.isfinite(logits[batch["attention_mask"].bool()]).all())  # padding aside
         problems = [] if finite else ["non-finite logits"]
         spec = config.edit_of(variant)
         if spec is not None:
@@ -173,7 +178,8 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
             metadata={
                 "finite_logits": finite,
                 "problems": dg.MetadataValue.json(problems),
-                "blocks": len(blocks),
+                "probes": len(batch["input_ids"]),
+                "tokens": int(batch["attention_mask"].sum()),
             },
         )
 
