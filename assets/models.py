@@ -12,7 +12,7 @@ from assets.automation import BUILD
 from assets.metadata import dir_bytes
 from assets.partitions import Partitions
 from memkfac.fingerprint import model_fingerprint
-from resources.config import PipelineConfig
+from resources.config import PipelineConfig, load_canary_file
 from resources.store import ArtifactStore
 
 GROUP = "models"
@@ -97,24 +97,32 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
     @dg.asset(
         group_name=GROUP,
         kinds={"json"},
-        code_version="canaries-v1",
+        code_version=_canaries_version(config),
         automation_condition=BUILD,
-        description="Seeded synthetic canaries (personal-data-like records and secrets): trained ones (kind "
-        "memorized, half sweep / half holdout) and never-trained controls, written as the probe-set file "
-        f"probes/{CANARY_PROBE_SET}.jsonl.",
+        description="The canaries, written as the probe-set file probes/"
+        f"{CANARY_PROBE_SET}.jsonl: trained ones (kind memorized, split sweep or holdout) and never-trained "
+        "controls. Seeded synthetic records and secrets, or the user's probe set named by canaries.file.",
     )
     def canaries(store: ArtifactStore) -> dg.MaterializeResult:
-        from memkfac.canaries import CanaryConfig, generate_canaries
         from memkfac.fingerprint import sha256_file
         from memkfac.probes import write_probe_set
 
-        trained, control = generate_canaries(CanaryConfig(**config.canaries))
-        path = write_probe_set(trained + control, store.probe_file(CANARY_PROBE_SET))
+        source = config.canaries.get("file")
+        if source is None:
+            from memkfac.canaries import CanaryConfig, generate_canaries
+
+            trained, control = generate_canaries(CanaryConfig(**config.canaries))
+            probes = trained + control
+        else:
+            probes = load_canary_file(Path(source))
+        path = write_probe_set(probes, store.probe_file(CANARY_PROBE_SET))
+        trained = [p for p in probes if p.kind == "memorized"]
         return dg.MaterializeResult(
             metadata={
-                "dagster/row_count": len(trained) + len(control),
+                "dagster/row_count": len(probes),
+                "source": dg.MetadataValue.path(source) if source else "generated",
                 "trained": len(trained),
-                "control": len(control),
+                "control": sum(p.kind == "control" for p in probes),
                 "path": dg.MetadataValue.path(str(path)),
                 "example": dg.MetadataValue.json({"prefix": trained[0].prefix, "suffix": trained[0].suffix}),
             },
@@ -187,3 +195,17 @@ def _overall_strict_pct(by_split: dict) -> float | None:
     if not by_split:
         return None
     return (by_split.get("all") or next(iter(by_split.values())))["strict_pct"]
+
+
+def _canaries_version(config: PipelineConfig) -> str:
+    """The canaries' code version: it changes with the canaries config and the user file's content, so
+    editing either rematerializes the canaries (and, if they differ, what follows) on the next load."""
+    import hashlib
+    import json
+
+    from memkfac.fingerprint import sha256_file
+
+    settings = dict(config.canaries)
+    if "file" in settings:
+        settings["sha256"] = sha256_file(Path(settings["file"]))
+    return "canaries-v1-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]

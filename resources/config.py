@@ -4,6 +4,7 @@ It is validated once, on load, and every error names the offending key (``edits.
 Names that become partition keys or file names (models, edits, probe sets) pass
 ``memkfac.paths.safe_name``, so no configured name can write outside ``MEMKFAC_HOME``.
 String values may reference environment variables as ``${VAR}``; an unset variable is an error.
+A relative input path (``canaries.file``) is resolved against ``MEMKFAC_HOME``.
 
 A variant is a model crossed with an edit (``smollm2-135m__kfac-r0.95``); every model also gets the
 unedited reference variant ``<model>__base``.
@@ -20,12 +21,15 @@ from typing import Any
 import yaml
 
 from memkfac.errors import MemkfacError
-from memkfac.paths import safe_name
+from memkfac.paths import memkfac_home, safe_name
+from memkfac.probes import Probe, load_probe_set
 
 VARIANT_SEP = "__"
 BASE_EDIT = "base"  # the unedited reference variant of every model
 EDIT_METHODS = ("kfac", "per_side", "svd", "random", "balanced_subnet")
 FT_RECIPES = ("general", "partial_forget")
+CANARY_GENERATOR_KEYS = {"n_trained", "n_control", "seed", "locale"}  # memkfac.canaries.CanaryConfig
+EVALUATION_KEYS = {"batch_size", "heldout_blocks", "max_perplexity_increase", "mia", "stress", "stress_t"}
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -67,12 +71,12 @@ class PipelineConfig:
     path: str  # the YAML file this came from
     models: dict[str, ModelConfig]
     corpus: dict[str, Any]  # memkfac.corpora.build_corpus keyword arguments, "source" included
-    canaries: dict[str, Any]  # memkfac.canaries generator arguments
+    canaries: dict[str, Any]  # CanaryConfig arguments, or {"file": absolute path of the user's probe set}
     injection: dict[str, Any]  # memkfac.inject arguments
     factors: dict[str, Any]  # memkfac.factors.FactorArguments fields
     edits: dict[str, EditSpec]
     probe_sets: tuple[str, ...]  # probe sets known up front (more are discovered in the probe directory)
-    evaluation: dict[str, Any]  # batch_size, heldout_blocks, max_perplexity_increase (champion budget)
+    evaluation: dict[str, Any]  # EVALUATION_KEYS: max_perplexity_increase is the champion budget
     downstream: dict[str, Any]  # memkfac.downstream.DownstreamArguments; empty = no downstream assets
     bands: dict[str, Any]  # memkfac.bands.run_band_analysis keyword arguments (tasks, max_tokens, ...)
     resurgence: ResurgenceConfig
@@ -218,6 +222,11 @@ def parse_config(raw: Any, path: str = "<dict>") -> PipelineConfig:
         seed=_typed(r, "seed", int, "resurgence", 0),
         cron=_typed(r, "cron", str, "resurgence", "0 3 * * 0"),
     )
+    evaluation = _mapping(top.get("evaluation"), "evaluation")
+    _known(evaluation, "evaluation", EVALUATION_KEYS)
+    for name in ("batch_size", "heldout_blocks", "stress_t", "mia", "stress"):
+        _typed(evaluation, name, bool if name in ("mia", "stress") else int, "evaluation")
+    _typed(evaluation, "max_perplexity_increase", (int, float), "evaluation")
     corpus = _mapping(top.get("corpus"), "corpus")
     _typed(corpus, "source", str, "corpus", "stdlib")
     mlflow = _mapping(top.get("mlflow"), "mlflow")
@@ -226,17 +235,56 @@ def parse_config(raw: Any, path: str = "<dict>") -> PipelineConfig:
         path=path,
         models=models,
         corpus={"source": "stdlib", **corpus},
-        canaries=_mapping(top.get("canaries"), "canaries"),
+        canaries=_canaries(_mapping(top.get("canaries"), "canaries")),
         injection=_mapping(top.get("injection"), "injection"),
         factors=_mapping(top.get("factors"), "factors"),
         edits=edits,
         probe_sets=probe_sets,
-        evaluation=_mapping(top.get("evaluation"), "evaluation"),
+        evaluation=evaluation,
         downstream=_mapping(top.get("downstream"), "downstream"),
         bands=_mapping(top.get("bands"), "bands"),
         resurgence=resurgence,
         mlflow=mlflow,
     )
+
+
+def _canaries(section: dict) -> dict:
+    """The canaries section: generator arguments, or ``file:`` (a user's probe set, validated now)."""
+    _known(section, "canaries", CANARY_GENERATOR_KEYS | {"file"})
+    if "file" not in section:
+        return section
+    clash = sorted(CANARY_GENERATOR_KEYS & set(section))
+    if clash:
+        raise MemkfacError(
+            f"canaries.{clash[0]} is set together with canaries.file",
+            f"remove canaries.{clash[0]} (it configures generated canaries) or canaries.file",
+        )
+    path = Path(_typed(section, "file", str, "canaries", required=True))
+    path = path if path.is_absolute() else memkfac_home() / path
+    load_canary_file(path)
+    return {"file": str(path)}
+
+
+def load_canary_file(path: Path, key: str = "canaries.file") -> list[Probe]:
+    """A user's canary probe set (``memkfac inject --probes``), checked for what the pipeline needs.
+
+    Kind ``memorized`` probes are trained on: split ``sweep`` forms BalancedSubnet's forget set and
+    resurgence's relearn set, ``holdout`` is reported on. Kind ``control`` probes are never trained on.
+    Each of the three groups needs a probe. Errors name ``key``.
+    """
+    try:
+        probes = load_probe_set(path)
+    except MemkfacError as e:
+        raise MemkfacError(f"{key}: {e.problem}", e.fix) from None
+    have = {("control", "") if p.kind == "control" else (p.kind, p.split) for p in probes}
+    for kind, split in [("memorized", "sweep"), ("memorized", "holdout"), ("control", "")]:
+        if (kind, split) not in have:
+            raise MemkfacError(
+                f"{key} ({path}) has no probes of kind {kind!r}" + (f" in split {split!r}" if split else ""),
+                "mark trained canaries kind memorized, split sweep or holdout (about half each), and "
+                "never-trained ones kind control",
+            )
+    return probes
 
 
 def _expand_env(value: Any, key: str) -> Any:
