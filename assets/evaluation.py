@@ -1,4 +1,4 @@
-"""Evaluations: memorization per (variant, probe set), utility per variant, and their table checks.
+"""Evaluations: memorization and MIA per (variant, probe set), utility per variant, their table checks.
 
 Every table is written by ``memkfac.tables.write_table`` into the hive layout dbt reads
 (``evals/<table>/variant=<v>/probe_set=<p>/part.parquet``).
@@ -11,6 +11,7 @@ from assets.edits import variant_model_dir
 from assets.metadata import table_metadata
 from assets.partitions import Partitions
 from assets.probes import PROBES_FILE
+from memkfac.evaluate import EvalArguments
 from resources.config import BASE_EDIT, PipelineConfig, split_variant, variant_key
 from resources.mlflow_registry import MlflowRegistry
 from resources.store import ArtifactStore
@@ -66,52 +67,73 @@ def _probe_count(store: ArtifactStore, variant: str, probe_set: str) -> int:
     return len(load_probe_set(store.probe_set_dir(probe_set) / PROBES_FILE))
 
 
+def eval_arguments(config: PipelineConfig) -> EvalArguments:
+    """``memkfac.evaluate.EvalArguments`` from the config's evaluation section (engine defaults else)."""
+    keys = ("batch_size", "mia", "stress", "stress_t")
+    return EvalArguments(**{k: v for k, v in config.evaluation.items() if k in keys})
+
+
 def build(config: PipelineConfig, parts: Partitions) -> list:
-    settings = dict(config.evaluation)
-    batch_size = int(settings.get("batch_size", 32))
-    heldout_blocks = int(settings.get("heldout_blocks", 64))
+    heldout_blocks = int(config.evaluation.get("heldout_blocks", 64))
+    eval_args = eval_arguments(config)
+    tables = ["memorization", "memorization_summary"]
+    tables += ["mia", "mia_auc"] if eval_args.mia else []
+    tables += ["positional_stress"] if eval_args.stress else []
 
     @dg.asset(
         partitions_def=parts.variant_x_probe_set,
         deps=[dg.AssetDep("edited_model"), dg.AssetDep("probe_sets")],
         group_name=GROUP,
         kinds={"parquet"},
-        code_version="memorization-v1",
+        code_version="memorization-v2",
         automation_condition=BUILD,
         pool="compute",
-        description="Greedy continuation of |suffix| tokens from every probe's prefix: strict, loose and "
-        "Levenshtein recall per probe (table memorization) and per kind/split (memorization_summary).",
+        description="memkfac.evaluate.evaluate_model on the probe set (what `memkfac eval` runs): greedy "
+        "continuation of |suffix| tokens from every prefix, scored strict, loose and Levenshtein per probe "
+        "and per kind/split; membership-inference scores per probe (loss, zlib, Min-K%, Min-K%++) and their "
+        "AUC trained vs control; the positional stress test if evaluation.stress. Tables: "
+        + ", ".join(tables)
+        + ".",
     )
     def memorization_eval(
         context: dg.AssetExecutionContext, store: ArtifactStore, mlflow: MlflowRegistry
     ) -> dg.MaterializeResult:
-        from memkfac.memorization import memorization_table, summary_table
+        from memkfac.evaluate import evaluate_model, write_tables
+        from memkfac.memorization import stress_summary
         from memkfac.models import load_model
         from memkfac.probes import load_probe_set
-        from memkfac.tables import write_table
 
         variant, probe_set = _variant_and_probe_set(context)
         model, tokenizer = load_model(variant_model_dir(config, store, variant))
         probes = load_probe_set(store.probe_set_dir(probe_set) / PROBES_FILE)
-        table = memorization_table(
-            model, tokenizer, probes, variant, probe_set, batch_size=batch_size, progress=False
+        result = evaluate_model(
+            model, tokenizer, probes, variant=variant, probe_set=probe_set, args=eval_args, progress=False
         )
-        path = write_table("memorization", table, store.root)
-        summary = summary_table(table)
-        write_table("memorization_summary", summary, store.root)
-        rows = summary.to_pylist()
+        paths = write_tables(result, store.root)
+        if "mia_auc" not in result:  # no controls in this probe set: no AUC, and none from an older run
+            store.eval_table("mia_auc", variant, probe_set).unlink(missing_ok=True)
+        rows = result["memorization_summary"].to_pylist()
         figures = {f"strict_pct/{r['kind']}/{r['split']}": r["strict_pct"] for r in rows}
         figures |= {f"loose_pct/{r['kind']}/{r['split']}": r["loose_pct"] for r in rows}
+        if "mia_auc" in result:
+            figures |= {f"mia_auc/{r['score']}": r["auc"] for r in result["mia_auc"].to_pylist()}
+        if "positional_stress" in result:
+            stress = stress_summary(result["positional_stress"].to_pylist())
+            figures |= {f"stress/{k}": v for k, v in stress.items()}
         run_id = mlflow.log_run(
             f"memorization {variant} on {probe_set}",
             params={"variant": variant, "probe_set": probe_set, "probes": len(probes)},
             metrics=figures,
             tags={"dagster_run_id": context.run.run_id, "variant": variant, "kind": "evaluation"},
-            artifacts={"tables": path},
+            artifacts={f"tables/{name}": path for name, path in paths.items()},
         )
+        metadata = table_metadata(result["memorization"], paths["memorization"])
+        for name in ("mia", "positional_stress"):
+            if name in result:
+                metadata |= table_metadata(result[name], paths[name], prefix=name)
         return dg.MaterializeResult(
             metadata={
-                **table_metadata(table, path),
+                **metadata,
                 **figures,
                 "mlflow_run_id": run_id,
                 "summary": dg.MetadataValue.md(
@@ -120,13 +142,17 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
             }
         )
 
-    memorization_check = dg.asset_check(
-        asset=memorization_eval,
-        name="memorization_table_valid",
-        partitions_def=parts.variant_x_probe_set,
-        blocking=True,
-        description="Schema of the memorization table, one row per probe.",
-    )(table_check("memorization", _probe_count))
+    checks = [
+        dg.asset_check(
+            asset=memorization_eval,
+            name=f"{table}_table_valid",
+            partitions_def=parts.variant_x_probe_set,
+            blocking=True,
+            description=f"Schema of the {table} table, one row per probe.",
+        )(table_check(table, _probe_count))
+        for table in ("memorization", "mia", "positional_stress")
+        if table in tables
+    ]
 
     @dg.asset(
         partitions_def=parts.variant,
@@ -197,7 +223,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         description="Schema of the perplexity table, one row.",
     )(table_check("perplexity", lambda *_: 1))
 
-    return [memorization_eval, memorization_check, utility_eval, utility_check]
+    return [memorization_eval, *checks, utility_eval, utility_check]
 
 
 def _markdown(rows: list[dict], columns: list[str]) -> str:

@@ -11,14 +11,17 @@ import dagster as dg
 import pyarrow as pa
 
 
-def table_metadata(table: pa.Table, path: Path) -> dict:
-    """Row count (charted over time), column schema (Columns tab) and where the Parquet file is."""
+def table_metadata(table: pa.Table, path: Path, prefix: str = "dagster") -> dict:
+    """Row count (charted over time), column schema (Columns tab) and where the Parquet file is.
+
+    The ``dagster/`` keys describe an asset's main table; give another ``prefix`` for further tables.
+    """
     return {
-        "dagster/row_count": table.num_rows,
-        "dagster/column_schema": dg.TableSchema(
+        f"{prefix}/row_count": table.num_rows,
+        f"{prefix}/column_schema": dg.TableSchema(
             columns=[dg.TableColumn(f.name, str(f.type), description=None) for f in table.schema]
         ),
-        "path": dg.MetadataValue.path(str(path)),
+        "path" if prefix == "dagster" else f"{prefix}/path": dg.MetadataValue.path(str(path)),
     }
 
 

@@ -55,6 +55,9 @@ def test_unset_env_reference_names_key(monkeypatch, tmp_path):
         (lambda c: c["resurgence"].update(edits=["nope"]), r"resurgence\.edits names 'nope'"),
         (lambda c: c.update(modells={}), r"unknown key modells"),
         (lambda c: c["models"]["tiny-llama"].update(source=3), r"models\.tiny-llama\.source has type int"),
+        (lambda c: c["evaluation"].update(stres=True), r"unknown key evaluation\.stres"),
+        (lambda c: c["evaluation"].update(mia="yes"), r"evaluation\.mia has type str"),
+        (lambda c: c["evaluation"].update(stress_t=True), r"evaluation\.stress_t is a boolean"),
     ],
 )
 def test_bad_config_names_the_key(edit, message):
@@ -120,8 +123,10 @@ def test_config_sections_fit_the_engine_arguments(path, monkeypatch, tmp_path):
         seed=r.seed,
     )
     from assets.analysis import _downstream_args
+    from assets.evaluation import eval_arguments
 
     _downstream_args(config)
+    eval_arguments(config)
 
 
 @pytest.mark.parametrize("bad", ["../x", "/etc", "a/b", "..", ""])

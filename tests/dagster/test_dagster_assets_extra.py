@@ -1,0 +1,188 @@
+"""Asset-level gaps of the Dagster layer on the tiny config: canaries from a user's probe-set file,
+the edited-model check's probe batch, and the MIA and positional-stress tables of memorization_eval."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from memkfac.errors import MemkfacError
+from tests.dagster.conftest import TINY_CONFIG
+
+BASE = "tiny-llama__base"
+
+
+def _secrets(n_per_group: int = 4) -> list[dict]:
+    """A user's probe set, shaped unlike the generated canaries: sweep, holdout and control probes."""
+    groups = [("memorized", "sweep"), ("memorized", "holdout"), ("control", "holdout")]
+    return [
+        {
+            "id": f"vault-{kind}-{split}-{i}",
+            "prefix": f"Vault {kind[:3]}{split[:2]}{i} door code:",
+            "suffix": f" {1000 + 37 * i}-kappa-{split}-{i} then turn left twice.",
+            "kind": kind,
+            "split": split,
+        }
+        for kind, split in groups
+        for i in range(n_per_group)
+    ]
+
+
+def _write_jsonl(path, records: list[dict]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _config(tmp_path, monkeypatch, change) -> None:
+    """Write a changed copy of configs/tiny.yaml and point MEMKFAC_CONFIG at it."""
+    raw = yaml.safe_load(TINY_CONFIG.read_text())
+    change(raw)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MEMKFAC_CONFIG", str(path))
+
+
+def _base_only(raw: dict) -> None:
+    """No edits (so no factors): the unedited variant is enough to exercise the assets here."""
+    raw["edits"] = {}
+    raw["resurgence"]["edits"] = []
+
+
+def _definitions():
+    from definitions import build_definitions
+    from resources.config import load_config
+    from resources.settings import Settings
+
+    settings = Settings.from_env()
+    return build_definitions(load_config(settings.config_path), settings)
+
+
+def _execute(defs, instance, assets: list[str], partition: str | None = None):
+    """Materialize ``assets`` (and their checks) of one partition in process; return the result."""
+    job = defs.resolve_implicit_global_asset_job_def()
+    return job.execute_in_process(
+        instance=instance,
+        asset_selection=[dg.AssetKey(a) for a in assets],
+        partition_key=partition,
+        raise_on_error=False,
+    )
+
+
+def _checks(result) -> dict[str, bool]:
+    return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+
+
+@pytest.mark.parametrize(
+    ("section", "records", "message"),
+    [
+        ({"file": "inputs/none.jsonl"}, None, r"canaries\.file: probe set .*none\.jsonl does not exist"),
+        (
+            {"file": "inputs/s.jsonl"},
+            [{"id": 1, "prefix": "a"}],
+            r"(?s)canaries\.file: .*line 1: missing field 'suffix'",
+        ),
+        (
+            {"file": "inputs/s.jsonl"},
+            [r for r in _secrets() if r["kind"] != "control"],
+            r"canaries\.file \(.*s\.jsonl\) has no probes of kind 'control'",
+        ),
+        (
+            {"file": "inputs/s.jsonl"},
+            [r for r in _secrets() if r["split"] != "sweep"],
+            r"has no probes of kind 'memorized' in split 'sweep'",
+        ),
+        ({"file": "inputs/s.jsonl", "n_trained": 8}, _secrets(), r"canaries\.n_trained is set together"),
+        ({"file": 3}, None, r"canaries\.file has type int"),
+        ({"count": 3}, None, r"unknown key canaries\.count"),
+    ],
+)
+def test_bad_canary_file_is_rejected_on_load_naming_the_key(section, records, message, tmp_path, monkeypatch):
+    from resources.config import parse_config
+
+    monkeypatch.setenv("MEMKFAC_HOME", str(tmp_path))
+    if records is not None:
+        _write_jsonl(tmp_path / section["file"], records)
+    raw = yaml.safe_load(TINY_CONFIG.read_text().replace("${MEMKFAC_HOME}", str(tmp_path)))
+    raw["canaries"] = section
+    with pytest.raises(MemkfacError, match=message):
+        parse_config(raw)
+
+
+@pytest.mark.slow
+def test_user_canaries_are_injected_and_evaluated_with_mia_and_stress(tiny_home, tmp_path, monkeypatch):
+    from memkfac.checkpoint import load_manifest
+    from memkfac.inject import canary_set_fingerprint
+    from memkfac.probes import load_probe_set
+    from resources.store import ArtifactStore
+
+    user_file = _write_jsonl(tiny_home / "inputs" / "secrets.jsonl", _secrets())
+
+    def change(raw):
+        _base_only(raw)
+        raw["canaries"] = {"file": "inputs/secrets.jsonl"}  # relative to MEMKFAC_HOME
+
+    _config(tmp_path, monkeypatch, change)
+    defs, instance = _definitions(), dg.DagsterInstance.ephemeral()
+    store = ArtifactStore(home=str(tiny_home))
+    assert _execute(defs, instance, ["canaries"]).success
+    user = load_probe_set(user_file)
+    assert [p.id for p in load_probe_set(store.probe_file("canaries"))] == [p.id for p in user]
+
+    assert _execute(defs, instance, ["base_model", "corpus", "subject_model"], "tiny-llama").success
+    manifest = load_manifest(store.injected_model_dir("tiny-llama"))
+    assert (manifest["n_trained"], manifest["n_control"]) == (8, 4)
+    assert manifest["canary_set_fingerprint"] == canary_set_fingerprint(user)
+
+    instance.add_dynamic_partitions("probe_set", ["canaries"])
+    assert _execute(defs, instance, ["probe_sets"], "canaries").success
+    edited = _execute(defs, instance, ["edited_model"], BASE)
+    assert _checks(edited) == {"edited_model_valid": True}
+
+    cell = dg.MultiPartitionKey({"variant": BASE, "probe_set": "canaries"})
+    result = _execute(defs, instance, ["memorization_eval"], cell)
+    assert result.success
+    checks = ("memorization_table_valid", "mia_table_valid", "positional_stress_table_valid")
+    assert _checks(result) == dict.fromkeys(checks, True)
+    ids = sorted(p.id for p in user)
+    for table in ("memorization", "mia", "positional_stress"):
+        rows = pq.read_table(store.eval_table(table, BASE, "canaries")).to_pylist()
+        assert sorted(r["probe_id"] for r in rows) == ids, table
+    auc = pq.read_table(store.eval_table("mia_auc", BASE, "canaries")).to_pylist()
+    assert {r["score"] for r in auc} == {"loss", "zlib_ratio", "min_k", "min_k_pp"}
+    assert all((r["n_members"], r["n_nonmembers"]) == (8, 4) for r in auc)
+    metadata = result.asset_materializations_for_node("memorization_eval")[0].metadata
+    assert metadata["mia/row_count"].value == len(user)
+    assert metadata["mia_auc/loss"].value == next(r["auc"] for r in auc if r["score"] == "loss")
+    assert "stress/perturbed_mean" in metadata
+
+
+def test_edited_model_check_fails_on_nonfinite_logits_of_a_probe_batch(tiny_home, tmp_path, monkeypatch):
+    """The unedited variant of a non-injected model, with no corpus built: the check runs the canaries."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def change(raw):
+        _base_only(raw)
+        raw["models"]["tiny-llama"]["inject_canaries"] = False
+
+    _config(tmp_path, monkeypatch, change)
+    defs, instance = _definitions(), dg.DagsterInstance.ephemeral()
+    assert _execute(defs, instance, ["canaries"]).success
+    healthy = _execute(defs, instance, ["edited_model"], BASE)
+    assert _checks(healthy) == {"edited_model_valid": True}
+    (evaluation,) = healthy.get_asset_check_evaluations()
+    assert evaluation.metadata["probes"].value == 8
+
+    weights = tiny_home / "inputs" / "tiny-llama" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    broken = _execute(defs, instance, ["edited_model"], BASE)
+    (evaluation,) = broken.get_asset_check_evaluations()
+    assert not evaluation.passed
+    assert evaluation.metadata["problems"].value == ["non-finite logits"]
