@@ -113,6 +113,20 @@ def test_bad_canary_file_is_rejected_on_load_naming_the_key(section, records, me
         parse_config(raw)
 
 
+def test_canaries_code_version_follows_the_user_file(tiny_home, tmp_path, monkeypatch):
+    """Editing the file changes the canaries' code version, which re-triggers them (automation BUILD)."""
+    user_file = _write_jsonl(tiny_home / "inputs" / "secrets.jsonl", _secrets())
+    _config(tmp_path, monkeypatch, lambda raw: raw.update(canaries={"file": str(user_file)}))
+
+    def version():
+        return _definitions().resolve_asset_graph().get(dg.AssetKey("canaries")).code_version
+
+    before = version()
+    assert version() == before
+    _write_jsonl(user_file, _secrets(n_per_group=3))
+    assert version() != before
+
+
 @pytest.mark.slow
 def test_user_canaries_are_injected_and_evaluated_with_mia_and_stress(tiny_home, tmp_path, monkeypatch):
     from memkfac.checkpoint import load_manifest
