@@ -1,7 +1,8 @@
 """Benchmark: K-FAC factor collection against a plain training step, on the same batches.
 
 Model: a randomly initialised SmolLM2-135M config (Llama: 30 layers, hidden 576, MLP 1536, 9 heads,
-3 KV heads, vocab 49152, tied embeddings). Tracked: layers 22-24, gate/up/down.
+3 KV heads, vocab 49152, tied embeddings), or with ``--model olmo2-7b`` OLMo-2-7B's (built directly
+on ``--device``). Tracked: layers 22-24, gate/up/down.
 
 - collection: ``memkfac.factors.accumulate_batch`` through ``KFACHooks`` on the frozen model (the
   exact per-batch step of ``collect_factors``: forward, sampled labels, backward from the lowest
@@ -11,10 +12,11 @@ Model: a randomly initialised SmolLM2-135M config (Llama: 30 layers, hidden 576,
 
 The two alternate batch by batch (interleaved, so machine load hits both alike); the ratio of tokens
 per second is the result (target >= 1.5x). Writing a shard (safetensors + sha256, as
-``collect_factors`` does every ``shard_tokens``) is timed once and reported amortised.
+``collect_factors`` does every ``shard_token_count`` tokens) is timed once and reported amortised.
 
 Run: ``python bench/bench_factors.py`` (about two minutes on 2 CPU cores; ``--device cuda --dtype
-bfloat16`` on a GPU). Prints a table and writes ``bench/results/bench_factors.json``.
+bfloat16`` on a GPU, ``--model olmo2-7b`` for the paper's scale). Prints a table and writes
+``bench/results/bench_factors.json`` (other models and devices: ``bench_factors-MODEL-DEVICE.json``).
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ from memkfac.factors import (
     accumulate_batch,
     contributing_positions,
     frozen,
+    shard_token_count,
 )
 from memkfac.fingerprint import sha256_file
 from memkfac.targets import find_targets
-from memkfac.tiny import smollm2_135m_config
+from memkfac.tiny import BENCH_CONFIGS
 
 LAYERS = [22, 23, 24]
 
@@ -68,6 +71,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=6, help="timed batches per method (default 6)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--model", choices=sorted(BENCH_CONFIGS), default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
@@ -78,11 +82,13 @@ def main() -> None:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(smollm2_135m_config(), dtype=dtype).to(device).eval()
+    config = BENCH_CONFIGS[opts.model]()
+    with device:  # initialised where it runs: a 7B model is never materialised on the CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     n_params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
     batches = [
-        torch.randint(0, 49152, (opts.batch_size, opts.seq_len), generator=gen)
+        torch.randint(0, config.vocab_size, (opts.batch_size, opts.seq_len), generator=gen)
         for _ in range(opts.batches + 1)
     ]
     args = FactorArguments(layers=LAYERS, model_dtype=opts.dtype, batch_size=opts.batch_size)
@@ -126,9 +132,10 @@ def main() -> None:
     tokens = tokens_per_batch * opts.batches
     collect_tps = tokens / sum(seconds["collect"])
     train_tps = tokens / sum(seconds["train"])
-    amortised_tps = args.shard_tokens / (args.shard_tokens / collect_tps + shard_overhead)
+    shard_tokens = shard_token_count(targets, args)
+    amortised_tps = shard_tokens / (shard_tokens / collect_tps + shard_overhead)
     result = {
-        "model": "SmolLM2-135M config, random init",
+        "model": f"{opts.model} config, random init",
         "parameters": n_params,
         "tracked": f"layers {LAYERS[0]}-{LAYERS[-1]} gate/up/down ({len(targets)} maps)",
         "device": str(device),
@@ -147,12 +154,15 @@ def main() -> None:
         "shard_write_s": shard_overhead,
         "collect_tokens_per_s_incl_shard_writes": amortised_tps,
         "ratio_incl_shard_writes": amortised_tps / train_tps,
-        "default_shard_tokens": args.shard_tokens,
+        "shard_tokens": shard_tokens,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else None,
     }
     rows = [
         ("training step (fwd, bwd, all weight grads)", train_tps),
         ("factor collection (layers 22-24, gate/up/down)", collect_tps),
-        ("  + shard writes every 65536 tokens", amortised_tps),
+        (f"  + shard writes every {shard_tokens} tokens", amortised_tps),
     ]
     print(f"\n{'method':<48} {'tokens/s':>10} {'vs train':>9}")
     for label, tps in rows:
@@ -162,7 +172,12 @@ def main() -> None:
         f"({opts.batches} batches of {opts.batch_size}x{opts.seq_len}, {opts.dtype} on {device}, "
         f"{torch.get_num_threads()} threads; {shard_bytes / 2**20:.0f} MiB shard in {shard_overhead:.2f} s)"
     )
-    out = Path(__file__).resolve().parent / "results" / "bench_factors.json"
+    name = (
+        "bench_factors"
+        if (opts.model, device.type) == ("smollm2-135m", "cpu")
+        else (f"bench_factors-{opts.model}-{device.type}")
+    )
+    out = Path(__file__).resolve().parent / "results" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {out}")

@@ -119,9 +119,9 @@ def _haar_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
 
 def _project(W: torch.Tensor, U_G: torch.Tensor, mask: torch.Tensor, U_A: torch.Tensor) -> torch.Tensor:
     """U_G ((U_G^T W U_A) * mask) U_A^T in float64; W (d_out, d_in), U_G (d_out, d_out), U_A (d_in, d_in)."""
-    U_G, U_A = U_G.double(), U_A.double()
+    U_G, U_A = U_G.to(W.device, torch.float64), U_A.to(W.device, torch.float64)
     C = U_G.T @ W.double() @ U_A
-    return U_G @ (C * mask) @ U_A.T
+    return U_G @ (C * mask.to(C.device)) @ U_A.T
 
 
 def edit_weight(
@@ -132,10 +132,12 @@ def edit_weight(
     svd_drop: float = 0.25,
     seed: int = 0,
 ) -> tuple[torch.Tensor, WeightEdit]:
-    """Edit one weight W (d_out, d_in). Returns ``(W_new, diagnostics)``; W_new has W's dtype.
+    """Edit one weight W (d_out, d_in). Returns ``(W_new, diagnostics)``; W_new has W's dtype and device.
 
     ``eig`` (the eigenbasis of W's factors) is needed by every method but ``svd``; ``seed`` is used by
-    ``random`` only; ``rho`` is ignored by ``svd``. A skipped edit returns W itself.
+    ``random`` only; ``rho`` is ignored by ``svd``. A skipped edit returns W itself. The float64
+    projections run on W's device (eigenbases stay on the CPU and are moved per weight); the mask
+    selection and the random bases are always drawn on the CPU, so a GPU edit keeps the same components.
     """
     _check_method(method)
     d_out, d_in = W.shape
@@ -213,7 +215,12 @@ def _stored_dtype(hf_config) -> str:
 
 
 def edit_model(
-    model_dir: Path, eig_dir: Path | None, config: EditConfig, out_dir: Path, progress: bool = True
+    model_dir: Path,
+    eig_dir: Path | None,
+    config: EditConfig,
+    out_dir: Path,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Edit a Hugging Face checkpoint and write the edited one to ``out_dir``; return its manifest.
 
@@ -221,7 +228,9 @@ def edit_model(
     on this very model; it may be None for ``method="svd"``. Everything is validated before anything is
     written: the eigenbasis's model fingerprint, the layers, shapes and finiteness. The manifest
     (``memkfac_manifest.json``) records the base model, the eigenbasis, the config and per-module
-    diagnostics. The same inputs give bit-identical weights.
+    diagnostics. The same inputs give bit-identical weights on one device. ``device`` runs the float64
+    projections there, one weight at a time (a GPU makes 7B-scale edits take seconds, not minutes);
+    the model itself is loaded and written on the CPU.
     """
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -266,7 +275,7 @@ def edit_model(
         weight = model.get_submodule(target.name).weight
         rho = None if config.method == "svd" else config.keep_mass_for(target.layer, target.proj)
         W_new, stats = edit_weight(
-            weight.data,
+            weight.data.to(device),
             eig_modules.get(target.name),
             rho,
             config.method,
@@ -277,7 +286,7 @@ def edit_model(
             raise MemkfacError(
                 f"editing {target.name} produced NaN or Inf", "check the eigenbasis and the weight"
             )
-        weight.data.copy_(W_new)
+        weight.data.copy_(W_new.cpu())
         modules.append(
             {"name": target.name, "layer": target.layer, "proj": target.proj, "keep_mass": rho}
             | asdict(stats)

@@ -67,7 +67,7 @@ class FactorArguments:
     fisher: str = "sampled"  # "sampled" (true Fisher, paper) | "empirical" (gold labels)
     seed: int = 0  # label sampling seed (sampled Fisher)
     batch_size: int = 8  # sequences per forward
-    shard_tokens: int = 65536  # contributing tokens per shard (rounded to whole batches)
+    shard_tokens: int | None = None  # contributing tokens per shard (whole batches); None: shard_token_count
     max_tokens: int | None = None  # stop after the first blocks holding this many contributing tokens
     model_dtype: str = "float32"  # "float32" | "bfloat16" (| "float64" for tests); sums always fp32+
 
@@ -300,13 +300,30 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _shard_plan(tokens_per_block: Tensor, args: FactorArguments) -> list[tuple[int, int]]:
+MIN_SHARD_TOKENS = 65536
+TOKENS_PER_FACTOR_ENTRY = 1 / 512
+
+
+def shard_token_count(targets: list[Target], args: FactorArguments) -> int:
+    """Tokens per shard: ``args.shard_tokens``, or by default at least 65,536 and one token per 512
+    factor entries. A shard holds every factor (4 bytes per entry) whatever its token count, so at
+    OLMo-2-7B scale a fixed 65,536 would spend twice as long writing shards as computing them
+    (measured on an H100, README "Benchmarks"); one token per 512 entries keeps writes to a few percent
+    there and changes nothing for small models, where compute dominates."""
+    if args.shard_tokens is not None:
+        return args.shard_tokens
+    entries = sum(t.in_features**2 for t in {t.input_group: t for t in targets}.values())
+    entries += sum(t.out_features**2 for t in targets)
+    return max(MIN_SHARD_TOKENS, math.ceil(entries * TOKENS_PER_FACTOR_ENTRY))
+
+
+def _shard_plan(tokens_per_block: Tensor, args: FactorArguments, shard_tokens: int) -> list[tuple[int, int]]:
     """Block ranges [start, end) of the shards: whole batches of about ``shard_tokens`` tokens each."""
     n = len(tokens_per_block)
     if args.max_tokens is not None:
         n = min(n, int(torch.searchsorted(tokens_per_block.cumsum(0), args.max_tokens)) + 1)
     mean_tokens = max(1.0, float(tokens_per_block[:n].float().mean())) if n else 1.0
-    per_shard = max(1, math.ceil(args.shard_tokens / mean_tokens / args.batch_size)) * args.batch_size
+    per_shard = max(1, math.ceil(shard_tokens / mean_tokens / args.batch_size)) * args.batch_size
     return [(s, min(s + per_shard, n)) for s in range(0, n, per_shard)]
 
 
@@ -323,7 +340,8 @@ def _validate(model: nn.Module, blocks: Tensor, attention_mask: Tensor | None, a
             f"the model runs in {dtype} but the arguments say model_dtype={args.model_dtype!r}",
             "load the model in the dtype the arguments name (or change model_dtype)",
         )
-    if args.batch_size < 1 or args.shard_tokens < 1 or (args.max_tokens is not None and args.max_tokens < 1):
+    shard_tokens = 1 if args.shard_tokens is None else args.shard_tokens
+    if args.batch_size < 1 or shard_tokens < 1 or (args.max_tokens is not None and args.max_tokens < 1):
         raise MemkfacError(
             f"batch_size, shard_tokens and max_tokens must be positive (got {args.batch_size}, "
             f"{args.shard_tokens}, {args.max_tokens})",
@@ -454,7 +472,8 @@ def collect_factors(
     out_dir = Path(out_dir)
     targets = find_targets(model, args.layers, args.projections, args.patterns)
     valid = contributing_positions(*blocks.shape, attention_mask)
-    plan = _shard_plan(valid.sum(1), args)
+    shard_tokens = shard_token_count(targets, args)
+    plan = _shard_plan(valid.sum(1), args, shard_tokens)
     identity = {
         "format_version": FORMAT_VERSION,
         "model_fingerprint": model_fingerprint,
@@ -463,7 +482,12 @@ def collect_factors(
         "arguments": args.to_json(),
         "targets": [t.to_json() | {"input_group": t.input_group} for t in targets],
     }
-    header = {"fisher": args.fisher, "seed": args.seed, "seq_len": blocks.shape[1]}
+    header = {
+        "fisher": args.fisher,
+        "seed": args.seed,
+        "seq_len": blocks.shape[1],
+        "shard_tokens": shard_tokens,
+    }
     rank, world = _dist_info()
     out_dir.mkdir(parents=True, exist_ok=True)
     if overwrite and rank == 0:

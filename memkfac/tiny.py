@@ -113,3 +113,25 @@ def smollm2_135m_config():
         rms_norm_eps=1e-5,
         rope_theta=100000.0,
     )
+
+
+def olmo2_7b_config():
+    """OLMo-2-7B's architecture (allenai/OLMo-2-1124-7B: 32 layers, hidden 4096, MLP 11008, vocab
+    100352), for benchmarks at the paper's scale on a random initialisation (bf16: 14.6 GB)."""
+    from transformers import Olmo2Config
+
+    return Olmo2Config(
+        vocab_size=100352,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    )
+
+
+BENCH_CONFIGS = {"smollm2-135m": smollm2_135m_config, "olmo2-7b": olmo2_7b_config}

@@ -19,6 +19,7 @@ from memkfac.factors import (
     load_factor_sums,
     load_factors,
     sample_labels,
+    shard_token_count,
 )
 from memkfac.targets import Target, find_targets
 from memkfac.tiny import TINY_ARCHITECTURES, build_tiny_model
@@ -170,9 +171,8 @@ def test_kfac_is_exact_on_a_deep_linear_network_with_squared_error():
         assert_rel_close(kfac, fisher, 1e-12)
 
 
-def test_bfloat16_model_accumulates_in_float32(tmp_path):
-    model, _ = build_tiny_model(arch="llama", seed=0)
-    blocks = torch.randint(0, 384, (4, 16))
+def check_bfloat16_accumulates_in_float32(model, blocks, tmp_path):
+    """bf16 activations, fp32 sums: close to the same model's fp32 factors (on the model's device)."""
     args = FactorArguments(fisher="empirical", batch_size=2)
     collect_factors(model, blocks, tmp_path / "fp32", args, progress=False, **IDS)
     args16 = FactorArguments(fisher="empirical", batch_size=2, model_dtype="bfloat16")
@@ -182,6 +182,11 @@ def test_bfloat16_model_accumulates_in_float32(tmp_path):
         assert low[name].A.dtype == low[name].G.dtype == torch.float32
         assert_rel_close(low[name].A, ref[name].A, 0.05)
         assert_rel_close(low[name].G, ref[name].G, 0.1)
+
+
+def test_bfloat16_model_accumulates_in_float32(tmp_path):
+    model, _ = build_tiny_model(arch="llama", seed=0)
+    check_bfloat16_accumulates_in_float32(model, torch.randint(0, 384, (4, 16)), tmp_path)
 
 
 def test_gate_and_up_share_one_activation_factor(tmp_path):
@@ -382,3 +387,17 @@ def test_cli_under_torchrun_equals_one_process(tiny_model_dir, memkfac_home, tmp
     assert (tmp_path / "two" / "eigenbasis" / "eigenbasis.safetensors").read_bytes() == (
         tmp_path / "one" / "eigenbasis" / "eigenbasis.safetensors"
     ).read_bytes()
+
+
+def test_shard_size_grows_with_the_factors_so_writes_stay_cheap():
+    def mlp(layer, d, f):
+        names = ("gate", d, f), ("up", d, f), ("down", f, d)
+        return [Target(f"model.layers.{layer}.mlp.{p}_proj", layer, p, i, o) for p, i, o in names]
+
+    small = [t for layer in range(3) for t in mlp(layer, 576, 1536)]  # SmolLM2-135M, 3 layers
+    assert shard_token_count(small, FactorArguments()) == 65536
+    big = [t for layer in range(3) for t in mlp(layer, 4096, 11008)]  # OLMo-2-7B, 3 layers
+    # gate and up share one A (4096^2); down has its own (11008^2); G: 11008^2 twice, 4096^2 once
+    entries = 3 * (4096**2 + 11008**2 + 2 * 11008**2 + 4096**2)
+    assert shard_token_count(big, FactorArguments()) == -(-entries // 512)
+    assert shard_token_count(big, FactorArguments(shard_tokens=1000)) == 1000

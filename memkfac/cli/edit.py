@@ -113,11 +113,17 @@ def register(subparsers) -> None:
         metavar="DIR",
         help="where to write the edited model (replaced atomically if it exists)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the float64 projections (and an eigenbasis computed on the way) run: cpu (default), "
+        "cuda, cuda:1 ... (a GPU edits 7B-scale layers in seconds)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
-def _eigenbasis_dir(factors: Path, progress: bool) -> Path:
+def _eigenbasis_dir(factors: Path, progress: bool, device: str) -> Path:
     """The eigenbasis for ``factors``: itself, its ``eigenbasis/``, or computed now from the factors."""
     from memkfac.eigen import EIGEN_FILE, compute_eigenbasis, load_eigenbasis
     from memkfac.factors import INDEX_FILE
@@ -136,7 +142,7 @@ def _eigenbasis_dir(factors: Path, progress: bool) -> Path:
         if meta["factor_index_sha256"] == sha256_file(factors / INDEX_FILE):
             return eig_dir
     print(f"computing the eigenbasis of {factors} into {eig_dir}")
-    return compute_eigenbasis(factors, eig_dir, progress=progress)
+    return compute_eigenbasis(factors, eig_dir, progress=progress, device=device)
 
 
 def _summary_table(modules: list[dict]) -> str:
@@ -180,8 +186,8 @@ def run(args: argparse.Namespace) -> int:
             raise MemkfacError(
                 f"--method {config.method} needs --factors", "pass the directory written by `memkfac factors`"
             )
-        eig_dir = _eigenbasis_dir(args.factors, progress)
-    manifest = edit_model(model_dir, eig_dir, config, args.out, progress=progress)
+        eig_dir = _eigenbasis_dir(args.factors, progress, args.device)
+    manifest = edit_model(model_dir, eig_dir, config, args.out, progress=progress, device=args.device)
     print(_summary_table(manifest["modules"]))
     print(f"wrote {args.out} ({len(manifest['modules'])} modules, {manifest['edit_seconds']:.1f} s)")
     return 0

@@ -83,8 +83,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--shard-tokens",
         type=int,
-        default=65536,
-        help="tokens per shard: the unit of resumption (default 65536)",
+        default=None,
+        help="tokens per shard, the unit of resumption (default: at least 65536, and one token per 512 "
+        "factor entries so that writing shards stays cheap at 7B scale)",
     )
     p.add_argument(
         "--dtype",
