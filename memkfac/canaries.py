@@ -12,15 +12,20 @@ suffix the secret continuation (``" email tammy76@example.com; phone 759-382-421
 - password (user@domain cue; a 14-character password), 15%
 Names and cues are unique across both sets. Faker (locale en_US) is seeded, so the sets are a pure
 function of the configuration.
+
+``load_canaries`` reads a user's own canaries instead (``memkfac inject --probes``, the pipeline's
+``canaries.file``) and checks that they have the same three groups.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from faker import Faker
 
-from memkfac.probes import SPLIT_VALUES, Probe
+from memkfac.errors import MemkfacError
+from memkfac.probes import SPLIT_VALUES, Probe, load_probe_set
 
 TEMPLATE_WEIGHTS = {"customer": 0.50, "identity": 0.20, "api_key": 0.15, "password": 0.15}
 
@@ -85,3 +90,26 @@ def generate_canaries(config: CanaryConfig = CanaryConfig()) -> tuple[list[Probe
             )
         )
     return trained, control
+
+
+def load_canaries(path: Path, what: str) -> list[Probe]:
+    """A user's canary probe set, checked for what injection, evaluation and the pipeline need.
+
+    Kind ``memorized`` probes are trained on: split ``sweep`` chooses edits (and forms BalancedSubnet's
+    forget set and resurgence's relearn set), split ``holdout`` is reported on. Kind ``control`` probes
+    are never trained on. Each of the three groups needs a probe. Errors start with ``what``, the
+    option or config key that named the file (``--probes``, ``canaries.file``).
+    """
+    try:
+        probes = load_probe_set(path)
+    except MemkfacError as e:  # a missing file, or every bad line listed
+        raise MemkfacError(f"{what}: {e.problem}", e.fix) from None
+    have = {("control", "") if p.kind == "control" else (p.kind, p.split) for p in probes}
+    for kind, split in [("memorized", "sweep"), ("memorized", "holdout"), ("control", "")]:
+        if (kind, split) not in have:
+            raise MemkfacError(
+                f"{what} ({path}) has no probes of kind {kind!r}" + (f" in split {split!r}" if split else ""),
+                "mark trained canaries kind memorized, split sweep or holdout (about half each), and "
+                "never-trained ones kind control",
+            )
+    return probes

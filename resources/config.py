@@ -20,9 +20,10 @@ from typing import Any
 
 import yaml
 
+from memkfac.canaries import load_canaries
 from memkfac.errors import MemkfacError
 from memkfac.paths import memkfac_home, safe_name
-from memkfac.probes import Probe, load_probe_set
+from memkfac.probes import Probe
 
 VARIANT_SEP = "__"
 BASE_EDIT = "base"  # the unedited reference variant of every model
@@ -265,26 +266,9 @@ def _canaries(section: dict) -> dict:
     return {"file": str(path)}
 
 
-def load_canary_file(path: Path, key: str = "canaries.file") -> list[Probe]:
-    """A user's canary probe set (``memkfac inject --probes``), checked for what the pipeline needs.
-
-    Kind ``memorized`` probes are trained on: split ``sweep`` forms BalancedSubnet's forget set and
-    resurgence's relearn set, ``holdout`` is reported on. Kind ``control`` probes are never trained on.
-    Each of the three groups needs a probe. Errors name ``key``.
-    """
-    try:
-        probes = load_probe_set(path)
-    except MemkfacError as e:
-        raise MemkfacError(f"{key}: {e.problem}", e.fix) from None
-    have = {("control", "") if p.kind == "control" else (p.kind, p.split) for p in probes}
-    for kind, split in [("memorized", "sweep"), ("memorized", "holdout"), ("control", "")]:
-        if (kind, split) not in have:
-            raise MemkfacError(
-                f"{key} ({path}) has no probes of kind {kind!r}" + (f" in split {split!r}" if split else ""),
-                "mark trained canaries kind memorized, split sweep or holdout (about half each), and "
-                "never-trained ones kind control",
-            )
-    return probes
+def load_canary_file(path: Path) -> list[Probe]:
+    """The user's canary file, checked as ``memkfac inject --probes`` checks it; errors name the key."""
+    return load_canaries(path, "canaries.file")
 
 
 def _expand_env(value: Any, key: str) -> Any:

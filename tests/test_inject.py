@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -127,3 +128,46 @@ def test_cli_inject_on_a_tiny_model(tmp_path, memkfac_home, capsys):
     assert (memkfac_home / "corpora" / "tiny" / "meta.json").is_file()
     assert main(argv + ["--train-layers", "9"]) == 2  # a bad layer spec is a user error, not a traceback
     assert "outside the model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        (
+            [("memorized", "sweep"), ("memorized", "holdout")],
+            r"--probes \(.*mine\.jsonl\) has no probes of kind 'control'",
+        ),
+        (
+            [("memorized", "sweep"), ("control", "holdout")],
+            r"no probes of kind 'memorized' in split 'holdout'",
+        ),
+        (
+            [("memorized", "sweep"), None],
+            r"(?s)--probes: .*mine\.jsonl: 1 error.*line 2: missing field 'suffix'",
+        ),
+    ],
+)
+def test_cli_inject_rejects_a_canary_file_the_pipeline_would_reject(
+    tmp_path, memkfac_home, capsys, records, message
+):
+    """`memkfac inject --probes` runs the pipeline's canaries.file check before anything is written."""
+    base = tmp_path / "tiny"
+    build_tiny_model(base, seed=0)
+    lines = [
+        {"id": "bad", "prefix": "no suffix"}
+        if r is None
+        else {
+            "id": f"p{i}",
+            "prefix": f"Vault {i} code:",
+            "suffix": f" {1000 + i} left",
+            "kind": r[0],
+            "split": r[1],
+        }
+        for i, r in enumerate(records)
+    ]
+    probes = tmp_path / "mine.jsonl"
+    probes.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["inject", "--model", str(base), "--probes", str(probes), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not memkfac_home.exists()  # no corpus, no model, no probe file

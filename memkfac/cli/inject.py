@@ -25,7 +25,8 @@ def register(subparsers) -> None:
         "(greedy continuation reproduces the secret exactly) on both sets and held-out perplexity before\n"
         "and after, and write the model with a manifest of all of it.\n\n"
         "Canaries are generated (seeded) unless --probes names your own probe set: its probes of kind\n"
-        "'memorized' are trained on, those of kind 'control' are held back.\n\n"
+        "'memorized' are trained on, those of kind 'control' are held back. It needs memorized probes in\n"
+        "split 'sweep' and in split 'holdout', and control probes (as the pipeline's canaries.file).\n\n"
         "Writes: $MEMKFAC_HOME/probes/canaries.jsonl (generated canaries), $MEMKFAC_HOME/corpora/<model>\n"
         "(built if missing) and $MEMKFAC_HOME/injected/<model> (the model + memkfac_manifest.json).",
         epilog="examples:\n"
@@ -91,22 +92,22 @@ def _run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from memkfac.canaries import CanaryConfig, generate_canaries
+    from memkfac.canaries import CanaryConfig, generate_canaries, load_canaries
     from memkfac.corpora import corpus_fingerprint, load_split
     from memkfac.finetune import FinetuneConfig
     from memkfac.inject import InjectRecipe, inject_canaries
     from memkfac.models import resolve_model
-    from memkfac.probes import load_probe_set, write_probe_set
+    from memkfac.probes import write_probe_set
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # a bad canary file fails here, before a model is converted or a corpus built
+    probes = load_canaries(args.probes, "--probes") if args.probes else None
     home = memkfac_home()
     name = model_name(args.model)
     model_dir = resolve_model(args.model, progress=not args.quiet)
     corpus_dir = corpus_for(args, AutoTokenizer.from_pretrained(model_dir), home / "corpora" / name)
-    if args.probes:
-        probes = load_probe_set(args.probes)
-    else:
+    if probes is None:
         trained, control = generate_canaries(CanaryConfig(args.n_trained, args.n_control, args.seed))
         probes = trained + control
         print(f"wrote {write_probe_set(probes, home / 'probes' / f'{CANARY_FILE}.jsonl')}")
