@@ -11,6 +11,7 @@ import dagster as dg
 from assets.automation import BUILD
 from assets.metadata import dir_bytes
 from assets.partitions import Partitions
+from assets.sources import CANARY_FILE, canary_file_path
 from memkfac.fingerprint import model_fingerprint
 from resources.config import PipelineConfig, load_canary_file
 from resources.store import ArtifactStore
@@ -95,6 +96,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         )
 
     @dg.asset(
+        deps=[dg.AssetDep(CANARY_FILE)] if canary_file_path(config) else [],
         group_name=GROUP,
         kinds={"json"},
         code_version=_canaries_version(config),

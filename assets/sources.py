@@ -5,6 +5,8 @@
 - ``corpus_files``: a local corpus file or directory (sha256); ``stdlib`` is versioned by the Python
   version whose standard library it reads; a ``hf:`` dataset by its spec.
 - ``probe_set_files[probe_set]``: ``MEMKFAC_HOME/probes/<probe_set>.jsonl``.
+- ``canary_file``: the user's canary probe set named by ``canaries.file`` (sha256); only defined when
+  that key is set (generated canaries have no input file: their settings are the code version).
 
 ``jobs/sensors.py`` reports these versions as runless observations (no run is launched); the
 observe functions here let the UI's "Observe" button do the same.
@@ -22,6 +24,7 @@ from resources.config import PipelineConfig
 from resources.store import ArtifactStore
 
 GROUP = "sources"
+CANARY_FILE = "canary_file"  # the source asset of canaries.file, an input of the canaries asset
 
 
 def model_version(source: str) -> str | None:
@@ -44,6 +47,11 @@ def corpus_version(source: str) -> str:
     if source == "stdlib":
         return f"stdlib-python-{platform.python_version()}"
     return f"spec:{source}"
+
+
+def canary_file_path(config: PipelineConfig) -> Path | None:
+    """The user's canary file (``canaries.file``), or None when the canaries are generated."""
+    return Path(config.canaries["file"]) if "file" in config.canaries else None
 
 
 def probe_file_versions(store: ArtifactStore) -> dict[str, str]:
@@ -89,4 +97,17 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         known = set(context.instance.get_dynamic_partitions(parts.probe_set.name))
         return dg.DataVersionsByPartition({p: v for p, v in probe_file_versions(store).items() if p in known})
 
-    return [model_files, corpus_files, probe_set_files]
+    sources = [model_files, corpus_files, probe_set_files]
+    path = canary_file_path(config)
+    if path is not None:
+
+        @dg.observable_source_asset(
+            name=CANARY_FILE,
+            group_name=GROUP,
+            description=f"The user's canary probe set {path} (canaries.file; data version: its sha256).",
+        )
+        def canary_file():
+            return dg.DataVersion(sha256_file(path))
+
+        sources.append(canary_file)
+    return sources

@@ -1,10 +1,12 @@
 """Sensors: the automation sensor and the input-files sensor, both RUNNING on a fresh instance.
 
-``input_files_sensor`` checks the base-model directories, the corpus and the probe directory on
-every tick. It re-hashes a file only when its size or mtime changed (the cursor remembers both), and
-reports each new content version as a runless observation of the matching source asset; a new
-probe-set file also becomes a ``probe_set`` partition. Declarative automation (``memkfac_automation``)
-then requests exactly the downstream partitions whose inputs changed.
+``input_files_sensor`` checks the base-model directories, the corpus, the probe directory and the
+user's canary file (``canaries.file``, when set) on every tick. It re-hashes a file only when its size
+or mtime changed (the cursor remembers both), and reports each new content version as a runless
+observation of the matching source asset; a new probe-set file also becomes a ``probe_set``
+partition. Declarative automation (``memkfac_automation``) then requests exactly the downstream
+partitions whose inputs changed: an edited canary file rematerializes the canaries, the subject
+model and everything after it.
 """
 
 import json
@@ -13,8 +15,8 @@ from pathlib import Path
 import dagster as dg
 
 from assets.partitions import Partitions
-from assets.sources import corpus_version, model_version, probe_file_versions
-from memkfac.fingerprint import WEIGHT_SUFFIXES
+from assets.sources import CANARY_FILE, canary_file_path, corpus_version, model_version, probe_file_versions
+from memkfac.fingerprint import WEIGHT_SUFFIXES, sha256_file
 from resources.config import PipelineConfig
 from resources.store import ArtifactStore
 
@@ -31,8 +33,8 @@ def _stat_signature(paths: list[Path]) -> str:
 def input_versions(config: PipelineConfig, store: ArtifactStore, cursor: dict) -> tuple[dict, dict]:
     """Current content versions of every input, reusing the cursor's hash where the stat is unchanged.
 
-    Returns ``(versions, new_cursor)``; versions maps ``"model/<m>"``, ``"corpus"`` and
-    ``"probe_set/<p>"`` to a data version.
+    Returns ``(versions, new_cursor)``; versions maps ``"model/<m>"``, ``"corpus"``, ``"canary_file"``
+    (when configured and present) and ``"probe_set/<p>"`` to a data version.
     """
     watched: dict[str, tuple[list[Path], object]] = {}
     for name, m in config.models.items():
@@ -52,6 +54,12 @@ def input_versions(config: PipelineConfig, store: ArtifactStore, cursor: dict) -
         else [],
         lambda: corpus_version(config.corpus["source"]),
     )
+    canaries = canary_file_path(config)
+    if canaries is not None:  # a deleted file has no version: the canaries asset reports the error
+        watched[CANARY_FILE] = (
+            [canaries] if canaries.is_file() else [],
+            lambda: sha256_file(canaries) if canaries.is_file() else None,
+        )
     versions, new_cursor = {}, {}
     for key, (files, version_of) in watched.items():
         sig = _stat_signature(files)
@@ -77,8 +85,8 @@ def build_input_files_sensor(config: PipelineConfig, parts: Partitions) -> dg.Se
         name=SENSOR_NAME,
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Hashes base models, the corpus and probe-set files; reports changes as observations "
-        "and registers new probe sets as partitions.",
+        description="Hashes base models, the corpus, probe-set files and the user's canary file; reports "
+        "changes as observations and registers new probe sets as partitions.",
     )
     def input_files_sensor(context: dg.SensorEvaluationContext, store: ArtifactStore) -> dg.SensorResult:
         cursor = json.loads(context.cursor) if context.cursor else {}
@@ -93,7 +101,12 @@ def build_input_files_sensor(config: PipelineConfig, parts: Partitions) -> dg.Se
             if previous.get(key) == version:
                 continue
             kind, _, partition = key.partition("/")
-            asset = {"model": "model_files", "corpus": "corpus_files", "probe_set": "probe_set_files"}[kind]
+            asset = {
+                "model": "model_files",
+                "corpus": "corpus_files",
+                "probe_set": "probe_set_files",
+                CANARY_FILE: CANARY_FILE,
+            }[kind]
             events.append(
                 dg.AssetObservation(
                     asset_key=asset, partition=partition or None, tags={"dagster/data_version": version}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 
@@ -66,3 +67,53 @@ def test_sensor_observes_changes_and_registers_probe_sets(tiny_defs, tiny_home):
     (version,) = [v for (k, _), v in _events(fourth).items() if k == "model_files"]
     assert version != old
     assert set(_events(fourth)) == {("model_files", "tiny-llama")}
+
+
+def test_editing_the_user_canary_file_rebuilds_canaries_and_everything_after(
+    tiny_home, tmp_path, monkeypatch
+):
+    """canaries.file is observed as the canary_file source; a new version re-triggers the canaries,
+    the subject model and what follows (not the base model or corpus), without reloading definitions."""
+    from memkfac.fingerprint import sha256_file
+    from tests.dagster.test_dagster_assets_extra import _config, _definitions, _secrets, _write_jsonl
+    from tests.dagster.test_dagster_automation import T0, _cascade, _materialize_everything
+
+    user_file = _write_jsonl(tiny_home / "inputs" / "secrets.jsonl", _secrets())
+    _config(tmp_path, monkeypatch, lambda raw: raw.update(canaries={"file": "inputs/secrets.jsonl"}))
+    defs, instance = _definitions(), dg.DagsterInstance.ephemeral()
+    store = ArtifactStore(home=str(tiny_home))
+    graph = defs.resolve_asset_graph()
+    assert graph.get(dg.AssetKey("canaries")).parent_keys == {dg.AssetKey("canary_file")}
+    instance.add_dynamic_partitions("probe_set", ["canaries"])
+
+    def observe(cursor):
+        result = _tick(defs, instance, store, cursor)
+        for event in result.asset_events:  # what Dagster does with a sensor's asset events
+            instance.report_runless_asset_event(event)
+        return result
+
+    first = observe(None)
+    assert _events(first)[("canary_file", None)] == sha256_file(user_file)
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, evaluation_time=T0)
+    _materialize_everything(defs, instance)
+    for minute in range(1, 4):
+        result = dg.evaluate_automation_conditions(
+            defs=defs,
+            instance=instance,
+            cursor=result.cursor,
+            evaluation_time=T0 + dt.timedelta(minutes=minute),
+        )
+    assert result.total_requested == 0
+    assert observe(first.cursor).asset_events == []
+
+    mtime = user_file.stat().st_mtime_ns
+    _write_jsonl(user_file, _secrets(n_per_group=3))
+    os.utime(user_file, ns=(mtime + 10**9, mtime + 10**9))  # a later write (filesystems may round mtimes)
+    assert _events(observe(first.cursor)) == {("canary_file", None): sha256_file(user_file)}
+    requested = _cascade(defs, instance, result.cursor, T0 + dt.timedelta(minutes=10))
+    variants = set(graph.get(dg.AssetKey("edited_model")).partitions_def.get_partition_keys())
+    assert requested["canaries"] == {"None"} and requested["subject_model"] == {"tiny-llama"}
+    assert requested["edited_model"] == variants
+    assert requested["memorization_eval"] == {f"canaries|{v}" for v in variants}
+    assert "reports/forgetting_by_variant" in requested
+    assert "base_model" not in requested and "corpus" not in requested
