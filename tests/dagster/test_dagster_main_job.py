@@ -1,0 +1,140 @@
+"""The main job's robustness: a failed step, then Ctrl-C, then a rerun that completes the graph.
+
+One tiny home goes through three invocations of ``jobs.main.run_pipeline``:
+1. factor collection raises: the job finishes the rest, skips what reads the factors, names the step;
+2. factor collection gets SIGINT (Ctrl-C): the job stops at once;
+3. nothing injected: automation alone would request nothing (it handled those partitions in its
+   saved cursor), yet the rerun completes the graph and recomputes nothing that had succeeded.
+The factor runner runs behind a harmless launcher prefix throughout.
+"""
+
+import os
+import signal
+import time
+
+import dagster as dg
+import pytest
+import torch
+
+from jobs.main import PipelineInterrupted
+from tests.dagster.conftest import TINY_CONFIG
+
+
+def _raise(self, context, extras):
+    raise RuntimeError("factor collection failed")
+
+
+def _ctrl_c(self, context, extras):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)  # Dagster turns the signal into an interrupt of this step well before
+
+
+def _materializations(instance, key: str) -> int:
+    return len(instance.fetch_materializations(dg.AssetKey.from_user_string(key), limit=100).records)
+
+
+@pytest.fixture(scope="module")
+def invocations(tmp_path_factory):
+    from definitions import build_definitions
+    from jobs.main import run_pipeline
+    from memkfac.tiny import build_tiny_model
+    from resources.config import load_config
+    from resources.factor_runner import SubprocessFactorRunner
+    from resources.settings import Settings
+    from resources.store import ArtifactStore
+
+    root = tmp_path_factory.mktemp("main_job")
+    home = root / "home"
+    build_tiny_model(home / "inputs" / "tiny-llama", arch="llama", seed=0)
+    (root / "dagster").mkdir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MEMKFAC_HOME", str(home))
+        env.setenv("MEMKFAC_CONFIG", str(TINY_CONFIG))
+        env.setenv("OMP_NUM_THREADS", "1")
+        env.setenv("MEMKFAC_FACTOR_LAUNCHER", "env MEMKFAC_LAUNCHED=1")
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        settings = Settings.from_env()
+        config = load_config(settings.config_path)
+        defs = build_definitions(config, settings)
+        instance = dg.DagsterInstance.local_temp(str(root / "dagster"))
+        store = ArtifactStore(home=str(home))
+        out = {"instance": instance, "config": config, "logs": ([], [], [])}
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(SubprocessFactorRunner, "collect", _raise)
+            out["failed"] = run_pipeline(defs, instance, store, log=out["logs"][0].append)
+        out["runs_after_failure"] = instance.get_runs()
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(SubprocessFactorRunner, "collect", _ctrl_c)
+            with pytest.raises(PipelineInterrupted) as interrupted:
+                run_pipeline(defs, instance, store, log=out["logs"][1].append)
+        out["interrupted"] = interrupted.value
+        out["runs_after_interrupt"] = instance.get_runs()
+
+        out["resumed"] = run_pipeline(defs, instance, store, log=out["logs"][2].append)
+        yield out
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_failed_step_is_named_and_what_reads_it_skipped(invocations):
+    assert invocations["failed"] == ["kfac_factors[tiny-llama]"], invocations["logs"][0]
+    assert "  kfac_eigenbasis[tiny-llama]: skipped, an input failed" in invocations["logs"][0]
+    selected = {k.to_user_string() for r in invocations["runs_after_failure"] for k in r.asset_selection}
+    assert "kfac_factors" in selected and "subject_model" in selected
+    assert "kfac_eigenbasis" not in selected
+
+
+@pytest.mark.slow
+def test_interrupt_stops_at_once(invocations):
+    assert invocations["interrupted"].step == "kfac_factors[tiny-llama]", invocations["logs"][1]
+    started = invocations["runs_after_interrupt"][: -len(invocations["runs_after_failure"])]
+    assert len(started) == 1, invocations["logs"][1]  # the interrupted run; no later level started
+    assert started[0].asset_selection == {dg.AssetKey("kfac_factors")}
+    assert started[0].status == dg.DagsterRunStatus.FAILURE
+
+
+@pytest.mark.slow
+def test_rerun_completes_the_graph(invocations):
+    instance, config = invocations["instance"], invocations["config"]
+    assert invocations["resumed"] == [], invocations["logs"][2]
+    assert instance.get_materialized_partitions(dg.AssetKey("edited_model")) == set(config.variants)
+    assert _materializations(instance, "reports/recall_vs_perplexity") == 1
+
+
+@pytest.mark.slow
+def test_rerun_recomputes_nothing_that_had_succeeded(invocations):
+    instance = invocations["instance"]
+    for key in ("canaries", "base_model", "corpus", "subject_model", "downstream_base", "kfac_factors"):
+        assert _materializations(instance, key) == 1, (key, invocations["logs"][2])
+
+
+def test_main_exit_status_names_failed_steps(tiny_home, monkeypatch, capsys):
+    from jobs import main
+
+    monkeypatch.setattr(main, "run_pipeline", lambda *a, **k: ["kfac_factors[tiny-llama]"])
+    assert main.main([]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED after" in err and "kfac_factors[tiny-llama]" in err
+
+
+@pytest.mark.parametrize(
+    ("interrupt", "where"),
+    [
+        (KeyboardInterrupt(), "between steps"),
+        (PipelineInterrupted("kfac_factors[tiny-llama]"), "kfac_factors[tiny-llama]"),
+    ],
+)
+def test_main_exit_status_130_on_interrupt(tiny_home, monkeypatch, capsys, interrupt, where):
+    from jobs import main
+
+    def interrupted(*args, **kwargs):
+        raise interrupt
+
+    monkeypatch.setattr(main, "run_pipeline", interrupted)
+    assert main.main([]) == 130
+    err = capsys.readouterr().err
+    assert f"Interrupted ({where})" in err and "rerun the same command to resume" in err
