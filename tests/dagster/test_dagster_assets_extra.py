@@ -200,3 +200,56 @@ def test_edited_model_check_fails_on_nonfinite_logits_of_a_probe_batch(tiny_home
     (evaluation,) = broken.get_asset_check_evaluations()
     assert not evaluation.passed
     assert evaluation.metadata["problems"].value == ["non-finite logits"]
+
+
+@pytest.mark.slow
+def test_mia_report_puts_the_base_auc_next_to_each_variant(tmp_path, monkeypatch):
+    """dbt builds mia_auc_by_variant and runs its tests when some variants have no AUC rows; a bad AUC
+    fails the build (the tests are the Dagster checks of the report)."""
+    import duckdb
+    from dagster_dbt import DbtCliResource
+    from dagster_dbt.errors import DagsterDbtCliRuntimeError
+
+    from memkfac.mia import SCORE_ORIENTATION
+    from memkfac.tables import make_table, write_table
+    from resources.dbt_project import dbt_project
+    from resources.settings import DBT_EXECUTABLE
+
+    monkeypatch.setenv("MEMKFAC_HOME", str(tmp_path))
+    edited = "tiny-llama__kfac-r0.9"
+
+    def write_auc(variant: str, probe_set: str, auc: float) -> None:
+        rows = [
+            {"score": s, "member_kind": "memorized", "nonmember_kind": "control"}
+            | {"n_members": 8, "n_nonmembers": 4, "auc": auc}
+            for s in SCORE_ORIENTATION
+        ]
+        table = make_table("mia_auc", rows, variant=variant, probe_set=probe_set, run_id="r1")
+        write_table("mia_auc", table, tmp_path)
+
+    write_auc(BASE, "canaries", 0.875)
+    write_auc(edited, "canaries", 0.5)
+    write_auc(edited, "pii", 0.625)  # the unedited model has no AUC on pii; svd-drop25 has none at all
+
+    def build() -> None:
+        dbt = DbtCliResource(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE)
+        dbt.cli(["build", "--select", "mia_auc_by_variant"], target_path=tmp_path / "target").wait()
+
+    build()
+    with duckdb.connect(str(tmp_path / "reports.duckdb"), read_only=True) as con:
+        rows = con.execute(
+            "select variant, probe_set, count(*), min(auc), min(base_auc), min(auc_drop), count(base_auc) "
+            "from main_reports.mia_auc_by_variant group by all order by all"
+        ).fetchall()
+    n = len(SCORE_ORIENTATION)
+    assert rows == [
+        (BASE, "canaries", n, 0.875, 0.875, 0.0, n),
+        (edited, "canaries", n, 0.5, 0.875, 0.375, n),
+        (edited, "pii", n, 0.625, None, None, 0),
+    ]
+    write_auc(edited, "pii", 1.5)
+    with pytest.raises(DagsterDbtCliRuntimeError):
+        build()
+    results = json.loads((tmp_path / "target" / "run_results.json").read_text())["results"]
+    failed = {r["unique_id"].split(".")[2] for r in results if r["status"] not in ("pass", "success")}
+    assert failed == {"in_range_mia_auc_by_variant_auc__1__0"}

@@ -4,6 +4,23 @@ from __future__ import annotations
 
 import dagster as dg
 
+# blocking checks of every config (positional_stress_table_valid too when evaluation.stress is on)
+BLOCKING_CHECKS = {
+    "factors_healthy",
+    "edited_model_valid",
+    "memorization_table_valid",
+    "mia_table_valid",
+    "perplexity_table_valid",
+}
+# dbt tests of the MIA report, as Dagster names them
+MIA_REPORT_CHECKS = {
+    "not_null_mia_auc_by_variant_auc",
+    "in_range_mia_auc_by_variant_auc__1__0",
+    "in_range_mia_auc_by_variant_base_auc__1__0",
+    "in_range_mia_auc_by_variant_auc_drop__1___1",
+    "accepted_values_mia_auc_by_variant_score__loss__zlib_ratio__min_k__min_k_pp",
+}
+
 
 def test_default_definitions_load():
     from definitions import defs
@@ -35,15 +52,11 @@ def test_default_definitions_load():
         "reports/utility_retention",
         "reports/recall_vs_perplexity",
         "reports/resurgence_curves",
+        "reports/mia_auc_by_variant",
     } <= keys
     checks = {c.name for c in graph.asset_check_keys}
-    assert {
-        "factors_healthy",
-        "edited_model_valid",
-        "memorization_table_valid",
-        "perplexity_table_valid",
-    } <= checks
-    assert any(c.name.startswith("not_null_") for c in graph.asset_check_keys)  # dbt tests as checks
+    assert checks >= BLOCKING_CHECKS | MIA_REPORT_CHECKS  # dbt tests as checks
+    assert "positional_stress_table_valid" not in checks  # evaluation.stress is off in the default
     assert set(defs.resources) >= {"store", "factor_runner", "mlflow", "dbt"}
 
 
@@ -99,3 +112,5 @@ def test_partitions_follow_the_config(tiny_defs):
     )
     dims = graph.get(dg.AssetKey("memorization_eval")).partitions_def.partition_dimension_names
     assert sorted(dims) == ["probe_set", "variant"]
+    checks = {c.name for c in graph.asset_check_keys}
+    assert checks >= BLOCKING_CHECKS | {"positional_stress_table_valid"}  # tiny.yaml: stress on

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.dagster.conftest import TINY_CONFIG
+from tests.dagster.test_dagster_definitions import BLOCKING_CHECKS, MIA_REPORT_CHECKS
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +74,8 @@ def test_every_asset_partition_materializes(pipeline):
 def test_blocking_checks_ran_and_passed(pipeline):
     instance, defs = pipeline["instance"], pipeline["defs"]
     graph = defs.resolve_asset_graph()
-    names = {"factors_healthy", "edited_model_valid", "memorization_table_valid", "perplexity_table_valid"}
+    names = BLOCKING_CHECKS | {"positional_stress_table_valid"}  # tiny.yaml: evaluation.stress on
+    assert names | MIA_REPORT_CHECKS <= {c.name for c in graph.asset_check_keys}
     for check_key in graph.asset_check_keys:
         if check_key.name not in names and check_key.asset_key.path[0] != "reports":
             continue
@@ -104,6 +106,11 @@ def test_tables_and_reports(pipeline):
             "select distinct steps from main_reports.resurgence_curves order by steps"
         ).fetchall()
         assert [s[0] for s in steps] == [0, *config.resurgence.steps]
+        auc = con.execute(
+            "select variant, count(*), count(base_auc), max(abs(base_auc - auc - auc_drop)) "
+            "from main_reports.mia_auc_by_variant group by variant order by variant"
+        ).fetchall()
+        assert auc == [(v, 4, 4, 0.0) for v in sorted(config.variants)]  # 4 scores, base AUC beside each
 
 
 def test_mlflow_registry_round_trip(pipeline):
