@@ -1,8 +1,7 @@
 -- Downstream task retention of every edit (score / unedited score, paired-bootstrap 95% interval),
 -- with the mean over tasks per variant.
 with d as (
-    select *, split_part(variant, '__', 1) as model, split_part(variant, '__', 2) as edit
-    from {{ source('evals', 'downstream') }}
+    {{ with_model_and_edit(source('evals', 'downstream')) }}
     where retention is not null
 )
 select

@@ -1,7 +1,6 @@
 -- Recall of every variant on every probe set next to its unedited model's recall (per kind and split).
 with s as (
-    select *, split_part(variant, '__', 1) as model, split_part(variant, '__', 2) as edit
-    from {{ source('evals', 'memorization_summary') }}
+    {{ with_model_and_edit(source('evals', 'memorization_summary')) }}
 )
 select
     s.model,

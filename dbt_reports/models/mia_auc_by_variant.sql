@@ -3,8 +3,7 @@
 -- edit removed (an AUC of 0.5 no longer tells trained from never-seen probes). A variant or probe set
 -- with no AUC rows is simply absent; where the unedited model has none, base_auc and auc_drop are null.
 with a as (
-    select *, split_part(variant, '__', 1) as model, split_part(variant, '__', 2) as edit
-    from {{ source('evals', 'mia_auc') }}
+    {{ with_model_and_edit(source('evals', 'mia_auc')) }}
 )
 select
     a.model,

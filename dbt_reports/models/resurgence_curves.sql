@@ -4,8 +4,7 @@
 --                          the fraction of the removed recall that came back (kfac_engine_notes section 5);
 --                          null when the edit removed nothing.
 with r as (
-    select *, split_part(variant, '__', 1) as model, split_part(variant, '__', 2) as edit
-    from {{ source('evals', 'resurgence') }}
+    {{ with_model_and_edit(source('evals', 'resurgence')) }}
 ),
 start as (
     select variant, recipe, kind, strict_pct as strict_pct_at_0 from r where steps = 0

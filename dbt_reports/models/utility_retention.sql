@@ -1,7 +1,6 @@
 -- What each edit kept: held-out perplexity against the unedited model's, and nDCG@10 of next-token lists.
 with p as (
-    select *, split_part(variant, '__', 1) as model, split_part(variant, '__', 2) as edit
-    from {{ source('evals', 'perplexity') }}
+    {{ with_model_and_edit(source('evals', 'perplexity')) }}
 )
 select
     p.model,
