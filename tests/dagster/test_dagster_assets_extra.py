@@ -218,18 +218,20 @@ def test_mia_report_puts_the_base_auc_next_to_each_variant(tmp_path, monkeypatch
     monkeypatch.setenv("MEMKFAC_HOME", str(tmp_path))
     edited = "tiny-llama__kfac-r0.9"
 
-    def write_auc(variant: str, probe_set: str, auc: float) -> None:
+    def write_auc(variant: str, probe_set: str, auc: float | None) -> None:
         rows = [
             {"score": s, "member_kind": "memorized", "nonmember_kind": "control"}
             | {"n_members": 8, "n_nonmembers": 4, "auc": auc}
             for s in SCORE_ORIENTATION
+            if auc is not None
         ]
         table = make_table("mia_auc", rows, variant=variant, probe_set=probe_set, run_id="r1")
-        write_table("mia_auc", table, tmp_path)
+        write_table("mia_auc", table, tmp_path, variant, probe_set)
 
     write_auc(BASE, "canaries", 0.875)
     write_auc(edited, "canaries", 0.5)
-    write_auc(edited, "pii", 0.625)  # the unedited model has no AUC on pii; svd-drop25 has none at all
+    write_auc(edited, "pii", 0.625)  # the unedited model has no AUC file on pii
+    write_auc("tiny-llama__svd-drop25", "canaries", None)  # a file with no rows
 
     def build() -> None:
         dbt = DbtCliResource(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE)
