@@ -11,9 +11,10 @@ count a requested partition as handled even if its run never finished). Executio
 order, one run per level and partition; a step that reads a failed one is skipped. It stops when
 nothing more is requested and exits with status 0 only if the whole graph is materialized (1 names
 the failed steps). So a second run after a change recomputes only what the change touched (the
-canary injection stays cached). Ctrl-C stops at once with status 130; rerunning the same command
-resumes. Runs land in the Dagster instance at ``$DAGSTER_HOME`` (default ``$MEMKFAC_HOME/dagster``),
-so ``dagster dev`` shows them afterwards.
+canary injection stays cached). Ctrl-C (or SIGTERM) stops at once with status 130; rerunning the
+same command resumes, also after a kill -9: runs a killed main job left unfinished are marked failed
+and their pool slots freed first. Runs land in the Dagster instance at ``$DAGSTER_HOME`` (default
+``$MEMKFAC_HOME/dagster``), so ``dagster dev`` shows them afterwards.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -28,6 +30,7 @@ from pathlib import Path
 
 MAX_ROUNDS = 20  # the graph is 11 levels deep; each round settles at least one level
 CURSOR_FILE = "memkfac_automation_cursor.json"  # under DAGSTER_HOME: what automation already handled
+PID_TAG = "memkfac/main_job_pid"  # on every run the main job executes: which process ran it
 
 
 def dagster_home(memkfac_home: Path) -> Path:
@@ -171,6 +174,38 @@ def _never_materialized(graph, instance) -> list[str]:
     return [f"never materialized, an input is missing: {names}"]
 
 
+def fail_abandoned_runs(instance, log=print) -> None:
+    """Mark as failed the runs a killed main job left unfinished (SIGKILL, power loss), and free
+    the pool slots they held.
+
+    Left as they are they look in progress for ever (no condition requests an asset partition that
+    is in progress), and a step of the same pool waits for ever for the slot. A run counts as
+    abandoned when the process named by its PID_TAG is gone.
+    """
+    import dagster as dg
+
+    unfinished = instance.get_runs(
+        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED])
+    )
+    for run in unfinished:
+        if PID_TAG in run.tags and not _process_alive(int(run.tags[PID_TAG])):
+            assets = ", ".join(sorted(k.to_user_string() for k in run.asset_selection or ()))
+            log(f"  run {run.run_id[:8]} ({assets}) was left unfinished by a killed main job: marked failed")
+            instance.report_run_failed(run, message="the main job that ran it was killed")
+            if instance.event_log_storage.supports_global_concurrency_limits:  # its pool slots too
+                instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _interrupted(instance, run_id: str) -> bool:
     """Whether the run was cancelled or ended by an interrupt (Ctrl-C, DagsterExecutionInterruptedError)."""
     import dagster as dg
@@ -230,6 +265,7 @@ def execute_requested(defs, instance, requested: set, failed: frozenset = frozen
                     partition_key=partition,
                     raise_on_error=False,
                     run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+                    tags={PID_TAG: str(os.getpid())},
                 )
             except KeyboardInterrupt:  # before Dagster captured the signal: no run to inspect
                 raise PipelineInterrupted(label) from None
@@ -270,6 +306,7 @@ def run_pipeline(defs, instance, store, log=print) -> list[str]:
     cursor = deserialize_value(cursor_file.read_text()) if cursor_file.is_file() else None
     graph = defs.resolve_asset_graph()
     completion = completion_defs(defs)
+    fail_abandoned_runs(instance, log)
     sensor_cursor, attempted, failed = None, set(), set()
     try:
         for round_no in range(1, MAX_ROUNDS + 1):
@@ -348,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     # The pinned Dagster marks APIs this project relies on as beta/preview; say so once, not per tick.
     warnings.filterwarnings("ignore", category=BetaWarning)
     warnings.filterwarnings("ignore", category=PreviewWarning)
+    # SIGTERM (kill, a CI timeout) stops like Ctrl-C; Dagster does the same inside its runs
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     try:
         from dagster import DagsterInstance

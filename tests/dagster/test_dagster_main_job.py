@@ -5,7 +5,8 @@ One tiny home goes through three invocations of ``jobs.main.run_pipeline``:
 2. factor collection gets SIGINT (Ctrl-C): the job stops at once;
 3. nothing injected: automation alone would request nothing (it handled those partitions in its
    saved cursor), yet the rerun completes the graph and recomputes nothing that had succeeded.
-The factor runner runs behind a harmless launcher prefix throughout.
+The factor runner runs behind a harmless launcher prefix throughout. The other tests are fast: the
+exit statuses of ``main`` and the clean-up of runs a killed main job left behind.
 """
 
 import os
@@ -138,3 +139,38 @@ def test_main_exit_status_130_on_interrupt(tiny_home, monkeypatch, capsys, inter
     assert main.main([]) == 130
     err = capsys.readouterr().err
     assert f"Interrupted ({where})" in err and "rerun the same command to resume" in err
+
+
+def test_runs_of_a_killed_main_job_are_failed_and_their_pool_slots_freed(tmp_path):
+    import subprocess
+
+    from jobs.main import PID_TAG, fail_abandoned_runs
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    instance = dg.DagsterInstance.local_temp(str(tmp_path))
+    storage = instance.event_log_storage
+    storage.set_concurrency_slots("compute", 1)
+    runs = {
+        "killed": {PID_TAG: str(gone.pid)},
+        "running": {PID_TAG: str(os.getpid())},
+        "not ours": {},
+    }
+    for name, tags in runs.items():
+        instance.add_run(
+            dg.DagsterRun(job_name="__ASSET_JOB", run_id=name, status=dg.DagsterRunStatus.STARTED, tags=tags)
+        )
+    storage.claim_concurrency_slot("compute", "killed", "kfac_factors")
+    assert storage.get_concurrency_info("compute").active_slot_count == 1
+
+    log: list[str] = []
+    fail_abandoned_runs(instance, log.append)
+
+    status = {name: instance.get_run_by_id(name).status for name in runs}
+    assert status == {
+        "killed": dg.DagsterRunStatus.FAILURE,
+        "running": dg.DagsterRunStatus.STARTED,
+        "not ours": dg.DagsterRunStatus.STARTED,
+    }
+    assert storage.get_concurrency_info("compute").active_slot_count == 0
+    assert len(log) == 1 and "killed main job" in log[0]
