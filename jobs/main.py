@@ -23,6 +23,7 @@ import argparse
 import datetime as dt
 import os
 import signal
+import socket
 import sys
 import time
 from collections import defaultdict
@@ -30,7 +31,7 @@ from pathlib import Path
 
 MAX_ROUNDS = 20  # the graph is 11 levels deep; each round settles at least one level
 CURSOR_FILE = "memkfac_automation_cursor.json"  # under DAGSTER_HOME: what automation already handled
-PID_TAG = "memkfac/main_job_pid"  # on every run the main job executes: which process ran it
+PID_TAG = "memkfac/main_job_process"  # on every run the main job executes: "host:pid" of the process
 
 
 def dagster_home(memkfac_home: Path) -> Path:
@@ -180,7 +181,7 @@ def fail_abandoned_runs(instance, log=print) -> None:
 
     Left as they are they look in progress for ever (no condition requests an asset partition that
     is in progress), and a step of the same pool waits for ever for the slot. A run counts as
-    abandoned when the process named by its PID_TAG is gone.
+    abandoned when the process named by its PID_TAG ran on this host and is gone.
     """
     import dagster as dg
 
@@ -188,12 +189,17 @@ def fail_abandoned_runs(instance, log=print) -> None:
         filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED])
     )
     for run in unfinished:
-        if PID_TAG in run.tags and not _process_alive(int(run.tags[PID_TAG])):
+        host, _, pid = run.tags.get(PID_TAG, "").rpartition(":")
+        if host == socket.gethostname() and not _process_alive(int(pid)):
             assets = ", ".join(sorted(k.to_user_string() for k in run.asset_selection or ()))
             log(f"  run {run.run_id[:8]} ({assets}) was left unfinished by a killed main job: marked failed")
             instance.report_run_failed(run, message="the main job that ran it was killed")
             if instance.event_log_storage.supports_global_concurrency_limits:  # its pool slots too
                 instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+
+
+def _this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _process_alive(pid: int) -> bool:
@@ -265,7 +271,7 @@ def execute_requested(defs, instance, requested: set, failed: frozenset = frozen
                     partition_key=partition,
                     raise_on_error=False,
                     run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-                    tags={PID_TAG: str(os.getpid())},
+                    tags={PID_TAG: _this_process()},
                 )
             except KeyboardInterrupt:  # before Dagster captured the signal: no run to inspect
                 raise PipelineInterrupted(label) from None

@@ -11,6 +11,7 @@ exit statuses of ``main`` and the clean-up of runs a killed main job left behind
 
 import os
 import signal
+import socket
 import time
 
 import dagster as dg
@@ -152,8 +153,9 @@ def test_runs_of_a_killed_main_job_are_failed_and_their_pool_slots_freed(tmp_pat
     storage = instance.event_log_storage
     storage.set_concurrency_slots("compute", 1)
     runs = {
-        "killed": {PID_TAG: str(gone.pid)},
-        "running": {PID_TAG: str(os.getpid())},
+        "killed": {PID_TAG: f"{socket.gethostname()}:{gone.pid}"},
+        "running": {PID_TAG: f"{socket.gethostname()}:{os.getpid()}"},
+        "other host": {PID_TAG: f"not-{socket.gethostname()}:{gone.pid}"},
         "not ours": {},
     }
     for name, tags in runs.items():
@@ -170,6 +172,7 @@ def test_runs_of_a_killed_main_job_are_failed_and_their_pool_slots_freed(tmp_pat
     assert status == {
         "killed": dg.DagsterRunStatus.FAILURE,
         "running": dg.DagsterRunStatus.STARTED,
+        "other host": dg.DagsterRunStatus.STARTED,
         "not ours": dg.DagsterRunStatus.STARTED,
     }
     assert storage.get_concurrency_info("compute").active_slot_count == 0
