@@ -56,7 +56,6 @@ def test_default_definitions_load():
     } <= keys
     checks = {c.name for c in graph.asset_check_keys}
     assert checks >= BLOCKING_CHECKS | MIA_REPORT_CHECKS  # dbt tests as checks
-    assert "positional_stress_table_valid" not in checks  # evaluation.stress is off in the default
     assert set(defs.resources) >= {"store", "factor_runner", "mlflow", "dbt"}
 
 
