@@ -110,12 +110,10 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
             model, tokenizer, probes, variant=variant, probe_set=probe_set, args=eval_args, progress=False
         )
         paths = write_tables(result, store.root)
-        if "mia_auc" not in result:  # no controls in this probe set: no AUC, and none from an older run
-            store.eval_table("mia_auc", variant, probe_set).unlink(missing_ok=True)
         rows = result["memorization_summary"].to_pylist()
         figures = {f"strict_pct/{r['kind']}/{r['split']}": r["strict_pct"] for r in rows}
         figures |= {f"loose_pct/{r['kind']}/{r['split']}": r["loose_pct"] for r in rows}
-        if "mia_auc" in result:
+        if "mia_auc" in result:  # no rows without control probes
             figures |= {f"mia_auc/{r['score']}": r["auc"] for r in result["mia_auc"].to_pylist()}
         if "positional_stress" in result:
             stress = stress_summary(result["positional_stress"].to_pylist())

@@ -86,8 +86,9 @@ def evaluate_model(
 ) -> dict[str, pa.Table]:
     """Evaluate one loaded model; returns tables by name (write them with ``write_tables``).
 
-    Always: ``memorization`` and ``memorization_summary`` on ``probes``. With ``args.mia``: ``mia``
-    (and ``mia_auc`` when there are memorized and control probes). With ``args.stress``:
+    Always: ``memorization`` and ``memorization_summary`` on ``probes``. With ``args.mia``: ``mia`` and
+    ``mia_auc`` (no rows unless there are both memorized and control probes, so a report over the
+    table always finds a file and never a stale one). With ``args.stress``:
     ``positional_stress``. With ``heldout``: ``perplexity``, and ``ndcg`` when ``reference`` (the
     reference model's ``reference_topk`` on the same blocks) is given.
     """
@@ -111,8 +112,7 @@ def evaluate_model(
         tables["mia"], auc = mia_tables(
             model, tokenizer, probes, batch_size=args.ppl_batch_size, progress=progress, **keys
         )
-        if auc is not None:
-            tables["mia_auc"] = auc
+        tables["mia_auc"] = auc if auc is not None else make_table("mia_auc", [], **keys)
     if args.stress:
         stress = positional_stress_rows(model, tokenizer, probes, args.stress_t, args.batch_size, progress)
         tables["positional_stress"] = make_table("positional_stress", stress, **keys)
@@ -124,8 +124,17 @@ def evaluate_model(
 
 
 def write_tables(tables: dict[str, pa.Table], root: Path | None = None) -> dict[str, Path]:
-    """Write each table to its partition under ``root`` (default MEMKFAC_HOME); returns the paths."""
-    return {name: write_table(name, table, root) for name, table in tables.items()}
+    """Write each table to its partition under ``root`` (default MEMKFAC_HOME); returns the paths.
+
+    An empty table (``mia_auc`` without control probes) has no key values of its own: it goes to the
+    partition of ``memorization``, the probe set it was computed on.
+    """
+    probed = tables["memorization"]
+    own = {"variant": probed.column("variant")[0].as_py(), "probe_set": probed.column("probe_set")[0].as_py()}
+    return {
+        name: write_table(name, table, root, **(own if table.num_rows == 0 else {}))
+        for name, table in tables.items()
+    }
 
 
 def utility_tables(

@@ -74,6 +74,15 @@ def test_evaluate_model_tables(tiny_model_dir, corpus_dir, memkfac_home):
     assert pq.read_table(paths["memorization"]).num_rows == 3
 
 
+def test_probe_set_without_controls_writes_an_empty_auc_table(tiny_model_dir, memkfac_home):
+    """No controls, no AUC: the table is still written, with no rows, so no stale one survives."""
+    model, tok = load_model(tiny_model_dir)
+    memorized = [p for p in _probes() if p.kind == "memorized"]
+    tables = evaluate_model(model, tok, memorized, variant="base", probe_set="tiny", progress=False)
+    assert tables["mia"].num_rows == 2 and tables["mia_auc"].num_rows == 0
+    assert pq.read_table(write_tables(tables)["mia_auc"]).num_rows == 0
+
+
 def test_eval_command(tiny_model_dir, corpus_dir, memkfac_home, tmp_path, capsys):
     probes = write_probe_set(_probes(), tmp_path / "canaries.jsonl")
     argv = [
