@@ -123,7 +123,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _eigenbasis_dir(factors: Path, progress: bool, device: str) -> Path:
+def _eigenbasis_dir(factors: Path, progress: bool, device: str = "cpu") -> Path:
     """The eigenbasis for ``factors``: itself, its ``eigenbasis/``, or computed now from the factors."""
     from memkfac.eigen import EIGEN_FILE, compute_eigenbasis, load_eigenbasis
     from memkfac.factors import INDEX_FILE
