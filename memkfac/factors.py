@@ -308,7 +308,7 @@ def shard_token_count(targets: list[Target], args: FactorArguments) -> int:
     """Tokens per shard: ``args.shard_tokens``, or by default at least 65,536 and one token per 512
     factor entries. A shard holds every factor (4 bytes per entry) whatever its token count, so at
     OLMo-2-7B scale a fixed 65,536 would spend twice as long writing shards as computing them
-    (measured on an H100, README "Benchmarks"); one token per 512 entries keeps writes to a few percent
+    (measured on an H100, README "On a GPU"); one token per 512 entries keeps writes to a few percent
     there and changes nothing for small models, where compute dominates."""
     if args.shard_tokens is not None:
         return args.shard_tokens
@@ -340,8 +340,11 @@ def _validate(model: nn.Module, blocks: Tensor, attention_mask: Tensor | None, a
             f"the model runs in {dtype} but the arguments say model_dtype={args.model_dtype!r}",
             "load the model in the dtype the arguments name (or change model_dtype)",
         )
-    shard_tokens = 1 if args.shard_tokens is None else args.shard_tokens
-    if args.batch_size < 1 or shard_tokens < 1 or (args.max_tokens is not None and args.max_tokens < 1):
+    if (
+        args.batch_size < 1
+        or (args.shard_tokens is not None and args.shard_tokens < 1)
+        or (args.max_tokens is not None and args.max_tokens < 1)
+    ):
         raise MemkfacError(
             f"batch_size, shard_tokens and max_tokens must be positive (got {args.batch_size}, "
             f"{args.shard_tokens}, {args.max_tokens})",
