@@ -156,7 +156,10 @@ class Comparison:
             seed=a.seed,
         )
         corpus_fp = corpus_fingerprint(self.corpus_dir, "factor")
-        factor_dir = self.cache / "factors" / _key(self.base_fp, corpus_fp, fargs.to_json())
+        # How the collection is cut into shards changes only the order of a float sum, not what is
+        # estimated, so the key leaves shard_tokens out (its default depends on the model's size).
+        key_args = {k: v for k, v in fargs.to_json().items() if k != "shard_tokens"}
+        factor_dir = self.cache / "factors" / _key(self.base_fp, corpus_fp, key_args)
         eig_dir = factor_dir / "eigenbasis"
         index = factor_dir / INDEX_FILE
         if not (

@@ -136,10 +136,18 @@ def set_trainable(model, config: FinetuneConfig) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def finetune(model, plan: EpochPlan, config: FinetuneConfig, progress: bool = True) -> FinetuneStats:
+def finetune(
+    model,
+    plan: EpochPlan,
+    config: FinetuneConfig,
+    progress: bool = True,
+    after_step: Callable[[int], None] | None = None,
+) -> FinetuneStats:
     """Train ``model`` in place on ``plan(epoch)`` for each epoch; return per-step losses and totals.
 
-    The model is left in eval mode with every parameter's ``requires_grad`` set back to True.
+    ``after_step(n)`` is called after the n-th optimizer step (n from 1), with the model in eval mode
+    and no gradient, to measure checkpoints of one run. The model is left in eval mode with every
+    parameter's ``requires_grad`` set back to True.
     """
     torch.manual_seed(config.seed)
     n_trainable = set_trainable(model, config)
@@ -181,6 +189,11 @@ def finetune(model, plan: EpochPlan, config: FinetuneConfig, progress: bool = Tr
                     stats.steps += 1
                     stats.tokens += int(batch["attention_mask"].sum())
                     stats.losses.append(loss.item())
+                    if after_step is not None:
+                        model.eval()
+                        with torch.no_grad():
+                            after_step(stats.steps)
+                        model.train()
                     bar.set_postfix(step=stats.steps, loss=f"{loss.item():.3f}")
                 bar.update(1)
     finally:

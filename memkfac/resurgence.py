@@ -7,8 +7,10 @@ the unedited reference) and a canary probe set:
   measured too: a rise there means the fine-tuning teaches the format rather than restoring memories;
 - recipes: ``general`` fine-tunes on unrelated general text, ``partial_forget`` on the full T
   sequences (prefix + suffix), the relearn-on-a-subset attack (Deeb & Roger's RTT);
-- for each N in ``steps`` a fresh copy of the model is fine-tuned N steps (same seed, so the runs share
-  their first steps), then greedy recall on V and on the controls is measured; N = 0 is the model as is.
+- per recipe, one fine-tuning run of max(``steps``) steps from the model as is, with greedy recall on V
+  and on the controls measured after each N in ``steps`` (N = 0 is the model as is). The rate is
+  constant after a warm-up of min(warmup_steps, first N) steps, so the model at checkpoint N is the one
+  a fresh N-step run on the same batches would give (tested), at the cost of one run instead of one per N.
 
 Rows follow the ``resurgence`` table: ``resurgence`` = strict recall after N steps / strict recall of
 the unedited model before any fine-tuning. The fraction-of-removed-recall form
@@ -143,17 +145,22 @@ def resurgence_rows(
         else measure(load_model(reference_dir)[0])
     )
     rows = [row for recipe in args.recipes for row in rows_for(recipe, 0, at_zero)]
-    runs = [(recipe, n) for recipe in args.recipes for n in args.steps]
-    for recipe, n in tqdm(runs, desc="resurgence", unit="fine-tune", disable=not progress):
+    checkpoints = set(args.steps)
+    for recipe in tqdm(args.recipes, desc="resurgence", unit="recipe", disable=not progress):
         model, _ = load_model(model_dir)
-        plan = n_step_plan(pools[recipe], n, args.batch_size, pad_id, args.seed)
+        plan = n_step_plan(pools[recipe], max(args.steps), args.batch_size, pad_id, args.seed)
         config = FinetuneConfig(
             epochs=1,
             lr=args.lr,
-            warmup_steps=min(args.warmup_steps, n),
+            warmup_steps=min(args.warmup_steps, args.steps[0]),
+            decay="constant",  # so that checkpoint N is what an N-step run would give
             seed=args.seed,
             train_layers=args.train_layers,
         )
-        finetune(model, plan, config, progress=False)
-        rows += rows_for(recipe, n, measure(model))
+
+        def at_checkpoint(n: int, recipe: str = recipe, model=model) -> None:
+            if n in checkpoints:
+                rows.extend(rows_for(recipe, n, measure(model)))
+
+        finetune(model, plan, config, progress=False, after_step=at_checkpoint)
     return rows

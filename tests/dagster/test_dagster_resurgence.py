@@ -39,3 +39,26 @@ def test_resurgence_rows_cover_every_recipe_step_and_kind(tiny_model_dir):
         assert 0 <= r["strict_pct"] <= 100
         # an unedited random model recites nothing: R(N) is undefined, not a division by zero
         assert r["strict_pct_before_edit"] == 0 and r["resurgence"] is None
+
+
+def test_checkpoint_of_one_run_is_the_fresh_n_step_run(tiny_model_dir):
+    """Resurgence measures N = 10, 50, 200 on one run: its checkpoint at N must equal an N-step run."""
+    from memkfac.finetune import FinetuneConfig, finetune
+    from memkfac.models import load_model
+
+    pool = torch.randint(0, 300, (12, 16)).tolist()
+    config = FinetuneConfig(epochs=1, lr=1e-3, warmup_steps=2, decay="constant", seed=0)
+    long_run, _ = load_model(tiny_model_dir)
+    at_three = {}
+
+    def keep(n: int) -> None:
+        if n == 3:
+            at_three.update({k: v.clone() for k, v in long_run.state_dict().items()})
+
+    finetune(long_run, n_step_plan(pool, 7, 2, 0, seed=0), config, progress=False, after_step=keep)
+    fresh, _ = load_model(tiny_model_dir)
+    finetune(fresh, n_step_plan(pool, 3, 2, 0, seed=0), config, progress=False)
+    for name, value in fresh.state_dict().items():
+        torch.testing.assert_close(at_three[name], value, rtol=0, atol=0, msg=name)
+    # and the long run went on from there
+    assert not torch.equal(long_run.state_dict()["lm_head.weight"], at_three["lm_head.weight"])
