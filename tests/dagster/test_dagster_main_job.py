@@ -16,10 +16,9 @@ import time
 
 import dagster as dg
 import pytest
-import torch
 
 from jobs.main import PipelineInterrupted
-from tests.dagster.conftest import TINY_CONFIG
+from tests.dagster.conftest import tiny_pipeline
 
 
 def _raise(self, context, extras):
@@ -37,32 +36,13 @@ def _materializations(instance, key: str) -> int:
 
 @pytest.fixture(scope="module")
 def invocations(tmp_path_factory):
-    from definitions import build_definitions
     from jobs.main import run_pipeline
-    from memkfac.tiny import build_tiny_model
-    from resources.config import load_config
     from resources.factor_runner import SubprocessFactorRunner
-    from resources.settings import Settings
-    from resources.store import ArtifactStore
 
     root = tmp_path_factory.mktemp("main_job")
-    home = root / "home"
-    build_tiny_model(home / "inputs" / "tiny-llama", arch="llama", seed=0)
-    (root / "dagster").mkdir()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MEMKFAC_HOME", str(home))
-        env.setenv("MEMKFAC_CONFIG", str(TINY_CONFIG))
-        env.setenv("OMP_NUM_THREADS", "1")
-        env.setenv("MEMKFAC_FACTOR_LAUNCHER", "env MEMKFAC_LAUNCHED=1")
-        env.delenv("MLFLOW_TRACKING_URI", raising=False)
-        settings = Settings.from_env()
-        config = load_config(settings.config_path)
-        defs = build_definitions(config, settings)
-        instance = dg.DagsterInstance.local_temp(str(root / "dagster"))
-        store = ArtifactStore(home=str(home))
-        out = {"instance": instance, "config": config, "logs": ([], [], [])}
+    with tiny_pipeline(root, MEMKFAC_FACTOR_LAUNCHER="env MEMKFAC_LAUNCHED=1") as p:
+        defs, instance, store = p["defs"], p["instance"], p["store"]
+        out = {"instance": instance, "config": p["config"], "logs": ([], [], [])}
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(SubprocessFactorRunner, "collect", _raise)
@@ -78,7 +58,6 @@ def invocations(tmp_path_factory):
 
         out["resumed"] = run_pipeline(defs, instance, store, log=out["logs"][2].append)
         yield out
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

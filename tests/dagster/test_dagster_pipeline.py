@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dagster as dg
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from tests.dagster.conftest import TINY_CONFIG
+from tests.dagster.conftest import tiny_pipeline
 from tests.dagster.test_dagster_definitions import BLOCKING_CHECKS, MIA_REPORT_CHECKS
 
 pytestmark = pytest.mark.slow
@@ -16,41 +14,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Run ``jobs.main.run_pipeline`` once on the tiny config; yield what the tests inspect."""
-    from definitions import build_definitions
     from jobs.main import run_pipeline
-    from memkfac.tiny import build_tiny_model
-    from resources.config import load_config
-    from resources.settings import Settings
-    from resources.store import ArtifactStore
 
-    root = tmp_path_factory.mktemp("pipeline")
-    home = root / "home"
-    build_tiny_model(home / "inputs" / "tiny-llama", arch="llama", seed=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEMKFAC_HOME", str(home))
-        mp.setenv("MEMKFAC_CONFIG", str(TINY_CONFIG))
-        mp.setenv("OMP_NUM_THREADS", "1")
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        settings = Settings.from_env()
-        config = load_config(settings.config_path)
-        defs = build_definitions(config, settings)
-        (root / "dagster").mkdir()
-        instance = dg.DagsterInstance.local_temp(str(root / "dagster"))
-        store = ArtifactStore(home=str(home))
-        log: list[str] = []
-        failed = run_pipeline(defs, instance, store, log=log.append)
-        yield {
-            "defs": defs,
-            "config": config,
-            "settings": settings,
-            "instance": instance,
-            "store": store,
-            "failed": failed,
-            "log": log,
-        }
-    torch.set_num_threads(threads)
+    with tiny_pipeline(tmp_path_factory.mktemp("pipeline")) as p:
+        p["log"] = []
+        p["failed"] = run_pipeline(p["defs"], p["instance"], p["store"], log=p["log"].append)
+        yield p
 
 
 def test_every_asset_partition_materializes(pipeline):
