@@ -7,17 +7,14 @@ Prints a table (task, accuracy, chance, seconds) and writes bench/results/downst
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import time
-from pathlib import Path
 
 import torch
 
 from memkfac.downstream import DownstreamArguments, run_downstream
 from memkfac.models import DEFAULT_MODEL, resolve_model
 from memkfac.tasks import GENERATORS
+
+from common import timed, write_result
 
 
 def main() -> None:
@@ -31,15 +28,15 @@ def main() -> None:
     model_dir = resolve_model(args.model)
     rows = []
     for task in GENERATORS:  # one task per call so each gets its own wall time
-        start = time.perf_counter()
         run_args = DownstreamArguments(tasks=(task,), n_items=args.n_items, batch_size=args.batch_size)
-        result = run_downstream(model_dir, run_args, progress=False)[task]
+        scores, seconds = timed(lambda run_args=run_args: run_downstream(model_dir, run_args, progress=False))
+        result = scores[task]
         rows.append(
             {
                 "task": task,
                 "accuracy": result.score,
                 "chance": 1 / GENERATORS[task][2],
-                "seconds": time.perf_counter() - start,
+                "seconds": seconds,
             }
         )
         print(
@@ -48,28 +45,17 @@ def main() -> None:
             flush=True,
         )
     total = sum(r["seconds"] for r in rows)
-    print(
-        f"{'total':28s} {total:.1f} s for {len(rows)} tasks x {args.n_items} items; "
-        f"load average {os.getloadavg()}"
-    )
-    out = Path(__file__).parent / "results" / "downstream_suite.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "model": args.model,
-                "n_items": args.n_items,
-                "batch_size": args.batch_size,
-                "threads": args.threads,
-                "cpu_count": os.cpu_count(),
-                "machine": platform.processor() or platform.machine(),
-                "load_average_at_end": os.getloadavg(),
-                "rows": rows,
-                "total_seconds": total,
-            },
-            indent=2,
-        )
-        + "\n"
+    print(f"{'total':28s} {total:.1f} s for {len(rows)} tasks x {args.n_items} items")
+    write_result(
+        "downstream_suite",
+        {
+            "model": args.model,
+            "n_items": args.n_items,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "rows": rows,
+            "total_seconds": total,
+        },
     )
 
 

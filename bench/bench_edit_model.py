@@ -15,10 +15,7 @@ Prints a table and writes ``bench/results/bench_edit_model.json``.
 
 from __future__ import annotations
 
-import json
-import platform
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +27,8 @@ from memkfac.factors import FactorArguments, collect_factors
 from memkfac.fingerprint import model_fingerprint
 from memkfac.tiny import build_byte_tokenizer, smollm2_135m_config
 
-RESULTS = Path(__file__).parent / "results"
+from common import RESULTS, timed, write_result
+
 CACHE = RESULTS / "edit_model_cache"
 
 
@@ -64,9 +62,7 @@ def main() -> None:
     model_dir, eig_dir = cached_eigenbasis()
     config = EditConfig(layers=list(range(30)), projections=("gate", "up", "down"), keep_mass=0.6)
     out = CACHE / "edited"
-    start = time.perf_counter()
-    manifest = edit_model(model_dir, eig_dir, config, out)
-    total_s = time.perf_counter() - start
+    manifest, total_s = timed(lambda: edit_model(model_dir, eig_dir, config, out))
     kept = [m["frac_kept"] for m in manifest["modules"]]
     row = dict(
         modules=len(manifest["modules"]),
@@ -75,7 +71,6 @@ def main() -> None:
         edit_s=manifest["edit_seconds"],
         write_s=total_s - manifest["edit_seconds"],
         mean_frac_kept=sum(kept) / len(kept),
-        torch_threads=torch.get_num_threads(),
     )
     shutil.rmtree(out)
     print(f"\n{'modules':>7} {'rho':>4} {'total s':>8} {'load+edit s':>12} {'write s':>8} {'mean kept':>10}")
@@ -83,15 +78,7 @@ def main() -> None:
         f"{row['modules']:>7} {row['rho']:>4} {row['total_s']:>8.1f} {row['edit_s']:>12.1f} "
         f"{row['write_s']:>8.1f} {row['mean_frac_kept']:>10.2%}"
     )
-    machine = (
-        f"{platform.machine()} {platform.processor() or ''}".strip()
-        + f", {row['torch_threads']} torch threads"
-    )
-    path = RESULTS / "bench_edit_model.json"
-    path.write_text(
-        json.dumps({"machine": machine, "torch": torch.__version__, "rows": [row]}, indent=2) + "\n"
-    )
-    print(f"wrote {path}")
+    write_result("bench_edit_model", {"rows": [row]})
 
 
 if __name__ == "__main__":

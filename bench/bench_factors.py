@@ -22,11 +22,9 @@ bfloat16`` on a GPU, ``--model olmo2-7b`` for the paper's scale). Prints a table
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import functools
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -47,6 +45,8 @@ from memkfac.fingerprint import sha256_file
 from memkfac.targets import find_targets
 from memkfac.tiny import BENCH_CONFIGS
 
+from common import timed, write_result  # bench/common.py: run as python bench/NAME.py
+
 LAYERS = [22, 23, 24]
 
 
@@ -57,11 +57,6 @@ def training_step(model, ids: torch.Tensor) -> None:
     )
     loss.backward()
     model.zero_grad(set_to_none=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -109,11 +104,7 @@ def main() -> None:
             ("collect", collect),
             ("train", lambda i: training_step(model, batches[i].to(device))),
         ):
-            sync(device)
-            t0 = time.perf_counter()
-            step(i)
-            sync(device)
-            seconds[name].append(time.perf_counter() - t0)
+            seconds[name].append(timed(functools.partial(step, i), device)[1])
         print(
             f"  batch {i}: collect {seconds['collect'][-1]:.2f} s, train {seconds['train'][-1]:.2f} s",
             flush=True,
@@ -124,11 +115,9 @@ def main() -> None:
 
     # shard writing, as collect_factors does it once per shard: safetensors file plus its sha256
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        save_file(sums.tensors(), str(Path(tmp) / "shard.safetensors"))
-        sha256_file(Path(tmp) / "shard.safetensors")
-        shard_overhead = time.perf_counter() - t0
-        shard_bytes = (Path(tmp) / "shard.safetensors").stat().st_size
+        shard = Path(tmp) / "shard.safetensors"
+        _, shard_overhead = timed(lambda: (save_file(sums.tensors(), str(shard)), sha256_file(shard)))
+        shard_bytes = shard.stat().st_size
     tokens = tokens_per_batch * opts.batches
     collect_tps = tokens / sum(seconds["collect"])
     train_tps = tokens / sum(seconds["train"])
@@ -140,8 +129,6 @@ def main() -> None:
         "tracked": f"layers {LAYERS[0]}-{LAYERS[-1]} gate/up/down ({len(targets)} maps)",
         "device": str(device),
         "dtype": opts.dtype,
-        "torch_threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.node()}".strip(),
         "batch": [opts.batch_size, opts.seq_len],
         "timed_batches": opts.batches,
         "tokens_timed": tokens,
@@ -177,10 +164,7 @@ def main() -> None:
         if (opts.model, device.type) == ("smollm2-135m", "cpu")
         else (f"bench_factors-{opts.model}-{device.type}")
     )
-    out = Path(__file__).resolve().parent / "results" / f"{name}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {out}")
+    write_result(name, result)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,13 @@ shared 2-core CPU). Prints a table and writes ``bench/results/bench_generation.j
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import time
-from pathlib import Path
 
 import torch
 
 from memkfac.memorization import memorization_rows
 from memkfac.probes import Probe
+
+from common import timed, write_result
 
 
 def make_probes(n: int, prefix_len: int, suffix_len: int, vocab: int, seed: int = 0) -> list[Probe]:
@@ -52,12 +49,6 @@ def load(random_init: bool):
         AutoConfig.from_pretrained(model_dir), dtype=torch.float32
     ).eval()
     return model, AutoTokenizer.from_pretrained(model_dir), f"{DEFAULT_MODEL} config, random init"
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
 
 
 def main() -> None:
@@ -99,8 +90,6 @@ def main() -> None:
         "speedup": per_single / per_batched,
         "batched_tokens_per_second": len(probes) * args.new_tokens / t_batched,
         "identical_continuations": identical,
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-        "cpu_count": os.cpu_count(),
     }
     print(
         f"model: {model_name}; prompts {args.prefix} tokens, {args.new_tokens} new; {args.threads} thread(s)"
@@ -113,10 +102,7 @@ def main() -> None:
         f"{len(single_probes) * args.new_tokens / t_single:>9.1f}"
     )
     print(f"speedup per probe: {result['speedup']:.1f}x; continuations identical: {identical}")
-    out = Path(__file__).parent / "results" / "bench_generation.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result("bench_generation", result)
 
 
 if __name__ == "__main__":

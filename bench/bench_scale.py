@@ -18,10 +18,7 @@ default (SmolLM2 shapes, 4096 tokens) takes about a minute. Prints a table and w
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -33,15 +30,7 @@ from memkfac.factors import FactorArguments, collect_factors
 from memkfac.targets import parse_layers
 from memkfac.tiny import BENCH_CONFIGS
 
-
-def timed(device: torch.device, fn):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - start
+from common import timed, write_result
 
 
 def main() -> None:
@@ -63,7 +52,7 @@ def main() -> None:
     config = BENCH_CONFIGS[opts.model]()
     torch.manual_seed(0)
     with device:
-        model, init_s = timed(device, lambda: AutoModelForCausalLM.from_config(config, dtype=dtype).eval())
+        model, init_s = timed(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype).eval(), device)
     layers = parse_layers(opts.layers, config.num_hidden_layers)
     n_blocks = -(-opts.tokens // (opts.seq_len - 1))
     blocks = torch.randint(
@@ -75,18 +64,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=opts.workdir) as tmp:
         factor_dir, eig_dir = Path(tmp) / "factors", Path(tmp) / "eigenbasis"
         _, collect_s = timed(
-            device,
             lambda: collect_factors(
                 model, blocks, factor_dir, args, model_fingerprint="bench", corpus_fingerprint="random"
             ),
+            device,
         )
         shard_bytes = sum(p.stat().st_size for p in factor_dir.glob("shard-*.safetensors"))
-        _, eigh_s = timed(device, lambda: compute_eigenbasis(factor_dir, eig_dir, device=device))
+        _, eigh_s = timed(lambda: compute_eigenbasis(factor_dir, eig_dir, device=device), device)
         eig, _ = load_eigenbasis(eig_dir)
         edit_s, kept = 0.0, []
         for name, module_eig in eig.items():
             W = model.get_submodule(name).weight.data
-            (W_new, stats), seconds = timed(device, lambda W=W, e=module_eig: edit_weight(W, e, 0.9))
+            (W_new, stats), seconds = timed(lambda W=W, e=module_eig: edit_weight(W, e, 0.9), device)
             assert torch.isfinite(W_new).all() and W_new.device == W.device
             edit_s += seconds
             kept.append(stats.frac_kept)
@@ -99,8 +88,6 @@ def main() -> None:
         "edited_weights": len(eig),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "dtype": opts.dtype,
-        "machine": f"{platform.machine()} {platform.node()}",
-        "torch": torch.__version__,
         "init_s": init_s,
         "factor_tokens": tokens,
         "collect_s": collect_s,
@@ -127,10 +114,7 @@ def main() -> None:
     print(f"  edit_weight x {len(eig):<3} (rho 0.9) {edit_s:8.1f} s")
     if result["peak_gpu_memory_gib"] is not None:
         print(f"  peak GPU memory             {result['peak_gpu_memory_gib']:8.1f} GiB")
-    out = Path(__file__).resolve().parent / "results" / f"bench_scale-{opts.model}-{device.type}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {out}")
+    write_result(f"bench_scale-{opts.model}-{device.type}", result)
 
 
 if __name__ == "__main__":

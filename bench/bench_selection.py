@@ -16,14 +16,12 @@ Prints a table and writes ``bench/results/bench_selection.json``.
 from __future__ import annotations
 
 import heapq
-import json
-import platform
-import time
-from pathlib import Path
 
 import torch
 
 from memkfac.selection import select_components
+
+from common import timed, write_result
 
 D_OUT, D_IN, RHO = 11008, 4096, 0.6
 
@@ -73,14 +71,9 @@ def main() -> None:
     rows = []
     for kind in ("heavy-tailed", "flat"):
         lam, mu = spectra(kind)
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            sel = select_components(lam, mu, RHO)
-            times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        reference = heap_select(lam, mu, RHO)
-        heap_s = time.perf_counter() - start
+        runs = [timed(lambda lam=lam, mu=mu: select_components(lam, mu, RHO)) for _ in range(3)]
+        sel, times = runs[0][0], [seconds for _, seconds in runs]
+        reference, heap_s = timed(lambda lam=lam, mu=mu: heap_select(lam, mu, RHO))
         assert torch.equal(sel.mask, reference), f"{kind}: masks differ"
         rows.append(
             dict(
@@ -104,13 +97,8 @@ def main() -> None:
             f"{r['spectrum']:<14} {r['n_kept']:>10,} {r['frac_kept']:>8.3%} {r['vectorised_s']:>13.3f} "
             f"{r['heap_s']:>9.2f} {r['speedup']:>7.0f}x"
         )
-    machine = f"{platform.machine()} {platform.processor() or ''}".strip() + ", 1 torch thread"
-    out = Path(__file__).parent / "results" / "bench_selection.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"machine": machine, "torch": torch.__version__, "rows": rows}, indent=2) + "\n"
-    )
-    print(f"masks identical; wrote {out}")
+    write_result("bench_selection", {"rows": rows})
+    print("masks identical")
 
 
 if __name__ == "__main__":
