@@ -1,7 +1,8 @@
 """Observable source assets: the inputs the pipeline does not build, versioned by content hash.
 
 - ``model_files[model]``: a local model directory's weight files (``model_fingerprint``); a builtin
-  model is pinned by the sha256 of its GGUF; a hub id has no local files to observe until downloaded.
+  model is pinned by the sha256 of its GGUF; a hub id by the id itself (``hub:<id>``: a new upstream
+  revision is not noticed; pin one by pointing at a downloaded directory instead).
 - ``corpus_files``: a local corpus file or directory (sha256); ``stdlib`` is versioned by the Python
   version whose standard library it reads; a ``hf:`` dataset by its spec.
 - ``probe_set_files[probe_set]``: ``MEMKFAC_HOME/probes/<probe_set>.jsonl``.
@@ -19,7 +20,7 @@ import dagster as dg
 
 from assets.partitions import Partitions
 from memkfac.fingerprint import model_fingerprint, sha256_dir, sha256_file
-from memkfac.models import BUILTIN_MODELS
+from memkfac.models import BUILTIN_MODELS, is_hub_id
 from resources.config import PipelineConfig
 from resources.store import ArtifactStore
 
@@ -34,6 +35,8 @@ def model_version(source: str) -> str | None:
     path = Path(source)
     if path.is_dir():
         return model_fingerprint(path)
+    if is_hub_id(source):
+        return f"hub:{source}"
     return None
 
 

@@ -53,6 +53,12 @@ BUILTIN_MODELS: dict[str, WheelModel] = {
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` reads as a Hugging Face Hub id (``owner/name``) rather than a local path."""
+    looks_like_id = spec.count("/") == 1 and not spec.startswith((".", "/"))
+    return looks_like_id and not Path(spec).exists()
+
+
 def resolve_model(spec: str, home: Path | None = None, progress: bool = True) -> Path:
     """Return a Hugging Face model directory for ``spec`` (builtin name, local dir or hub id)."""
     if spec in BUILTIN_MODELS:
@@ -60,7 +66,7 @@ def resolve_model(spec: str, home: Path | None = None, progress: bool = True) ->
     path = Path(spec)
     if path.exists():
         return validate_model_dir(path)
-    if "/" in spec and not spec.startswith((".", "/")) and spec.count("/") == 1:
+    if is_hub_id(spec):
         return _resolve_hub(spec)
     raise MemkfacError(
         f"unknown model {spec!r}: not a builtin model, an existing directory or a hub id",

@@ -117,3 +117,14 @@ def test_editing_the_user_canary_file_rebuilds_canaries_and_everything_after(
     assert requested["memorization_eval"] == {f"canaries|{v}" for v in variants}
     assert "reports/forgetting_by_variant" in requested
     assert "base_model" not in requested and "corpus" not in requested
+
+
+def test_model_version_of_each_kind_of_source(tmp_path):
+    """A hub id is versioned by its id, so its base model is built (and fails clearly when offline)
+    instead of never being requested; a path that does not exist has no version."""
+    from assets.sources import model_version
+    from memkfac.models import BUILTIN_MODELS
+
+    assert model_version("allenai/OLMo-2-1124-7B") == "hub:allenai/OLMo-2-1124-7B"
+    assert model_version("smollm2-135m") == BUILTIN_MODELS["smollm2-135m"].sha256
+    assert model_version(str(tmp_path / "missing" / "model")) is None
