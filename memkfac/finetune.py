@@ -146,8 +146,8 @@ def finetune(
     """Train ``model`` in place on ``plan(epoch)`` for each epoch; return per-step losses and totals.
 
     ``after_step(n)`` is called after the n-th optimizer step (n from 1), with the model in eval mode
-    and no gradient, to measure checkpoints of one run. The model is left in eval mode with every
-    parameter's ``requires_grad`` set back to True.
+    and no gradient, to measure checkpoints of one run (its time is not in ``stats.seconds``). The
+    model is left in eval mode with every parameter's ``requires_grad`` set back to True.
     """
     torch.manual_seed(config.seed)
     n_trainable = set_trainable(model, config)
@@ -190,10 +190,12 @@ def finetune(
                     stats.tokens += int(batch["attention_mask"].sum())
                     stats.losses.append(loss.item())
                     if after_step is not None:
+                        paused = time.perf_counter()
                         model.eval()
                         with torch.no_grad():
                             after_step(stats.steps)
                         model.train()
+                        start += time.perf_counter() - paused  # stats.seconds times training only
                     bar.set_postfix(step=stats.steps, loss=f"{loss.item():.3f}")
                 bar.update(1)
     finally:

@@ -29,9 +29,9 @@ def tiny_env(root: Path) -> dict[str, str]:
 
     home = root / "home"
     build_tiny_model(home / "inputs" / "tiny-llama", arch="llama", seed=0)
-    (root / "dagster").mkdir()
-    dagster_home = str(root / "dagster")
-    return {"MEMKFAC_HOME": str(home), "MEMKFAC_CONFIG": str(TINY_CONFIG), "DAGSTER_HOME": dagster_home}
+    dagster_home = root / "dagster"
+    dagster_home.mkdir()
+    return {"MEMKFAC_HOME": str(home), "MEMKFAC_CONFIG": str(TINY_CONFIG), "DAGSTER_HOME": str(dagster_home)}
 
 
 @contextlib.contextmanager
