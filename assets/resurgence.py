@@ -8,6 +8,7 @@ import dagster as dg
 
 from assets.automation import weekly
 from assets.edits import variant_model_dir
+from assets.evaluation import eval_arguments
 from assets.metadata import plot_markdown, table_metadata
 from assets.models import CANARY_PROBE_SET
 from assets.partitions import Partitions
@@ -52,8 +53,10 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
             recipes=tuple(x for x in RECIPES if x in r.recipes),
             lr=r.lr,
             batch_size=r.batch_size,
+            general_len=r.general_len,
             train_layers=r.train_layers,
             seed=r.seed,
+            eval_batch_size=eval_arguments(config).batch_size,  # decoded as memorization_eval does
         )
         general = load_split(store.corpus_dir(model_name), "finetune")
         rows = resurgence_rows(

@@ -43,6 +43,9 @@ class ResurgenceArguments:
     lr: float = 3e-5
     warmup_steps: int = 5
     batch_size: int = 4  # sequences per step
+    # tokens per general-text sequence: 64 makes a general step about as many tokens as a
+    # partial_forget step (canaries are ~40-70 tokens), so the two recipes compare at equal N
+    general_len: int = 64
     train_layers: str = "all"  # decoder layers fine-tuned (memkfac.finetune.FinetuneConfig)
     seed: int = 0
     eval_batch_size: int = 32
@@ -52,6 +55,8 @@ class ResurgenceArguments:
             raise MemkfacError(
                 f"resurgence steps {self.steps} must be increasing and positive", "e.g. (10, 50, 200)"
             )
+        if self.general_len < 1:
+            raise MemkfacError(f"general_len must be >= 1, got {self.general_len}", "e.g. 64")
         if not self.recipes or not set(self.recipes) <= set(RECIPES):
             raise MemkfacError(f"unknown resurgence recipe(s) in {self.recipes}", f"use some of {RECIPES}")
 
@@ -80,6 +85,18 @@ def n_step_plan(pool: Sequence[Sequence[int]], n_steps: int, batch_size: int, pa
     return lambda _epoch: batches
 
 
+def general_sequences(blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """(n_blocks * (block_len // length), length) token ids: each block cut into consecutive pieces
+    of ``length`` tokens, its remainder dropped; ``blocks`` is (n_blocks, block_len)."""
+    block_len = blocks.shape[1]
+    if length > block_len:
+        raise MemkfacError(
+            f"resurgence general_len {length} is longer than the corpus blocks ({block_len} tokens)",
+            f"use general_len <= {block_len}, or build the corpus with a larger block_len",
+        )
+    return blocks[:, : block_len // length * length].reshape(-1, length)
+
+
 def recall_by_kind(rows: list[dict]) -> dict[str, dict]:
     """Aggregates over all splits of each kind (``summarize`` rows keyed by kind)."""
     out = {}
@@ -104,13 +121,14 @@ def resurgence_rows(
         reference_dir: the unedited model; its recall before any fine-tuning is the denominator of R(N)
             (the same directory as ``model_dir`` when the unedited model itself is tested).
         probes: the canary probe set (see ``split_canaries``).
-        general_blocks: (n_blocks, block_len) token ids of general text, the ``general`` recipe's data.
+        general_blocks: (n_blocks, block_len) token ids of general text, the ``general`` recipe's data,
+            cut into sequences of ``args.general_len`` tokens (a block's remainder is dropped).
     """
     relearn, measured = split_canaries(probes)
     model, tokenizer = load_model(model_dir)
     pad_id = tokenizer.pad_token_id
     pools = {
-        "general": general_blocks.tolist(),
+        "general": general_sequences(general_blocks, args.general_len).tolist(),
         "partial_forget": [sum(probe_token_ids(p, tokenizer), []) for p in relearn],
     }
 

@@ -62,6 +62,7 @@ class ResurgenceConfig:
     edits: tuple[str, ...] = ()  # which edits get the test (plus base); empty = all
     lr: float = 3e-5
     batch_size: int = 4
+    general_len: int = 64  # tokens per general-text sequence (memkfac.resurgence.ResurgenceArguments)
     train_layers: str = "all"  # decoder layers fine-tuned (memkfac.targets.parse_layers spec)
     seed: int = 0
     cron: str = "0 3 * * 0"  # weekly, Sunday 03:00
@@ -196,7 +197,7 @@ def parse_config(raw: Any, path: str = "<dict>") -> PipelineConfig:
         _name(p, f"probe_sets[{i}]", "probe-set name")
 
     r = _mapping(top.get("resurgence"), "resurgence")
-    _known(r, "resurgence", {"steps", "recipes", "edits", "lr", "batch_size", "train_layers", "seed", "cron"})
+    _known(r, "resurgence", set(ResurgenceConfig.__dataclass_fields__))
     steps = tuple(_typed(r, "steps", list, "resurgence", [10, 50, 200]))
     if not steps or any(not isinstance(s, int) or s <= 0 for s in steps) or list(steps) != sorted(set(steps)):
         raise MemkfacError(
@@ -219,6 +220,7 @@ def parse_config(raw: Any, path: str = "<dict>") -> PipelineConfig:
         edits=r_edits,
         lr=float(_typed(r, "lr", (int, float), "resurgence", 3e-5)),
         batch_size=_typed(r, "batch_size", int, "resurgence", 4),
+        general_len=_typed(r, "general_len", int, "resurgence", 64),
         train_layers=str(_typed(r, "train_layers", str, "resurgence", "all")),
         seed=_typed(r, "seed", int, "resurgence", 0),
         cron=_typed(r, "cron", str, "resurgence", "0 3 * * 0"),

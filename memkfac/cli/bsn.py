@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     losses = manifest["losses"]
     print(
         f"forget CE {losses['forget_before']:.3f} -> {losses['forget_after']:.3f} nats/token, "
-        f"retain CE {losses['retain_before']:.3f} -> {losses['retain_after']:.3f}"
+        f"retain CE {losses['retain_before']:.3f} -> {losses['retain_after']:.3f} "
+        f"(first {losses['retain_sequences']} retain blocks)"
     )
     print(
         f"pruned {manifest['n_pruned']:,} weights ({manifest['fraction_pruned']:.3%}) in "

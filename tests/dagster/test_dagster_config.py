@@ -119,6 +119,7 @@ def test_config_sections_fit_the_engine_arguments(path, monkeypatch, tmp_path):
         recipes=r.recipes,
         lr=r.lr,
         batch_size=r.batch_size,
+        general_len=r.general_len,
         train_layers=r.train_layers,
         seed=r.seed,
     )

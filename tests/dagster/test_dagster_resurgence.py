@@ -7,7 +7,13 @@ import torch
 
 from memkfac.canaries import CanaryConfig, generate_canaries
 from memkfac.errors import MemkfacError
-from memkfac.resurgence import ResurgenceArguments, n_step_plan, resurgence_rows, split_canaries
+from memkfac.resurgence import (
+    ResurgenceArguments,
+    general_sequences,
+    n_step_plan,
+    resurgence_rows,
+    split_canaries,
+)
 
 
 def test_n_step_plan_has_exactly_n_batches():
@@ -31,7 +37,7 @@ def test_split_canaries_relearns_sweep_and_measures_the_rest():
 def test_resurgence_rows_cover_every_recipe_step_and_kind(tiny_model_dir):
     trained, control = generate_canaries(CanaryConfig(n_trained=4, n_control=2))
     blocks = torch.randint(0, 300, (8, 16))
-    args = ResurgenceArguments(steps=(1, 2), batch_size=2, eval_batch_size=8)
+    args = ResurgenceArguments(steps=(1, 2), batch_size=2, general_len=8, eval_batch_size=8)
     rows = resurgence_rows(tiny_model_dir, tiny_model_dir, trained + control, blocks, args, progress=False)
     keys = {(r["recipe"], r["steps"], r["kind"]) for r in rows}
     assert keys == {(rc, n, k) for rc in args.recipes for n in (0, 1, 2) for k in ("memorized", "control")}
@@ -62,3 +68,18 @@ def test_checkpoint_of_one_run_is_the_fresh_n_step_run(tiny_model_dir):
         torch.testing.assert_close(at_three[name], value, rtol=0, atol=0, msg=name)
     # and the long run went on from there
     assert not torch.equal(long_run.state_dict()["lm_head.weight"], at_three["lm_head.weight"])
+
+
+def test_general_text_longer_than_a_block_is_refused(tiny_model_dir):
+    trained, control = generate_canaries(CanaryConfig(n_trained=4, n_control=2))
+    blocks = torch.randint(0, 300, (8, 16))
+    args = ResurgenceArguments(steps=(1,), general_len=32)
+    with pytest.raises(MemkfacError, match=r"general_len 32 is longer than the corpus blocks \(16 tokens\)"):
+        resurgence_rows(tiny_model_dir, tiny_model_dir, trained + control, blocks, args, progress=False)
+
+
+def test_general_sequences_cut_blocks_in_order_and_drop_the_remainder():
+    blocks = torch.arange(20).reshape(2, 10)
+    pieces = [[0, 1, 2, 3], [4, 5, 6, 7], [10, 11, 12, 13], [14, 15, 16, 17]]
+    assert general_sequences(blocks, 4).tolist() == pieces
+    assert general_sequences(blocks, 10).tolist() == blocks.tolist()
