@@ -4,7 +4,8 @@ The protocol (kfac_engine_notes section 5, adapted to verbatim memorization). Fo
 the unedited reference) and a canary probe set:
 - the trained canaries (kind ``memorized``) are split by their ``split`` field: the ``sweep`` half is
   the relearn set T, the ``holdout`` half V is measured; ``control`` canaries (never trained) are
-  measured too: a rise there means the fine-tuning teaches the format rather than restoring memories;
+  measured too (as many as V): a rise there means the fine-tuning teaches the format rather than
+  restoring memories;
 - recipes: ``general`` fine-tunes on unrelated general text, ``partial_forget`` on the full T
   sequences (prefix + suffix), the relearn-on-a-subset attack (Deeb & Roger's RTT);
 - per recipe, one fine-tuning run of max(``steps``) steps from the model as is, with greedy recall on V
@@ -62,10 +63,12 @@ class ResurgenceArguments:
 
 
 def split_canaries(probes) -> tuple[list, list]:
-    """``(relearn, measured)``: memorized sweep probes, and memorized holdout + control probes."""
+    """``(relearn, measured)``: memorized sweep probes, and memorized holdout probes plus as many
+    control probes (the first in file order): a matched pair, measured at every checkpoint."""
     relearn = [p for p in probes if p.kind == "memorized" and p.split == "sweep"]
-    measured = [p for p in probes if (p.kind == "memorized" and p.split == "holdout") or p.kind == "control"]
-    if not relearn or not any(p.kind == "memorized" for p in measured):
+    held_back = [p for p in probes if p.kind == "memorized" and p.split == "holdout"]
+    measured = held_back + [p for p in probes if p.kind == "control"][: len(held_back)]
+    if not relearn or not held_back:
         raise MemkfacError(
             "the resurgence probe set needs memorized probes in both the sweep and the holdout split",
             "use the canary probe set (its trained canaries alternate sweep/holdout)",

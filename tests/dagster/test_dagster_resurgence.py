@@ -25,11 +25,12 @@ def test_n_step_plan_has_exactly_n_batches():
 
 
 def test_split_canaries_relearns_sweep_and_measures_the_rest():
-    trained, control = generate_canaries(CanaryConfig(n_trained=8, n_control=4))
+    trained, control = generate_canaries(CanaryConfig(n_trained=8, n_control=6))
     relearn, measured = split_canaries(trained + control)
     assert {p.split for p in relearn} == {"sweep"} and len(relearn) == 4
     assert {(p.kind, p.split) for p in measured if p.kind == "memorized"} == {("memorized", "holdout")}
-    assert sum(p.kind == "control" for p in measured) == 4
+    # as many controls as held-back canaries, the first ones
+    assert [p for p in measured if p.kind == "control"] == control[:4]
     with pytest.raises(MemkfacError, match="sweep and the holdout"):
         split_canaries(control)
 
