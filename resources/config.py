@@ -232,6 +232,12 @@ def parse_config(raw: Any, path: str = "<dict>") -> PipelineConfig:
     _typed(evaluation, "max_perplexity_increase", (int, float), "evaluation")
     corpus = _mapping(top.get("corpus"), "corpus")
     _typed(corpus, "source", str, "corpus", "stdlib")
+    block_len = _typed(corpus, "block_len", int, "corpus", 128)  # memkfac.corpora.build_corpus's default
+    if not 1 <= resurgence.general_len <= block_len:
+        raise MemkfacError(
+            f"resurgence.general_len is {resurgence.general_len}; the corpus blocks hold {block_len} tokens",
+            f"use a resurgence.general_len from 1 to corpus.block_len ({block_len})",
+        )
     mlflow = _mapping(top.get("mlflow"), "mlflow")
     _known(mlflow, "mlflow", {"tracking_uri", "experiment"})
     return PipelineConfig(

@@ -53,6 +53,8 @@ def test_unset_env_reference_names_key(monkeypatch, tmp_path):
         (lambda c: c.update(probe_sets=["/etc/passwd"]), r"probe_sets\[0\]: invalid probe-set name"),
         (lambda c: c["resurgence"].update(steps=[50, 10]), r"resurgence\.steps is \[50, 10\]"),
         (lambda c: c["resurgence"].update(edits=["nope"]), r"resurgence\.edits names 'nope'"),
+        (lambda c: c["resurgence"].update(general_len=64), r"general_len is 64; the corpus blocks"),
+        (lambda c: c["resurgence"].update(general_len=0), r"resurgence\.general_len is 0"),
         (lambda c: c.update(modells={}), r"unknown key modells"),
         (lambda c: c["models"]["tiny-llama"].update(source=3), r"models\.tiny-llama\.source has type int"),
         (lambda c: c["evaluation"].update(stres=True), r"unknown key evaluation\.stres"),
