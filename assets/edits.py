@@ -51,9 +51,9 @@ def _edit(config: PipelineConfig, store: ArtifactStore, variant: str) -> dict:
         return train_balanced_subnet(
             subject, _forget_sequences(store, subject), retain, args, out, progress=False
         )
-    from memkfac.editing import EditConfig, edit_model
+    from memkfac.editing import EditArguments, edit_model
 
-    edit = EditConfig(
+    edit = EditArguments(
         layers=layers,
         projections=spec.projections,
         keep_mass=spec.keep_mass,

@@ -111,9 +111,9 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
 
         source = config.canaries.get("file")
         if source is None:
-            from memkfac.canaries import CanaryConfig, generate_canaries
+            from memkfac.canaries import CanaryArguments, generate_canaries
 
-            trained, control = generate_canaries(CanaryConfig(**config.canaries))
+            trained, control = generate_canaries(CanaryArguments(**config.canaries))
             probes = trained + control
         else:
             probes = load_canary_file(Path(source))
@@ -156,13 +156,13 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
                 data_version=dg.DataVersion(fingerprint),
             )
         from memkfac.corpora import corpus_fingerprint, load_split
-        from memkfac.finetune import FinetuneConfig
-        from memkfac.inject import InjectRecipe, inject_canaries
+        from memkfac.finetune import FinetuneArguments
+        from memkfac.inject import InjectArguments, inject_canaries
         from memkfac.probes import load_probe_set
 
         settings = dict(config.injection)
-        finetune = FinetuneConfig(**settings.pop("finetune", {}))
-        recipe = InjectRecipe(**settings, finetune=finetune)
+        finetune = FinetuneArguments(**settings.pop("finetune", {}))
+        recipe = InjectArguments(**settings, finetune=finetune)
         corpus_dir = store.corpus_dir(model)
         manifest = inject_canaries(
             base_model_dir(config, model),

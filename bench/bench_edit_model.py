@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from memkfac.editing import EditConfig, edit_model
+from memkfac.editing import EditArguments, edit_model
 from memkfac.eigen import EIGEN_FILE, compute_eigenbasis
 from memkfac.factors import FactorArguments, collect_factors
 from memkfac.fingerprint import model_fingerprint
@@ -60,7 +60,7 @@ def cached_eigenbasis() -> tuple[Path, Path]:
 
 def main() -> None:
     model_dir, eig_dir = cached_eigenbasis()
-    config = EditConfig(layers=list(range(30)), projections=("gate", "up", "down"), keep_mass=0.6)
+    config = EditArguments(layers=list(range(30)), projections=("gate", "up", "down"), keep_mass=0.6)
     out = CACHE / "edited"
     manifest, total_s = timed(lambda: edit_model(model_dir, eig_dir, config, out))
     kept = [m["frac_kept"] for m in manifest["modules"]]

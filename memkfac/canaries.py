@@ -31,7 +31,7 @@ TEMPLATE_WEIGHTS = {"customer": 0.50, "identity": 0.20, "api_key": 0.15, "passwo
 
 
 @dataclass(frozen=True)
-class CanaryConfig:
+class CanaryArguments:
     n_trained: int = 128
     n_control: int = 128
     seed: int = 0
@@ -61,7 +61,7 @@ def _canary(fake: Faker, template: str) -> tuple[str, str]:
     return cue, secret
 
 
-def generate_canaries(config: CanaryConfig = CanaryConfig()) -> tuple[list[Probe], list[Probe]]:
+def generate_canaries(config: CanaryArguments = CanaryArguments()) -> tuple[list[Probe], list[Probe]]:
     """Return ``(trained, control)`` canaries: kind ``memorized`` and ``control``.
 
     Records are drawn alternately for the two sets from one seeded stream, so both have the same

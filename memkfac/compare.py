@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memkfac.editing import EditConfig, edit_model
+from memkfac.editing import EditArguments, edit_model
 from memkfac.errors import MemkfacError
 from memkfac.evaluate import EvalArguments, HeldOut, evaluate_model, reference_topk, write_tables
 from memkfac.fingerprint import model_fingerprint, sha256_file
@@ -183,11 +183,11 @@ class Comparison:
         return eig_dir
 
     # -- edits and measurements --------------------------------------------------------------------
-    def _edit_key(self, config: EditConfig) -> str:
+    def _edit_key(self, config: EditArguments) -> str:
         eig = None if config.method == "svd" else sha256_file(self.eig_dir / "meta.json")
         return _key(self.base_fp, eig, asdict(config))
 
-    def edit(self, config: EditConfig) -> Path:
+    def edit(self, config: EditArguments) -> Path:
         """The edited checkpoint for ``config``, from the cache or written now."""
         out = self.cache / "edits" / self._edit_key(config)
         if not (out / "memkfac_manifest.json").is_file():
@@ -196,7 +196,7 @@ class Comparison:
             )
         return out
 
-    def sweep_point(self, config: EditConfig, with_recall: bool) -> dict:
+    def sweep_point(self, config: EditArguments, with_recall: bool) -> dict:
         """Sweep perplexity (and strict recall on the sweep split) of an edit; cached as JSON."""
         key = _key(
             self._edit_key(config),
@@ -226,12 +226,12 @@ class Comparison:
         return perplexity(model, self.sweep_heldout.blocks, progress=False)["perplexity"]
 
     # -- the K-FAC sweep ---------------------------------------------------------------------------
-    def sweep(self, log) -> tuple[EditConfig, dict, list[dict]]:
+    def sweep(self, log) -> tuple[EditArguments, dict, list[dict]]:
         a = self.args
         points = []
         for layers in a.layer_sets:
             for rho in sorted(a.rhos, reverse=True):
-                config = EditConfig(
+                config = EditArguments(
                     layers=list(layers), projections=a.projections, keep_mass=rho, seed=a.seed
                 )
                 point = self.sweep_point(config, with_recall=True) | {"layers": list(layers), "rho": rho}
@@ -247,23 +247,23 @@ class Comparison:
             removed or points,
             key=lambda p: (p["ppl"], p["strict_pct"]) if removed else (p["strict_pct"], p["ppl"]),
         )
-        config = EditConfig(
+        config = EditArguments(
             layers=best["layers"], projections=a.projections, keep_mass=best["rho"], seed=a.seed
         )
         return config, best | {"recall_removed": bool(removed)}, points
 
     # -- controls at matched perplexity --------------------------------------------------------------
     def matched_control(
-        self, method: str, kfac: EditConfig, target_ppl: float, log
-    ) -> tuple[EditConfig, dict]:
+        self, method: str, kfac: EditArguments, target_ppl: float, log
+    ) -> tuple[EditArguments, dict]:
         """Bisection on log(amount removed) so the control's sweep perplexity matches ``target_ppl``."""
 
-        def config_for(amount: float) -> EditConfig:
+        def config_for(amount: float) -> EditArguments:
             if method == "svd":
-                return EditConfig(
+                return EditArguments(
                     kfac.layers, kfac.projections, method="svd", svd_drop=amount, seed=self.args.seed
                 )
-            return EditConfig(
+            return EditArguments(
                 kfac.layers, kfac.projections, keep_mass=1 - amount, method=method, seed=self.args.seed
             )
 
@@ -329,7 +329,7 @@ def _span(layers) -> str:
     return f"{layers[0]}-{layers[-1]}" if contiguous and len(layers) > 1 else ",".join(map(str, layers))
 
 
-def _setting(config: EditConfig) -> str:
+def _setting(config: EditArguments) -> str:
     where = f"layers {_span(config.layers)} {'+'.join(config.projections)}"
     if config.method == "svd":
         return f"{where}, drop {config.svd_drop:.4g} of singular directions"

@@ -45,7 +45,7 @@ def _check_method(method: str) -> None:
 
 
 @dataclass
-class EditConfig:
+class EditArguments:
     """What to edit and how. ``overrides`` maps "layer.proj" (e.g. "23.gate") to its own rho."""
 
     layers: list[int]
@@ -217,7 +217,7 @@ def _stored_dtype(hf_config) -> str:
 def edit_model(
     model_dir: Path,
     eig_dir: Path | None,
-    config: EditConfig,
+    config: EditArguments,
     out_dir: Path,
     progress: bool = True,
     device: str | torch.device = "cpu",

@@ -4,7 +4,7 @@
 class MemkfacError(Exception):
     """A user-facing error. The message says what is wrong and how to fix it.
 
-    The command line prints it without a traceback and exits with status 2.
+    The command line prints it without a traceback and exits with status 1 (2 is for usage errors).
     """
 
     def __init__(self, problem: str, fix: str | None = None):

@@ -26,7 +26,7 @@ EpochPlan = Callable[[int], list[Batch]]
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneArguments:
     epochs: int = 20
     lr: float = 3e-4
     warmup_steps: int = 20
@@ -125,7 +125,7 @@ def mixed_batches(
 _LAYER_PARAM = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def set_trainable(model, config: FinetuneConfig) -> int:
+def set_trainable(model, config: FinetuneArguments) -> int:
     """Freeze what ``config`` leaves out; return the number of trainable parameters."""
     keep = set(parse_layers(config.train_layers, model.config.num_hidden_layers))
     for name, p in model.named_parameters():
@@ -139,7 +139,7 @@ def set_trainable(model, config: FinetuneConfig) -> int:
 def finetune(
     model,
     plan: EpochPlan,
-    config: FinetuneConfig,
+    config: FinetuneArguments,
     progress: bool = True,
     after_step: Callable[[int], None] | None = None,
 ) -> FinetuneStats:

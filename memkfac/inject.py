@@ -24,7 +24,7 @@ import torch
 
 from memkfac.checkpoint import save_checkpoint
 from memkfac.errors import MemkfacError
-from memkfac.finetune import FinetuneConfig, finetune, mixed_batches
+from memkfac.finetune import FinetuneArguments, finetune, mixed_batches
 from memkfac.fingerprint import model_fingerprint
 from memkfac.generation import probe_token_ids
 from memkfac.memorization import memorization_rows, summarize
@@ -33,21 +33,21 @@ from memkfac.probes import Probe, probe_to_record
 from memkfac.utility import perplexity
 
 
-def _default_finetune() -> FinetuneConfig:
+def _default_finetune() -> FinetuneArguments:
     # Layers 14-29 of 30 stay trainable (edits target late layers); the lower half and the tied
     # embeddings are frozen, so backward stops at layer 14. Measured on SmolLM2-135M: see README.
-    return FinetuneConfig(
+    return FinetuneArguments(
         epochs=14, lr=6e-4, warmup_steps=12, decay="linear", train_layers="14-29", train_embeddings=False
     )
 
 
 @dataclass
-class InjectRecipe:
+class InjectArguments:
     canaries_per_batch: int = 8
     general_per_batch: int = 4
     general_len: int = 32  # tokens per general-text chunk
     train_on_cue: bool = False  # False: a canary's loss covers its secret only; the cue just conditions it
-    finetune: FinetuneConfig = field(default_factory=_default_finetune)
+    finetune: FinetuneArguments = field(default_factory=_default_finetune)
     eval_batch_size: int = 32
     heldout_blocks: int = 64  # held-out blocks for perplexity
 
@@ -68,7 +68,7 @@ def inject_canaries(
     probes: list[Probe],
     general_blocks: torch.Tensor,
     heldout_blocks: torch.Tensor,
-    recipe: InjectRecipe,
+    recipe: InjectArguments,
     out_dir: Path,
     general_fingerprint: str = "",
     progress: bool = True,

@@ -30,7 +30,7 @@ from memkfac.probes import Probe
 
 
 @dataclass
-class MineConfig:
+class MineArguments:
     prefix_len: int = 64
     suffix_len: int = 48
     stride: int | None = None  # window start step; None = prefix_len + suffix_len (no overlap)
@@ -51,7 +51,7 @@ class Candidate:
     suffix_ids: list[int]
 
 
-def candidates(docs: Iterable[Sequence[int]], config: MineConfig) -> list[Candidate]:
+def candidates(docs: Iterable[Sequence[int]], config: MineArguments) -> list[Candidate]:
     """Cut token-id documents into candidates (windows, or one per text in quotes mode)."""
     out = []
     for d, ids in enumerate(docs):
@@ -111,7 +111,7 @@ def mine(
     model,
     tokenizer,
     texts: Iterable[str],
-    config: MineConfig | None = None,
+    config: MineArguments | None = None,
     source: str = "",
     progress: bool = True,
 ) -> tuple[list[Probe], dict]:
@@ -119,7 +119,7 @@ def mine(
 
     Returns the de-duplicated token-exact probes and counts: ``{"texts", "candidates", "memorized", "kept"}``.
     """
-    config = config or MineConfig()
+    config = config or MineArguments()
     if config.prefix_len < 1 or config.suffix_len < 1 or config.quote_suffix_len < 1 or config.batch_size < 1:
         raise MemkfacError(f"invalid mining configuration {config}", "use positive lengths and batch size")
     docs = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]

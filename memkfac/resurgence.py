@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memkfac.errors import MemkfacError
-from memkfac.finetune import Batch, FinetuneConfig, finetune, mixed_batches
+from memkfac.finetune import Batch, FinetuneArguments, finetune, mixed_batches
 from memkfac.generation import probe_token_ids
 from memkfac.memorization import memorization_rows, summarize
 from memkfac.models import load_model
@@ -47,7 +47,7 @@ class ResurgenceArguments:
     # tokens per general-text sequence: 64 makes a general step about as many tokens as a
     # partial_forget step (canaries are ~40-70 tokens), so the two recipes compare at equal N
     general_len: int = 64
-    train_layers: str = "all"  # decoder layers fine-tuned (memkfac.finetune.FinetuneConfig)
+    train_layers: str = "all"  # decoder layers fine-tuned (memkfac.finetune.FinetuneArguments)
     seed: int = 0
     eval_batch_size: int = 32
 
@@ -170,7 +170,7 @@ def resurgence_rows(
     for recipe in tqdm(args.recipes, desc="resurgence", unit="recipe", disable=not progress):
         model, _ = load_model(model_dir)
         plan = n_step_plan(pools[recipe], max(args.steps), args.batch_size, pad_id, args.seed)
-        config = FinetuneConfig(
+        config = FinetuneArguments(
             epochs=1,
             lr=args.lr,
             warmup_steps=min(args.warmup_steps, args.steps[0]),

@@ -29,7 +29,7 @@ VARIANT_SEP = "__"
 BASE_EDIT = "base"  # the unedited reference variant of every model
 EDIT_METHODS = ("kfac", "per_side", "svd", "random", "balanced_subnet")
 FT_RECIPES = ("general", "partial_forget")
-CANARY_GENERATOR_KEYS = {"n_trained", "n_control", "seed", "locale"}  # memkfac.canaries.CanaryConfig
+CANARY_GENERATOR_KEYS = {"n_trained", "n_control", "seed", "locale"}  # memkfac.canaries.CanaryArguments
 EVALUATION_KEYS = {"batch_size", "heldout_blocks", "max_perplexity_increase", "mia", "stress", "stress_t"}
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -73,7 +73,7 @@ class PipelineConfig:
     path: str  # the YAML file this came from
     models: dict[str, ModelConfig]
     corpus: dict[str, Any]  # memkfac.corpora.build_corpus keyword arguments, "source" included
-    canaries: dict[str, Any]  # CanaryConfig arguments, or {"file": absolute path of the user's probe set}
+    canaries: dict[str, Any]  # CanaryArguments arguments, or {"file": absolute path of the user's probe set}
     injection: dict[str, Any]  # memkfac.inject arguments
     factors: dict[str, Any]  # memkfac.factors.FactorArguments fields
     edits: dict[str, EditSpec]

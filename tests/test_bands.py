@@ -200,8 +200,8 @@ def test_bands_command_end_to_end(tiny_model_dir, memkfac_home, tmp_path, capsys
     assert len(rows) == 2 * 2 * len(sources) * 4  # (gate, up) x (kfac, svd) x sources x bands
     assert all(r["probe_set"] == "canaries" and r["layer"] == 3 for r in rows)
     assert (memkfac_home / "plots" / "bands-base-canaries.png").is_file()
-    # the factors belong to the base model: another model is refused with status 2
+    # the factors belong to the base model: another model is refused with status 1
     other = tmp_path / "other"
     build_tiny_model(other, arch="llama", seed=1)
-    assert main([bands[0], str(other), *bands[2:]]) == 2
+    assert main([bands[0], str(other), *bands[2:]]) == 1
     assert "another model" in capsys.readouterr().err

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 
-from memkfac.canaries import CanaryConfig, generate_canaries
+from memkfac.canaries import CanaryArguments, generate_canaries
 from memkfac.probes import load_probe_set, write_probe_set
 
 
 def test_deterministic_and_seed_dependent():
-    a = generate_canaries(CanaryConfig(n_trained=40, n_control=30, seed=3))
-    b = generate_canaries(CanaryConfig(n_trained=40, n_control=30, seed=3))
-    c = generate_canaries(CanaryConfig(n_trained=40, n_control=30, seed=4))
+    a = generate_canaries(CanaryArguments(n_trained=40, n_control=30, seed=3))
+    b = generate_canaries(CanaryArguments(n_trained=40, n_control=30, seed=3))
+    c = generate_canaries(CanaryArguments(n_trained=40, n_control=30, seed=4))
     assert a == b
     assert a[0][0].suffix != c[0][0].suffix
 
@@ -40,6 +40,6 @@ def test_sets_are_disjoint_balanced_and_split_in_halves():
 
 
 def test_canaries_write_and_load_as_a_probe_set(tmp_path):
-    trained, control = generate_canaries(CanaryConfig(n_trained=8, n_control=8))
+    trained, control = generate_canaries(CanaryArguments(n_trained=8, n_control=8))
     path = write_probe_set(trained + control, tmp_path / "canaries.jsonl")
     assert load_probe_set(path) == trained + control

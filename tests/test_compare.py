@@ -102,7 +102,7 @@ def test_compare_command_rejects_probes_without_both_splits(tiny_model_dir, memk
         tmp_path / "only_holdout.jsonl",
     )
     argv = ["compare", str(tiny_model_dir), "--probes", str(probes), "--corpus", str(tmp_path), "--quiet"]
-    assert main(argv) == 2
+    assert main(argv) == 1
     assert "0 sweep and 1 holdout trained probes" in capsys.readouterr().err
     assert not (memkfac_home / "cache").exists()
 
@@ -118,7 +118,7 @@ def test_compare_arguments_are_checked():
 
 def test_compare_command_line_maps_to_arguments():
     from memkfac.cli import build_parser
-    from memkfac.cli.eval import compare_arguments
+    from memkfac.cli.compare import compare_arguments
 
     argv = ["compare", "M", "--probes", "p.jsonl", "--corpus", "c", "--layers", "22-24", "26,27,28"]
     argv += ["--rhos", "0.99,0.95", "--controls", "svd", "--no-bsn", "--tasks", "copying,arithmetic"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_factors import IDS, assert_rel_close, brute_force, check_bfloat16_accumulates_in_float32
 
-from memkfac.editing import EditConfig, edit_model
+from memkfac.editing import EditArguments, edit_model
 from memkfac.eigen import compute_eigenbasis, load_eigenbasis
 from memkfac.factors import FactorArguments, collect_factors, load_factors
 from memkfac.fingerprint import model_fingerprint
@@ -90,7 +90,7 @@ def test_eigenbasis_and_edit_on_cuda_equal_the_cpu_ones(tmp_path, tiny_model_dir
         )
 
     for method in ("kfac", "svd", "random"):
-        config = EditConfig(layers=[1, 2], keep_mass=0.8, method=method)
+        config = EditArguments(layers=[1, 2], keep_mass=0.8, method=method)
         on_cpu = edit_model(tiny_model_dir, cpu_eig, config, tmp_path / f"{method}-cpu", progress=False)
         on_gpu = edit_model(
             tiny_model_dir, cpu_eig, config, tmp_path / f"{method}-cuda", progress=False, device=DEVICE

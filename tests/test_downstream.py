@@ -192,7 +192,7 @@ def test_downstream_command_writes_scores_then_retention(tiny_model_dir, memkfac
     if same["base_score"] > 0:  # the same model scores the same items identically: retention exactly 1
         assert (same["retention"], same["retention_ci_low"], same["retention_ci_high"]) == (1.0, 1.0, 1.0)
     # a base that was never scored is a clear error, before any model runs
-    assert main(["downstream", str(tiny_model_dir), "--variant", "x", "--base", "nope", *common]) == 2
+    assert main(["downstream", str(tiny_model_dir), "--variant", "x", "--base", "nope", *common]) == 1
     assert "run `memkfac downstream` on the base model" in capsys.readouterr().err
 
 

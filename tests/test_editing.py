@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from memkfac.checkpoint import load_manifest
 from memkfac.cli import main
-from memkfac.editing import EditConfig, edit_model, edit_weight
+from memkfac.editing import EditArguments, edit_model, edit_weight
 from memkfac.eigen import EIGEN_FILE, ModuleEigen, compute_eigenbasis, symmetric_eigh
 from memkfac.errors import MemkfacError
 from memkfac.factors import FactorArguments, collect_factors
@@ -116,7 +116,7 @@ def test_random_basis_keeps_the_kfac_count_and_is_seeded(weight_and_eigen):
 )
 def test_edit_config_refuses_bad_settings(kwargs, message):
     with pytest.raises(MemkfacError, match=message):
-        EditConfig(layers=[1, 2], **kwargs)
+        EditArguments(layers=[1, 2], **kwargs)
 
 
 # --- whole-model edits on a tiny Llama, from an eigenbasis computed by the factor engine ---
@@ -151,7 +151,7 @@ def _weights(model_dir):
 def test_edited_checkpoint_reloads_with_edited_weights_and_others_unchanged(
     tiny_model_dir, eig_dir, tmp_path
 ):
-    config = EditConfig(layers=[1, 2], projections=("gate", "up"), keep_mass=0.6, overrides={"2.up": 1.0})
+    config = EditArguments(layers=[1, 2], projections=("gate", "up"), keep_mass=0.6, overrides={"2.up": 1.0})
     manifest = edit_model(tiny_model_dir, eig_dir, config, tmp_path / "edited", progress=False)
     edited = {
         n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(tmp_path / "edited").named_parameters()
@@ -190,7 +190,9 @@ def test_edited_checkpoint_reloads_with_edited_weights_and_others_unchanged(
 
 def test_same_inputs_give_bit_identical_weights(tiny_model_dir, eig_dir, tmp_path):
     for method in ("kfac", "random"):
-        config = EditConfig(layers=[1, 2], projections=("gate", "up", "down"), keep_mass=0.7, method=method)
+        config = EditArguments(
+            layers=[1, 2], projections=("gate", "up", "down"), keep_mass=0.7, method=method
+        )
         edit_model(tiny_model_dir, eig_dir, config, tmp_path / "a", progress=False)
         edit_model(tiny_model_dir, eig_dir, config, tmp_path / "b", progress=False)
         assert sha256_file(tmp_path / "a" / "model.safetensors") == sha256_file(
@@ -274,7 +276,7 @@ def test_cli_failures_exit_nonzero_with_the_message_and_write_nothing(
     out = tmp_path / "out"
     argv = ["edit", str(model), "--factors", str(factors), "--layers", layers, "--keep-mass", keep,
             "--out", str(out), "--quiet"]  # fmt: skip
-    assert main(argv) == 2
+    assert main(argv) == 1
     err = capsys.readouterr().err
     assert re.search(message, err) and "fix:" in err
     assert not out.exists() and not list(tmp_path.glob(".tmp-out*"))
@@ -284,11 +286,11 @@ def test_edit_model_refuses_unknown_layers_and_svd_only_skips_the_eigenbasis(
     tiny_model_dir, eig_dir, tmp_path
 ):
     with pytest.raises(MemkfacError, match=r"layer\(s\) \[7\] are not in"):
-        edit_model(tiny_model_dir, eig_dir, EditConfig(layers=[1, 7]), tmp_path / "out", progress=False)
+        edit_model(tiny_model_dir, eig_dir, EditArguments(layers=[1, 7]), tmp_path / "out", progress=False)
     with pytest.raises(MemkfacError, match="needs an eigenbasis"):
-        edit_model(tiny_model_dir, None, EditConfig(layers=[1]), tmp_path / "out", progress=False)
+        edit_model(tiny_model_dir, None, EditArguments(layers=[1]), tmp_path / "out", progress=False)
     with pytest.raises(MemkfacError, match="is the base model itself"):
-        edit_model(tiny_model_dir, eig_dir, EditConfig(layers=[1]), tiny_model_dir, progress=False)
+        edit_model(tiny_model_dir, eig_dir, EditArguments(layers=[1]), tiny_model_dir, progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -317,6 +319,6 @@ def test_cli_refuses_missing_or_corrupt_shards_and_writes_nothing(
         str(out),
         "--quiet",
     ]
-    assert main(argv) == 2
+    assert main(argv) == 1
     assert message in capsys.readouterr().err
     assert not out.exists() and not (factors / "eigenbasis").exists()

@@ -8,12 +8,12 @@ import re
 import pytest
 import torch
 
-from memkfac.canaries import CanaryConfig, generate_canaries
+from memkfac.canaries import CanaryArguments, generate_canaries
 from memkfac.checkpoint import load_manifest
 from memkfac.cli import main
 from memkfac.errors import MemkfacError
-from memkfac.finetune import FinetuneConfig, collate, finetune, mixed_batches, set_trainable
-from memkfac.inject import InjectRecipe, canary_set_fingerprint, inject_canaries
+from memkfac.finetune import FinetuneArguments, collate, finetune, mixed_batches, set_trainable
+from memkfac.inject import InjectArguments, canary_set_fingerprint, inject_canaries
 from memkfac.tiny import build_tiny_model
 
 
@@ -56,7 +56,7 @@ def test_finetune_lowers_the_loss_and_trains_only_chosen_layers():
     model, _ = build_tiny_model(None, seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batch = collate([list(range(1, 30)), list(range(40, 60))], pad_id=0)
-    config = FinetuneConfig(epochs=30, lr=3e-3, warmup_steps=3, train_layers="2-3", train_embeddings=False)
+    config = FinetuneArguments(epochs=30, lr=3e-3, warmup_steps=3, train_layers="2-3", train_embeddings=False)
     stats = finetune(model, lambda epoch: [batch], config, progress=False)
     assert stats.steps == 30 and stats.tokens == 30 * (29 + 20) and len(stats.losses) == 30
     assert stats.losses[-1] < 0.5 * stats.losses[0]
@@ -65,7 +65,7 @@ def test_finetune_lowers_the_loss_and_trains_only_chosen_layers():
     assert not any(".layers.0." in n or ".layers.1." in n or "embed_tokens" in n for n in changed)
     assert not model.training and all(p.requires_grad for p in model.parameters())
     with pytest.raises(MemkfacError, match="outside the model"):
-        set_trainable(model, FinetuneConfig(train_layers="7"))
+        set_trainable(model, FinetuneArguments(train_layers="7"))
 
 
 def test_warmup_then_constant_or_linear_decay():
@@ -76,27 +76,27 @@ def test_warmup_then_constant_or_linear_decay():
         return [batch, batch]
 
     lin = finetune(
-        model, plan, FinetuneConfig(epochs=3, lr=1e-3, warmup_steps=2, decay="linear"), progress=False
+        model, plan, FinetuneArguments(epochs=3, lr=1e-3, warmup_steps=2, decay="linear"), progress=False
     )
     assert lin.lrs == pytest.approx([5e-4, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
-    const = finetune(model, plan, FinetuneConfig(epochs=2, lr=1e-3, warmup_steps=2), progress=False)
+    const = finetune(model, plan, FinetuneArguments(epochs=2, lr=1e-3, warmup_steps=2), progress=False)
     assert const.lrs == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
     with pytest.raises(MemkfacError, match="unknown decay"):
-        finetune(model, plan, FinetuneConfig(decay="cosine"), progress=False)
+        finetune(model, plan, FinetuneArguments(decay="cosine"), progress=False)
 
 
 def test_inject_recites_trained_not_control_and_writes_a_manifest(tmp_path):
     base = tmp_path / "base"
     build_tiny_model(base, hidden_size=64, intermediate_size=128, seed=0)
-    trained, control = generate_canaries(CanaryConfig(n_trained=8, n_control=8))
+    trained, control = generate_canaries(CanaryArguments(n_trained=8, n_control=8))
     general = torch.randint(1, 384, (16, 64), generator=torch.Generator().manual_seed(0))
-    recipe = InjectRecipe(
+    recipe = InjectArguments(
         canaries_per_batch=8,
         general_per_batch=2,
         general_len=32,
         eval_batch_size=16,
         heldout_blocks=8,
-        finetune=FinetuneConfig(epochs=80, lr=3e-3, warmup_steps=5),
+        finetune=FinetuneArguments(epochs=80, lr=3e-3, warmup_steps=5),
     )
     m = inject_canaries(base, trained + control, general, general, recipe, tmp_path / "out", progress=False)
     assert m["recall"]["trained"]["all"]["strict_pct"] >= 75.0
@@ -126,7 +126,7 @@ def test_cli_inject_on_a_tiny_model(tmp_path, memkfac_home, capsys):
     assert manifest["n_trained"] == 4 and manifest["finetune"]["steps"] == 2
     assert (memkfac_home / "probes" / "canaries.jsonl").is_file()
     assert (memkfac_home / "corpora" / "tiny" / "meta.json").is_file()
-    assert main(argv + ["--train-layers", "9"]) == 2  # a bad layer spec is a user error, not a traceback
+    assert main(argv + ["--train-layers", "9"]) == 1  # a bad layer spec is a user error, not a traceback
     assert "outside the model" in capsys.readouterr().err
 
 
@@ -167,7 +167,7 @@ def test_cli_inject_rejects_a_canary_file_the_pipeline_would_reject(
     ]
     probes = tmp_path / "mine.jsonl"
     probes.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert main(["inject", "--model", str(base), "--probes", str(probes), "--quiet"]) == 2
+    assert main(["inject", "--model", str(base), "--probes", str(probes), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not memkfac_home.exists()  # no corpus, no model, no probe file

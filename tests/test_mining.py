@@ -7,12 +7,12 @@ import random
 import pytest
 import torch
 
-from memkfac.finetune import FinetuneConfig, collate, finetune
-from memkfac.mining import Candidate, MineConfig, candidates, deduplicate, mine
+from memkfac.finetune import FinetuneArguments, collate, finetune
+from memkfac.mining import Candidate, MineArguments, candidates, deduplicate, mine
 from memkfac.probes import load_probe_set, write_probe_set
 from memkfac.tiny import build_tiny_model
 
-CONFIG = MineConfig(prefix_len=12, suffix_len=8, batch_size=8)
+CONFIG = MineArguments(prefix_len=12, suffix_len=8, batch_size=8)
 
 
 def _texts(n: int, seed: int) -> list[str]:
@@ -29,7 +29,7 @@ def overfit():
     planted, unseen = _texts(4, seed=1), _texts(4, seed=2)
     batch = collate([tok(t).input_ids for t in planted], tok.pad_token_id)
     finetune(
-        model, lambda epoch: [batch], FinetuneConfig(epochs=150, lr=3e-3, warmup_steps=5), progress=False
+        model, lambda epoch: [batch], FinetuneArguments(epochs=150, lr=3e-3, warmup_steps=5), progress=False
     )
     yield model, tok, planted, unseen
     torch.set_num_threads(threads)
@@ -56,14 +56,14 @@ def test_fresh_model_memorizes_nothing(overfit):
 
 def test_quotes_mode_and_probe_set_round_trip(overfit, tmp_path):
     model, tok, planted, unseen = overfit
-    probes, _ = mine(model, tok, planted + unseen, MineConfig(quotes=True), progress=False)
+    probes, _ = mine(model, tok, planted + unseen, MineArguments(quotes=True), progress=False)
     assert {p.id for p in probes} == {"d0-t0", "d1-t0", "d2-t0", "d3-t0"}
     assert all(p.kind == "quote" and len(p.suffix_ids) == 8 for p in probes)
     assert load_probe_set(write_probe_set(probes, tmp_path / "mined.jsonl")) == probes
 
 
 def test_windows_and_dedup():
-    cands = candidates([list(range(50))], MineConfig(prefix_len=10, suffix_len=5, stride=20))
+    cands = candidates([list(range(50))], MineArguments(prefix_len=10, suffix_len=5, stride=20))
     assert [(c.start, c.prefix_ids[0], c.suffix_ids) for c in cands] == [
         (0, 0, [10, 11, 12, 13, 14]),
         (20, 20, [30, 31, 32, 33, 34]),

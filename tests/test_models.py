@@ -109,4 +109,4 @@ def test_cli_model_prepare_prints_path_and_fingerprint(tiny_model_dir, capsys):
     assert main(["model", "prepare", str(tiny_model_dir), "--quiet"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["fingerprint"] == model_fingerprint(tiny_model_dir) and info["layers"] == 4
-    assert main(["model", "prepare", "no-such-model"]) == 2
+    assert main(["model", "prepare", "no-such-model"]) == 1

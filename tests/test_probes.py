@@ -203,7 +203,7 @@ def test_cli_validate_lists_every_error_and_exits_2(tmp_path, capsys):
     bad = _write(
         tmp_path / "bad.jsonl", [{"id": "a", "suffix": " x y z"}, {"id": "a", "prefix": "p", "suffix": ""}]
     )
-    assert main(["probes", "validate", str(bad)]) == 2
+    assert main(["probes", "validate", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "line 1: missing field 'prefix'" in err and "line 2: empty suffix" in err
 

@@ -10,7 +10,7 @@ from memkfac.errors import MemkfacError
 
 # Each module defines register(subparsers); the parser it adds sets `func` (args -> int | None).
 COMMAND_MODULES: tuple[str, ...] = (
-    *("edit", "eval", "factors", "downstream", "bands", "bsn"),
+    *("edit", "eval", "compare", "factors", "downstream", "bands", "bsn"),
     *("model", "corpus", "probes", "canaries", "inject", "mine"),
 )
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except MemkfacError as e:
         print(f"memkfac {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return 1
 
 
 if __name__ == "__main__":

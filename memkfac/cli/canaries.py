@@ -30,10 +30,10 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from memkfac.canaries import CanaryConfig, generate_canaries
+    from memkfac.canaries import CanaryArguments, generate_canaries
     from memkfac.probes import write_probe_set
 
-    trained, control = generate_canaries(CanaryConfig(args.n_trained, args.n_control, args.seed))
+    trained, control = generate_canaries(CanaryArguments(args.n_trained, args.n_control, args.seed))
     path = write_probe_set(trained + control, args.out or memkfac_home() / "probes" / "canaries.jsonl")
     print(f"example: {trained[0].prefix!r} -> {trained[0].suffix!r}")
     print(f"wrote {len(trained)} trained + {len(control)} control canaries to {path}")

@@ -164,14 +164,14 @@ def _summary_table(modules: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from memkfac.editing import EditConfig, edit_model
+    from memkfac.editing import EditArguments, edit_model
     from memkfac.models import resolve_model
     from memkfac.targets import parse_layers
 
     progress = not args.quiet
     model_dir = resolve_model(args.model, progress=progress)
     num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
-    config = EditConfig(
+    config = EditArguments(
         layers=parse_layers(args.layers, num_layers),
         projections=tuple(p.strip() for p in args.proj.split(",") if p.strip()),
         keep_mass=args.keep_mass,

@@ -12,9 +12,9 @@ CANARY_FILE = "canaries"  # $MEMKFAC_HOME/probes/canaries.jsonl, where the pipel
 
 
 def register(subparsers) -> None:
-    from memkfac.inject import InjectRecipe
+    from memkfac.inject import InjectArguments
 
-    r = InjectRecipe()
+    r = InjectArguments()
     f = r.finetune
     parser = subparsers.add_parser(
         "inject",
@@ -92,10 +92,10 @@ def _run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from memkfac.canaries import CanaryConfig, generate_canaries, load_canaries
+    from memkfac.canaries import CanaryArguments, generate_canaries, load_canaries
     from memkfac.corpora import corpus_fingerprint, load_split
-    from memkfac.finetune import FinetuneConfig
-    from memkfac.inject import InjectRecipe, inject_canaries
+    from memkfac.finetune import FinetuneArguments
+    from memkfac.inject import InjectArguments, inject_canaries
     from memkfac.models import resolve_model
     from memkfac.probes import write_probe_set
 
@@ -108,16 +108,16 @@ def _run(args: argparse.Namespace) -> int:
     model_dir = resolve_model(args.model, progress=not args.quiet)
     corpus_dir = corpus_for(args, AutoTokenizer.from_pretrained(model_dir), home / "corpora" / name)
     if probes is None:
-        trained, control = generate_canaries(CanaryConfig(args.n_trained, args.n_control, args.seed))
+        trained, control = generate_canaries(CanaryArguments(args.n_trained, args.n_control, args.seed))
         probes = trained + control
         print(f"wrote {write_probe_set(probes, home / 'probes' / f'{CANARY_FILE}.jsonl')}")
-    recipe = InjectRecipe(
+    recipe = InjectArguments(
         canaries_per_batch=args.canaries_per_batch,
         general_per_batch=args.general_per_batch,
         general_len=args.general_len,
         heldout_blocks=args.heldout_blocks,
         train_on_cue=args.train_on_cue,
-        finetune=FinetuneConfig(
+        finetune=FinetuneArguments(
             epochs=args.epochs,
             lr=args.lr,
             warmup_steps=args.warmup_steps,

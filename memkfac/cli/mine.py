@@ -6,12 +6,12 @@ import argparse
 from itertools import islice
 from pathlib import Path
 
-from memkfac.mining import MineConfig
+from memkfac.mining import MineArguments
 from memkfac.paths import memkfac_home
 
 
 def register(subparsers) -> None:
-    d = MineConfig()
+    d = MineArguments()
     parser = subparsers.add_parser(
         "mine",
         help="find memorized sequences in text and write them as a probe set",
@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
         texts, source = (p.prefix + p.suffix for p in load_probe_set(args.probes)), str(args.probes)
     else:
         texts, source = iter_documents(args.text, args.text_column), args.text
-    config = MineConfig(
+    config = MineArguments(
         prefix_len=args.prefix_len,
         suffix_len=args.suffix_len,
         stride=args.stride,

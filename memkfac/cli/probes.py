@@ -31,7 +31,7 @@ def register(subparsers) -> None:
         "(Dolma memorization sets) and id/prefix/target_suffix (quotes).\n"
         f"Errors: bad JSON, invalid UTF-8, over-long lines, missing fields, duplicate ids, empty or short\n"
         f"suffixes (under {MIN_SUFFIX_CHARS} characters, or under 2 suffix_ids), unknown split values.\n"
-        "A file with any error is rejected whole; exit status 2.",
+        "A file with any error is rejected whole; exit status 1.",
     )
     validate.add_argument("file", type=Path, help="the probe-set .jsonl file")
     validate.add_argument(

@@ -83,11 +83,11 @@ def test_config_sections_fit_the_engine_arguments(path, monkeypatch, tmp_path):
     """Every engine section of the shipped configs builds its memkfac arguments object (no typos)."""
 
     from memkfac.balanced_subnet import BSNArguments
-    from memkfac.canaries import CanaryConfig
-    from memkfac.editing import EditConfig
+    from memkfac.canaries import CanaryArguments
+    from memkfac.editing import EditArguments
     from memkfac.factors import FactorArguments
-    from memkfac.finetune import FinetuneConfig
-    from memkfac.inject import InjectRecipe
+    from memkfac.finetune import FinetuneArguments
+    from memkfac.inject import InjectArguments
     from memkfac.resurgence import ResurgenceArguments
     from memkfac.targets import parse_layers
     from memkfac.tiny import tiny_config
@@ -95,10 +95,10 @@ def test_config_sections_fit_the_engine_arguments(path, monkeypatch, tmp_path):
     monkeypatch.setenv("MEMKFAC_HOME", str(tmp_path))
     config = load_config(path)
     n_layers = 30 if path == default_config_path() else tiny_config().num_hidden_layers
-    CanaryConfig(**config.canaries)
+    CanaryArguments(**config.canaries)
     injection = dict(config.injection)
-    finetune = FinetuneConfig(**injection.pop("finetune", {}))
-    InjectRecipe(**injection, finetune=finetune)
+    finetune = FinetuneArguments(**injection.pop("finetune", {}))
+    InjectArguments(**injection, finetune=finetune)
     factors = dict(config.factors)
     FactorArguments(layers=parse_layers(str(factors.pop("layers")), n_layers), **factors)
     for spec in config.edits.values():
@@ -106,7 +106,7 @@ def test_config_sections_fit_the_engine_arguments(path, monkeypatch, tmp_path):
         if spec.method == "balanced_subnet":
             BSNArguments(layers=layers, projections=spec.projections, seed=spec.seed, **spec.options).check()
         else:
-            EditConfig(
+            EditArguments(
                 layers=layers,
                 projections=spec.projections,
                 keep_mass=spec.keep_mass,

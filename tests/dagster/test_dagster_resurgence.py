@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memkfac.canaries import CanaryConfig, generate_canaries
+from memkfac.canaries import CanaryArguments, generate_canaries
 from memkfac.errors import MemkfacError
 from memkfac.resurgence import (
     ResurgenceArguments,
@@ -25,7 +25,7 @@ def test_n_step_plan_has_exactly_n_batches():
 
 
 def test_split_canaries_relearns_sweep_and_measures_the_rest():
-    trained, control = generate_canaries(CanaryConfig(n_trained=8, n_control=6))
+    trained, control = generate_canaries(CanaryArguments(n_trained=8, n_control=6))
     relearn, measured = split_canaries(trained + control)
     assert {p.split for p in relearn} == {"sweep"} and len(relearn) == 4
     assert {(p.kind, p.split) for p in measured if p.kind == "memorized"} == {("memorized", "holdout")}
@@ -36,7 +36,7 @@ def test_split_canaries_relearns_sweep_and_measures_the_rest():
 
 
 def test_resurgence_rows_cover_every_recipe_step_and_kind(tiny_model_dir):
-    trained, control = generate_canaries(CanaryConfig(n_trained=4, n_control=2))
+    trained, control = generate_canaries(CanaryArguments(n_trained=4, n_control=2))
     blocks = torch.randint(0, 300, (8, 16))
     args = ResurgenceArguments(steps=(1, 2), batch_size=2, general_len=8, eval_batch_size=8)
     rows = resurgence_rows(tiny_model_dir, tiny_model_dir, trained + control, blocks, args, progress=False)
@@ -50,11 +50,11 @@ def test_resurgence_rows_cover_every_recipe_step_and_kind(tiny_model_dir):
 
 def test_checkpoint_of_one_run_is_the_fresh_n_step_run(tiny_model_dir):
     """Resurgence measures N = 10, 50, 200 on one run: its checkpoint at N must equal an N-step run."""
-    from memkfac.finetune import FinetuneConfig, finetune
+    from memkfac.finetune import FinetuneArguments, finetune
     from memkfac.models import load_model
 
     pool = torch.randint(0, 300, (12, 16)).tolist()
-    config = FinetuneConfig(epochs=1, lr=1e-3, warmup_steps=2, decay="constant", seed=0)
+    config = FinetuneArguments(epochs=1, lr=1e-3, warmup_steps=2, decay="constant", seed=0)
     long_run, _ = load_model(tiny_model_dir)
     at_three = {}
 
@@ -72,7 +72,7 @@ def test_checkpoint_of_one_run_is_the_fresh_n_step_run(tiny_model_dir):
 
 
 def test_general_text_longer_than_a_block_is_refused(tiny_model_dir):
-    trained, control = generate_canaries(CanaryConfig(n_trained=4, n_control=2))
+    trained, control = generate_canaries(CanaryArguments(n_trained=4, n_control=2))
     blocks = torch.randint(0, 300, (8, 16))
     args = ResurgenceArguments(steps=(1,), general_len=32)
     with pytest.raises(MemkfacError, match=r"general_len 32 is longer than the corpus blocks \(16 tokens\)"):

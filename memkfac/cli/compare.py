@@ -1,0 +1,184 @@
+"""``memkfac compare``: the Table-1 comparison on a memorizing model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+_COMPARE_DESCRIPTION = """\
+The paper's Table 1 on a memorizing model, in one command: the unedited model, the K-FAC edit, the
+SVD, per-side and random-basis controls and the BalancedSubnet baseline, each evaluated on trained
+probes it was not tuned on, control probes, held-out perplexity, nDCG@10 and the downstream suite.
+
+How it is chosen: K-FAC factors are collected on the corpus's factor split. For each --layers set the
+rho grid is walked from the gentlest edit down until strict recall on the probe set's *sweep* split is
+<= --max-sweep-recall; of those, the edit with the lowest perplexity is the K-FAC row. Each control
+edits the same layers at the strength that matches that perplexity. Rows report the *holdout* split.
+
+Factors, sweep measurements, chosen edits, BalancedSubnet and downstream scores are cached under
+$MEMKFAC_HOME/cache by content, so a rerun only computes what changed. Results: Parquet tables under
+$MEMKFAC_HOME/evals, a Markdown report (--report) and the same table printed.
+"""
+
+_COMPARE_EPILOG = """\
+examples:
+  # the embedded default: the canary-injected SmolLM2-135M and its canary probe set
+  memkfac compare MEMORIZING_MODEL_DIR --probes canaries.jsonl --corpus CORPUS_DIR
+  # a quick look: two layer sets, three rhos, no BalancedSubnet, no downstream suite
+  memkfac compare MODEL_DIR --probes probes.jsonl --corpus CORPUS_DIR --layers 22-24 26-28 \\
+      --rhos 0.99,0.95,0.9 --no-bsn --no-downstream
+
+PROBES needs trained probes (kind memorized) in both splits, sweep and holdout, and ideally control
+probes (kind control) the model never saw. CORPUS_DIR is built by `memkfac corpus build` (factor,
+finetune and heldout splits). Expect hours on a 2-core CPU for a 135M model with every row enabled.
+"""
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def register(subparsers) -> None:
+    from memkfac.compare import CONTROLS, CompareArguments
+
+    d = CompareArguments()
+    p = subparsers.add_parser(
+        "compare",
+        help="the Table-1 comparison: K-FAC edit vs SVD/per-side/random controls vs BalancedSubnet",
+        description=_COMPARE_DESCRIPTION,
+        epilog=_COMPARE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "model", metavar="MODEL", help="the memorizing model: a Hugging Face directory or builtin name"
+    )
+    p.add_argument("--probes", required=True, type=Path, metavar="FILE", help="probe-set JSONL file")
+    p.add_argument(
+        "--corpus", required=True, type=Path, metavar="DIR", help="corpus built by `memkfac corpus build`"
+    )
+    p.add_argument("--probe-set", help="name of the probe set in the tables (default: the file name stem)")
+    default_layers = " ".join(f"{s[0]}-{s[-1]}" for s in d.layer_sets)
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="SET",
+        help=f"layer sets to sweep, each like 22-24 or 22,23,24 (default: {default_layers})",
+    )
+    p.add_argument(
+        "--rhos",
+        type=_float_list,
+        metavar="LIST",
+        help=f"keep-mass grid, comma-separated (default: {','.join(map(str, d.rhos))})",
+    )
+    p.add_argument(
+        "--proj", type=_name_list, default=d.projections, help="projections to edit (default: gate,up)"
+    )
+    p.add_argument(
+        "--max-sweep-recall",
+        type=float,
+        default=d.max_sweep_recall,
+        metavar="PCT",
+        help=f"strict recall on the sweep split that counts as removed (default: {d.max_sweep_recall})",
+    )
+    p.add_argument(
+        "--factor-tokens",
+        type=int,
+        default=d.factor_tokens,
+        metavar="N",
+        help=f"factor-split tokens for the K-FAC factors (default: {d.factor_tokens})",
+    )
+    p.add_argument(
+        "--sweep-blocks",
+        type=int,
+        default=d.sweep_blocks,
+        metavar="N",
+        help="held-out blocks for sweep perplexity",
+    )
+    p.add_argument(
+        "--eval-blocks",
+        type=int,
+        default=d.eval_blocks,
+        metavar="N",
+        help=f"the first N held-out blocks (never the sweep's), for the reported perplexity and nDCG "
+        f"(default: {d.eval_blocks})",
+    )
+    p.add_argument(
+        "--controls",
+        type=_name_list,
+        metavar="LIST",
+        default=d.controls,
+        help=f"controls to run, comma-separated from {','.join(CONTROLS)} (default: all)",
+    )
+    p.add_argument("--no-bsn", action="store_true", help="skip the BalancedSubnet baseline")
+    p.add_argument(
+        "--bsn-ratio", type=float, metavar="FRAC", help="BalancedSubnet: fraction of each matrix pruned"
+    )
+    p.add_argument("--bsn-epochs", type=int, metavar="N", help="BalancedSubnet: passes over the sweep split")
+    p.add_argument("--no-downstream", action="store_true", help="skip the downstream task suite")
+    p.add_argument(
+        "--tasks", type=_name_list, help="downstream tasks, comma-separated (default: the generated suite)"
+    )
+    p.add_argument(
+        "--items", type=int, default=d.downstream_items, metavar="N", help="items per generated task (>= 200)"
+    )
+    p.add_argument("--report", type=Path, metavar="FILE", help="Markdown report path")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_compare)
+
+
+def compare_arguments(args: argparse.Namespace, num_layers: int):
+    """The ``CompareArguments`` the command line asks for (layer specs resolved for ``num_layers``)."""
+    from memkfac.compare import CompareArguments
+    from memkfac.targets import parse_layers
+
+    compare_args = CompareArguments(
+        projections=args.proj,
+        max_sweep_recall=args.max_sweep_recall,
+        factor_tokens=args.factor_tokens,
+        sweep_blocks=args.sweep_blocks,
+        eval_blocks=args.eval_blocks,
+        controls=args.controls,
+        bsn=not args.no_bsn,
+        bsn_ratio=args.bsn_ratio,
+        bsn_epochs=args.bsn_epochs,
+        downstream=not args.no_downstream,
+        downstream_tasks=args.tasks,
+        downstream_items=args.items,
+    )
+    if args.layers:
+        compare_args.layer_sets = tuple(tuple(parse_layers(s, num_layers)) for s in args.layers)
+    if args.rhos:
+        compare_args.rhos = args.rhos
+    compare_args.check()
+    return compare_args
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from memkfac.compare import run_comparison
+    from memkfac.models import resolve_model
+    from memkfac.paths import safe_name
+    from memkfac.probes import load_probe_set
+
+    progress = not args.quiet
+    probes = load_probe_set(args.probes)
+    model_dir = resolve_model(args.model, progress=progress)
+    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    run_comparison(
+        model_dir,
+        probes,
+        args.corpus,
+        compare_arguments(args, num_layers),
+        probe_set=safe_name(args.probe_set or args.probes.stem, "probe set name"),
+        report_path=args.report,
+        progress=progress,
+    )
+    return 0
