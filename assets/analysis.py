@@ -191,8 +191,12 @@ def _champions(config: PipelineConfig, parts: Partitions) -> list:
         f"within +{budget:.0%} perplexity becomes the MLflow 'champion'; plots recall and perplexity "
         "against rho.",
     )
-    def champions(store: ArtifactStore, mlflow: MlflowRegistry) -> dg.MaterializeResult:
+    def champions(
+        context: dg.AssetExecutionContext, store: ArtifactStore, mlflow: MlflowRegistry
+    ) -> dg.MaterializeResult:
         from memkfac.tables import read_table
+
+        current = _current_edits(context.instance, parts)
 
         recall = {
             r["variant"]: r["strict_pct"]
@@ -206,7 +210,11 @@ def _champions(config: PipelineConfig, parts: Partitions) -> list:
             candidates = [
                 v
                 for v in config.variants_of(model)
-                if v != base and v in recall and v in ppl and base in ppl and ppl[v] / ppl[base] - 1 <= budget
+                if v in current
+                and v in recall
+                and v in ppl
+                and base in ppl
+                and ppl[v] / ppl[base] - 1 <= budget
             ]
             if candidates:
                 best = min(candidates, key=lambda v: (recall[v], ppl[v]))
@@ -232,10 +240,28 @@ def _champions(config: PipelineConfig, parts: Partitions) -> list:
                     lambda ax, pts=kfac: _draw_tradeoff(ax, pts), f"{model}: K-FAC edits by rho"
                 )
         return dg.MaterializeResult(
-            metadata={"champions": dg.MetadataValue.json(chosen), "perplexity_budget": budget, **metadata}
+            metadata={
+                "champions": dg.MetadataValue.json(chosen),
+                "perplexity_budget": budget,
+                "variants_without_a_current_edit": dg.MetadataValue.json(
+                    sorted(set(parts.edit_variant.get_partition_keys()) - current)
+                ),
+                **metadata,
+            }
         )
 
     return [champions]
+
+
+def _current_edits(instance: dg.DagsterInstance, parts: Partitions) -> set[str]:
+    """The edit variants whose edited model and registration are materialized and whose latest
+    attempt did not fail: a variant whose edit fails now keeps its older tables, but is no candidate."""
+    variants = parts.edit_variant.get_partition_keys()
+    statuses = [
+        instance.get_status_by_partition(dg.AssetKey(key), variants, partitions_def) or {}
+        for key, partitions_def in (("edited_model", parts.variant), ("registered_model", parts.edit_variant))
+    ]
+    return {v for v in variants if all(s.get(v) == dg.AssetPartitionStatus.MATERIALIZED for s in statuses)}
 
 
 def _draw_tradeoff(ax, points: list[tuple[float, float, float]]) -> None:

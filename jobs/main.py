@@ -3,70 +3,58 @@
     python -m jobs.main                     # the embedded default (configs/default.yaml)
     MEMKFAC_CONFIG=configs/tiny.yaml python -m jobs.main
 
-Each round reports the input files as observations, evaluates every automation condition once and
-executes what they request: what the automation sensor would run. When they request nothing more,
-it also requests every asset partition that is still missing or whose last execution failed, once
-its inputs exist, so a rerun completes what an interrupted or failed invocation left (the conditions
-count a requested partition as handled even if its run never finished). Execution is in dependency
-order, one run per level and partition; a step that reads a failed one is skipped. It stops when
-nothing more is requested and exits with status 0 only if the whole graph is materialized (1 names
-the failed steps). So a second run after a change recomputes only what the change touched (the
-canary injection stays cached). Ctrl-C (or SIGTERM) stops at once with status 130; rerunning the
-same command resumes, also after a kill -9: runs a killed main job left unfinished are marked failed
-and their pool slots freed first. Runs land in the Dagster instance at ``$DAGSTER_HOME`` (default
-``$MEMKFAC_HOME/dagster``), so ``dagster dev`` shows them afterwards.
+It does what the sensors do, to a fixed point: each round reports the input files as observations,
+evaluates every automation condition and executes what they request, in dependency order (one run
+per level and partition). When they request nothing more, it requests what is still missing or whose
+last execution failed, once its inputs exist, so a rerun completes what an interrupted or failed
+invocation left. A step is skipped when every partition it reads of one input failed: what reads a
+failed variant is skipped, a report over all variants runs on those that exist. Exit status 0 when
+the whole graph is materialized, 1 naming the failed steps, 2 on a config error, 130 on Ctrl-C or
+SIGTERM. Rerunning resumes, also after kill -9 (the runs it left unfinished are marked failed and
+their pool slots freed). Runs land in the instance at ``$DAGSTER_HOME`` (default
+``$MEMKFAC_HOME/dagster``), where ``dagster dev`` shows them. Public Dagster API only, except what
+jobs/dagster_adapter.py isolates.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import graphlib
 import os
+import shutil
 import signal
 import socket
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
+
+import dagster as dg
+
+from jobs import dagster_adapter as adapter
 
 MAX_ROUNDS = 20  # the graph is 11 levels deep; each round settles at least one level
-CURSOR_FILE = "memkfac_automation_cursor.json"  # under DAGSTER_HOME: what automation already handled
+CURSOR_FILE = "memkfac_automation_cursor.json"  # in the instance directory: what automation handled
 PID_TAG = "memkfac/main_job_process"  # on every run the main job executes: "host:pid" of the process
+AC = dg.AutomationCondition
+# What an earlier invocation left undone: eager conditions count a requested partition as handled
+# even if its run never finished, so they never request it again.
+INCOMPLETE = ((AC.missing() | AC.execution_failed()) & ~AC.any_deps_missing() & ~AC.in_progress()).with_label(
+    "missing_or_failed"
+)
 
 
-def dagster_home(memkfac_home: Path) -> Path:
-    """``$DAGSTER_HOME`` (default ``$MEMKFAC_HOME/dagster``), with dagster.yaml.example's settings
-    (one slot per pool: dbt stays the only DuckDB writer) unless a dagster.yaml is already there."""
-    import shutil
+class Step(NamedTuple):
+    """One asset partition (``partition`` None: an unpartitioned asset), printed ``asset[partition]``."""
 
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(memkfac_home / "dagster"))).resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        shutil.copyfile(
-            Path(__file__).resolve().parent.parent / "dagster.yaml.example", home / "dagster.yaml"
-        )
-    return home
+    key: dg.AssetKey
+    partition: str | None = None
 
-
-def observe_inputs(defs, instance, store, cursor: str | None) -> str:
-    """One tick of the input-files sensor, applied: observations reported, probe sets registered.
-
-    Returns the sensor's new cursor.
-    """
-    from dagster import build_sensor_context
-
-    from jobs.sensors import SENSOR_NAME
-
-    sensor = defs.resolve_sensor_def(SENSOR_NAME)
-    context = build_sensor_context(
-        instance=instance, cursor=cursor, resources={"store": store}, definitions=defs
-    )
-    result = sensor(context)
-    for request in result.dynamic_partitions_requests:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    for event in result.asset_events:
-        instance.report_runless_asset_event(event)
-    return result.cursor
+    def __str__(self) -> str:
+        name = self.key.to_user_string()
+        return f"{name}[{self.partition}]" if self.partition else name
 
 
 class PipelineInterrupted(KeyboardInterrupt):
@@ -77,129 +65,97 @@ class PipelineInterrupted(KeyboardInterrupt):
         self.step = step
 
 
-def step_name(step) -> str:
-    """``asset[partition]`` of an ``AssetKeyPartitionKey``."""
-    name = step.asset_key.to_user_string()
-    return f"{name}[{step.partition_key}]" if step.partition_key else name
+class Graph:
+    """The asset graph as the main job walks it. It builds what automation owns: every asset with an
+    automation condition (the observable sources are observed, not built)."""
+
+    def __init__(self, defs: dg.Definitions, instance: dg.DagsterInstance):
+        self.defs, self.instance = defs, instance
+        self.specs = {s.key: s for s in defs.resolve_all_asset_specs()}
+        sorter = graphlib.TopologicalSorter({k: {d.asset_key for d in s.deps} for k, s in self.specs.items()})
+        sorter.prepare()
+        self.levels = []
+        while sorter.is_active():
+            self.levels.append(sorted(sorter.get_ready(), key=str))
+            sorter.done(*self.levels[-1])
+        self.built = [k for level in self.levels for k in level if self.specs[k].automation_condition]
+
+    def requested(self, condition: dg.AutomationCondition | None = None, cursor=None):
+        """What the automation conditions request (``condition``: what it requests on every built
+        asset instead); returns ``(steps, cursor)``."""
+        defs = self.defs
+        if condition is not None:
+
+            def replace(spec: dg.AssetSpec) -> dg.AssetSpec:
+                return (
+                    spec.replace_attributes(automation_condition=condition)
+                    if spec.automation_condition
+                    else spec
+                )
+
+            assets = [
+                dg.map_asset_specs(replace, [a])[0] if isinstance(a, dg.AssetsDefinition) else a
+                for a in defs.assets
+            ]
+            defs = dg.Definitions(assets=assets, asset_checks=defs.asset_checks, resources=defs.resources)
+        result = dg.evaluate_automation_conditions(defs=defs, instance=self.instance, cursor=cursor)
+        return {Step(k, p) for k in self.built for p in result.get_requested_partitions(k)}, result.cursor
+
+    def schedule(self, steps: set[Step], unusable: set[Step], log=None) -> Iterator[list[Step]]:
+        """``steps`` level by level, less those for which, for some input, every partition they read
+        is in ``unusable`` (failed, left out, or no partitions yet); those join ``unusable``. The caller
+        adds a level's failures to ``unusable`` before asking for the next level."""
+        for level in self.levels:
+            runnable = []
+            for step in sorted((s for s in steps if s.key in level), key=str):
+                read = adapter.inputs(self.defs, self.instance, step.key, step.partition)
+                if any({Step(k, p) for p in ps} <= unusable for k, ps in read.items()):
+                    unusable.add(step)
+                    if log:
+                        log(f"  {step}: skipped, an input failed")
+                else:
+                    runnable.append(step)
+            yield runnable
 
 
-def completion_defs(defs):
-    """``defs`` with one condition on every asset: missing or last execution failed, inputs present.
-
-    Evaluated when the real conditions are quiet, it finds what an interrupted or failed earlier
-    invocation left undone: eager conditions count a requested partition as handled even if its run
-    never finished, so they never request it again.
-    """
-    import dagster as dg
-
-    ac = dg.AutomationCondition
-    incomplete = (
-        (ac.missing() | ac.execution_failed()) & ~ac.any_deps_missing() & ~ac.in_progress()
-    ).with_label("missing_or_failed")
-    # the permissive variant leaves the observable sources (SourceAsset objects) as they are
-    return defs.permissive_map_resolved_asset_specs(
-        func=lambda spec: spec.replace_attributes(automation_condition=incomplete), selection=None
-    )
+def dagster_home(memkfac_home: Path) -> Path:
+    """``$DAGSTER_HOME`` (default ``$MEMKFAC_HOME/dagster``), with dagster.yaml.example's settings
+    (one slot per pool: dbt stays the only DuckDB writer) unless a dagster.yaml is already there."""
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(memkfac_home / "dagster"))).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        shutil.copyfile(
+            Path(__file__).resolve().parent.parent / "dagster.yaml.example", home / "dagster.yaml"
+        )
+    return home
 
 
-def requested_steps(result, graph) -> set:
-    """The asset partitions (``AssetKeyPartitionKey``) an automation evaluation requested."""
-    from dagster._core.definitions.events import AssetKeyPartitionKey
+def observe_inputs(defs: dg.Definitions, instance, store, cursor: str | None) -> str:
+    """One tick of the input-files sensor, applied (observations reported, probe sets registered);
+    returns the sensor's new cursor."""
+    from jobs.sensors import SENSOR_NAME
 
-    return {
-        AssetKeyPartitionKey(key, p or None)
-        for key in graph.materializable_asset_keys
-        if result.get_num_requested(key)
-        for p in result.get_requested_partitions(key)
-    }
-
-
-def incomplete_steps(completion, instance, attempted: set, failed: set, now: dt.datetime) -> set:
-    """What ``completion_defs`` requests, less what this invocation already ran (a failure is
-    attempted once per invocation), what lies downstream of a partitioned asset with no partitions
-    yet (no probe set registered: a report would read no files), and what reads a failed or
-    left-out step.
-    """
-    import dagster as dg
-
-    graph = completion.resolve_asset_graph()
-    empty = [
-        key
-        for key in graph.materializable_asset_keys
-        if graph.get(key).partitions_def
-        and not graph.get(key).partitions_def.get_partition_keys(dynamic_partitions_store=instance)
-    ]
-    blocked = dg.AssetSelection.keys(*empty).downstream().resolve(graph) if empty else set()
-    result = dg.evaluate_automation_conditions(defs=completion, instance=instance, evaluation_time=now)
-    candidates = requested_steps(result, graph)
-    kept, left_out = set(), set(failed)
-    for level in graph.toposorted_asset_keys_by_level:  # parents first: leaving out propagates
-        for step in (s for s in candidates if s.asset_key in level):
-            if step in attempted or step.asset_key in blocked or _reads(graph, instance, step, left_out):
-                left_out.add(step)
-            else:
-                kept.add(step)
-    return kept
+    sensor = next(s for s in defs.sensors if s.name == SENSOR_NAME)
+    result = sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources={"store": store}))
+    for request in result.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    for event in result.asset_events:
+        instance.report_runless_asset_event(event)
+    return result.cursor
 
 
-def _reads(graph, instance, step, steps: set) -> bool:
-    """Whether ``step`` reads an asset partition in ``steps``."""
-    from dagster._core.definitions.partitions.context import partition_loading_context
-
-    with partition_loading_context(dynamic_partitions_store=instance):
-        parents = graph.get_parents_partitions(step.asset_key, step.partition_key).parent_partitions
-    return not steps.isdisjoint(parents)
-
-
-def _never_materialized(graph, instance) -> list[str]:
-    """One problem line naming what is still unmaterialized although nothing failed (an input file
-    such as a model directory is missing, so nothing requests what reads it), or []."""
-    from dagster._core.definitions.events import AssetKeyPartitionKey
-
-    missing = []
-    for key in graph.toposorted_asset_keys:
-        node = graph.get(key)
-        if not node.is_materializable:
-            continue
-        if node.partitions_def:
-            done = instance.get_materialized_partitions(key)
-            partitions = node.partitions_def.get_partition_keys(dynamic_partitions_store=instance)
-            missing += [AssetKeyPartitionKey(key, p) for p in partitions if p not in done]
-        elif instance.get_latest_materialization_event(key) is None:
-            missing.append(AssetKeyPartitionKey(key, None))
-    if not missing:
-        return []
-    names = ", ".join(step_name(s) for s in missing[:5]) + (
-        f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-    )
-    return [f"never materialized, an input is missing: {names}"]
-
-
-def fail_abandoned_runs(instance, log=print) -> None:
-    """Mark as failed the runs a killed main job left unfinished (SIGKILL, power loss), and free
-    the pool slots they held.
-
-    Left as they are they look in progress for ever (no condition requests an asset partition that
-    is in progress), and a step of the same pool waits for ever for the slot. A run counts as
-    abandoned when the process named by its PID_TAG ran on this host and is gone.
-    """
-    import dagster as dg
-
-    unfinished = instance.get_runs(
-        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED])
-    )
-    for run in unfinished:
+def fail_abandoned_runs(instance: dg.DagsterInstance, log=print) -> None:
+    """Mark as failed the runs a killed main job left unfinished, and free their pool slots: else they
+    look in progress for ever (no condition requests a partition in progress) and a step of the same
+    pool waits for ever. A run is abandoned when the process named by its PID_TAG ran on this host
+    and is gone."""
+    unfinished = dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED])
+    for run in (r.dagster_run for r in instance.get_run_records(filters=unfinished)):
         host, _, pid = run.tags.get(PID_TAG, "").rpartition(":")
         if host == socket.gethostname() and not _process_alive(int(pid)):
             assets = ", ".join(sorted(k.to_user_string() for k in run.asset_selection or ()))
             log(f"  run {run.run_id[:8]} ({assets}) was left unfinished by a killed main job: marked failed")
-            instance.report_run_failed(run, message="the main job that ran it was killed")
-            if instance.event_log_storage.supports_global_concurrency_limits:  # its pool slots too
-                instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-
-
-def _this_process() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+            adapter.fail_run(instance, run, "the main job that ran it was killed")
 
 
 def _process_alive(pid: int) -> bool:
@@ -208,138 +164,103 @@ def _process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process
-        return True
+        pass
     return True
 
 
-def _interrupted(instance, run_id: str) -> bool:
-    """Whether the run was cancelled or ended by an interrupt (Ctrl-C, DagsterExecutionInterruptedError)."""
-    import dagster as dg
-    from dagster._core.events import RunFailureReason
-    from dagster._core.storage.tags import RUN_FAILURE_REASON_TAG
-
-    run = instance.get_run_by_id(run_id)
-    return (
-        run.status == dg.DagsterRunStatus.CANCELED
-        or run.tags.get(RUN_FAILURE_REASON_TAG) == RunFailureReason.UNEXPECTED_TERMINATION.value
-    )
-
-
-def _succeeded(result) -> set:
-    """Asset keys the run materialized and whose blocking checks did not fail."""
-    import dagster as dg
-
-    done = {e.asset_key for e in result.get_asset_materialization_events()}
-    blocked = {
-        c.asset_key
-        for c in result.get_asset_check_evaluations()
-        if c.blocking and not c.passed and c.severity == dg.AssetCheckSeverity.ERROR
-    }
-    return done - blocked
-
-
-def execute_requested(defs, instance, requested: set, failed: frozenset = frozenset(), log=print) -> dict:
-    """Execute the requested ``AssetKeyPartitionKey`` steps in dependency order, one run per level and
-    partition; return ``{step: success}`` of those that ran.
-
-    A step that reads a ``failed`` step, or one that failed or was skipped earlier in this call, is
-    skipped. Raises PipelineInterrupted as soon as a run ends interrupted: nothing after it starts.
-    """
-    from dagster._core.definitions.events import AssetKeyPartitionKey
-
-    graph = defs.resolve_asset_graph()
-    job = defs.resolve_implicit_global_asset_job_def()
+def execute_requested(graph: Graph, requested: set[Step], failed: set[Step], log=print) -> dict[Step, bool]:
+    """Execute ``requested`` in dependency order, one run per level and partition (a run's assets share
+    their partitioning), skipping what ``Graph.schedule`` leaves out; returns ``{step: success}`` of
+    those that ran (success: materialized, no blocking check failed). Raises PipelineInterrupted as
+    soon as a run ends interrupted: nothing after it starts."""
+    job = adapter.asset_job(graph.defs)
     outcomes, unusable = {}, set(failed)
-    for level in graph.toposorted_asset_keys_by_level:
-        # one run per (partitions definition, key): a run's assets must share their partitioning
-        by_partition = defaultdict(list)
-        for step in sorted((s for s in requested if s.asset_key in level), key=str):
-            if _reads(graph, instance, step, unusable):
-                log(f"  {step_name(step)}: skipped, an input failed")
-                unusable.add(step)
-            else:
-                partitions_def = graph.get(step.asset_key).partitions_def
-                by_partition[(id(partitions_def), step.partition_key)].append(step.asset_key)
-        for (_, partition), keys in sorted(by_partition.items(), key=lambda kv: str(kv[0][1])):
+    for runnable in graph.schedule(requested, unusable, log):
+        runs = defaultdict(list)
+        for step in runnable:
+            runs[(id(graph.specs[step.key].partitions_def), step.partition)].append(step.key)
+        for (_, partition), keys in sorted(runs.items(), key=lambda kv: str(kv[0][1])):
             names = ", ".join(k.to_user_string() for k in keys)
-            label = f"{names}[{partition}]" if partition else names
-            start = time.perf_counter()
+            label, start = f"{names}[{partition}]" if partition else names, time.perf_counter()
             try:
                 result = job.execute_in_process(
-                    instance=instance,
+                    instance=graph.instance,
                     asset_selection=keys,
                     partition_key=partition,
                     raise_on_error=False,
                     run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-                    tags={PID_TAG: _this_process()},
+                    tags={PID_TAG: f"{socket.gethostname()}:{os.getpid()}"},
                 )
             except KeyboardInterrupt:  # before Dagster captured the signal: no run to inspect
                 raise PipelineInterrupted(label) from None
             seconds = time.perf_counter() - start
-            if _interrupted(instance, result.run_id):
+            if adapter.ended_by_interrupt(graph.instance.get_run_by_id(result.run_id)):
                 log(f"  {label}: INTERRUPTED after {seconds:.1f}s")
                 raise PipelineInterrupted(label)
-            succeeded = _succeeded(result)
+            succeeded = {e.asset_key for e in result.get_asset_materialization_events()} - {
+                c.asset_key
+                for c in result.get_asset_check_evaluations()
+                if c.blocking and not c.passed and c.severity == dg.AssetCheckSeverity.ERROR
+            }
             bad = [k.to_user_string() for k in keys if k not in succeeded]
             log(f"  {label}: {'FAILED ' + ', '.join(bad) if bad else 'ok'} in {seconds:.1f}s")
-            for key in keys:
-                step = AssetKeyPartitionKey(key, partition)
-                outcomes[step] = key in succeeded
-                if key in succeeded:
+            for step in (Step(k, partition) for k in keys):
+                outcomes[step] = step.key in succeeded
+                if outcomes[step]:
                     unusable.discard(step)  # a retry of an earlier failure
                 else:
                     unusable.add(step)
     return outcomes
 
 
-def run_pipeline(defs, instance, store, log=print) -> list[str]:
+def run_pipeline(defs: dg.Definitions, instance: dg.DagsterInstance, store, log=print) -> list[str]:
     """Run rounds until nothing more is requested; return the failed steps (empty on success).
 
     A round executes what the automation conditions request; when they request nothing, what
-    ``incomplete_steps`` finds. A step that failed in this invocation is retried only when
-    automation requests it again (a dbt report whose sibling report was still missing). The
-    automation cursor is kept in the Dagster home between invocations, like the daemon keeps its
-    own, so conditions such as "an upstream's data version changed since last handled" carry over;
-    it is saved once a round has run, so the next invocation requests an interrupted round again.
-    Raises PipelineInterrupted.
+    ``INCOMPLETE`` requests, less what this invocation already ran (a failure is tried once per
+    invocation unless automation requests it again) and what reads only failed steps. The automation
+    cursor is kept in the instance directory between invocations, as the daemon keeps its own, so "an
+    upstream's data version changed since last handled" carries over; it is saved once a round has
+    run, so the next invocation requests an interrupted round again. Raises PipelineInterrupted.
     """
-    from dagster import evaluate_automation_conditions
-    from dagster_shared.serdes import deserialize_value, serialize_value
-
     from memkfac.paths import atomic_file
 
-    cursor_file = Path(instance.root_directory) / CURSOR_FILE
-    cursor = deserialize_value(cursor_file.read_text()) if cursor_file.is_file() else None
-    graph = defs.resolve_asset_graph()
-    completion = completion_defs(defs)
+    cursor_file = adapter.instance_dir(instance) / CURSOR_FILE
+    cursor = dg.deserialize_value(cursor_file.read_text()) if cursor_file.is_file() else None
+    graph = Graph(defs, instance)
     fail_abandoned_runs(instance, log)
     sensor_cursor, attempted, failed = None, set(), set()
     try:
         for round_no in range(1, MAX_ROUNDS + 1):
             sensor_cursor = observe_inputs(defs, instance, store, sensor_cursor)
-            now = dt.datetime.now(dt.UTC)
-            result = evaluate_automation_conditions(
-                defs=defs, instance=instance, cursor=cursor, evaluation_time=now
-            )
-            requested, why = requested_steps(result, graph), "requested"
+            (requested, new_cursor), why = graph.requested(cursor=cursor), "requested"
             if not requested:
-                requested = incomplete_steps(completion, instance, attempted, failed, now)
-                why = "still missing or failed"
+                candidates, why = graph.requested(INCOMPLETE)[0], "still missing or failed"
+                left_out = failed | (candidates & attempted)
+                requested = {s for level in graph.schedule(candidates - attempted, left_out) for s in level}
             if requested:
                 log(f"round {round_no}: {len(requested)} asset partitions {why}")
-                outcomes = execute_requested(defs, instance, requested, frozenset(failed), log)
+                outcomes = execute_requested(graph, requested, failed, log)
                 attempted |= outcomes.keys()
                 failed = (failed - outcomes.keys()) | {s for s, ok in outcomes.items() if not ok}
-            cursor = result.cursor
+            cursor = new_cursor
             with atomic_file(cursor_file) as tmp:
-                tmp.write_text(serialize_value(cursor))
+                tmp.write_text(dg.serialize_value(cursor))
             if not requested:
-                return sorted(step_name(s) for s in failed) or _never_materialized(graph, instance)
+                if failed:
+                    return sorted(map(str, failed))
+                missing = sorted(map(str, graph.requested(AC.missing())[0]))
+                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                return (
+                    [f"never materialized, an input is missing: {', '.join(missing[:5])}{more}"]
+                    if missing
+                    else []
+                )
     except PipelineInterrupted:
         raise
     except KeyboardInterrupt:  # between runs (observing inputs, evaluating conditions)
         raise PipelineInterrupted(None) from None
-    return sorted(step_name(s) for s in failed) + [f"still requesting after {MAX_ROUNDS} rounds"]
+    return sorted(map(str, failed)) + [f"still requesting after {MAX_ROUNDS} rounds"]
 
 
 def report_table(store) -> str:
@@ -349,13 +270,11 @@ def report_table(store) -> str:
     if not store.duckdb_path.is_file():
         return "(no report database yet)"
     with duckdb.connect(str(store.duckdb_path), read_only=True) as con:
-        cursor = con.execute(
+        rows = con.execute(
             "select variant, probe_set, round(strict_pct, 1), round(loose_pct, 1), "
             "round(base_strict_pct, 1), round(perplexity, 2), round(100 * perplexity_increase, 1), "
-            "round(ndcg, 3) "
-            "from main_reports.recall_vs_perplexity order by probe_set, variant"
-        )
-        rows = cursor.fetchall()
+            "round(ndcg, 3) from main_reports.recall_vs_perplexity order by probe_set, variant"
+        ).fetchall()
     header = (
         "variant",
         "probe set",
@@ -376,27 +295,20 @@ def report_table(store) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    argparse.ArgumentParser(
         prog="python -m jobs.main",
         description="Materialize the whole memkfac pipeline (MEMKFAC_CONFIG, default configs/default.yaml) "
         "offline on this machine, then print where to look at the results.",
-    )
-    parser.parse_args(argv)
+    ).parse_args(argv)
     import warnings
-
-    from dagster import BetaWarning, PreviewWarning
 
     from memkfac.errors import MemkfacError
 
     # The pinned Dagster marks APIs this project relies on as beta/preview; say so once, not per tick.
-    warnings.filterwarnings("ignore", category=BetaWarning)
-    warnings.filterwarnings("ignore", category=PreviewWarning)
-    # SIGTERM (kill, a CI timeout) stops like Ctrl-C; Dagster does the same inside its runs
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill, a CI timeout: like Ctrl-C
     try:
-        from dagster import DagsterInstance
-
         from definitions import build_definitions
         from resources.config import load_config
         from resources.settings import Settings
@@ -405,11 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         config = load_config(settings.config_path)
         home = dagster_home(settings.home)
-        instance = DagsterInstance.get()
         store = ArtifactStore(home=str(settings.home))
         print(f"memkfac main job: config {settings.config_path}, data in {settings.home}, Dagster in {home}")
         start = time.perf_counter()
-        failed = run_pipeline(build_definitions(config, settings), instance, store)
+        failed = run_pipeline(build_definitions(config, settings), dg.DagsterInstance.get(), store)
     except MemkfacError as e:
         print(f"memkfac main job: error: {e}", file=sys.stderr)
         return 2
@@ -424,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - start) / 60
     if failed:
         print(
-            f"\nFAILED after {minutes:.1f} min: {'; '.join(failed)}. Open the Dagster UI for logs; "
-            "rerunning the same command retries these and completes the rest.",
+            f"\nFAILED after {minutes:.1f} min: {'; '.join(failed)}. What does not need them was built and "
+            "is reported below. Open the Dagster UI for logs; rerunning the same command retries them "
+            "and completes the rest.",
             file=sys.stderr,
         )
     else:
