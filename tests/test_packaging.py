@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -72,3 +73,16 @@ def test_the_code_location_is_importable_only_from_the_project_directory(tmp_pat
         [sys.executable, "-c", probe.format(names=CODE_LOCATION)], cwd=PROJECT, capture_output=True, text=True
     )
     assert here.stdout.strip() == str(list(CODE_LOCATION))
+
+
+def test_the_pipes_factor_script_needs_only_dagster_pipes_and_memkfac():
+    """It runs by path (``python resources/pipes_collect_factors.py``) where only the engine is installed."""
+    tree = ast.parse((PROJECT / "resources" / "pipes_collect_factors.py").read_text())
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported - set(sys.stdlib_module_names) == {"dagster_pipes", "memkfac"}

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.dagster.conftest import PROJECT, tiny_env
-from tests.dagster.test_dagster_ui import STARTUP_S, _free_port, _graphql, _wait_until
+from tests.dagster.test_dagster_ui import serving
 
 pytestmark = pytest.mark.slow
 
@@ -84,36 +82,9 @@ def dagster_ui(browser, tmp_path_factory):
         timeout=PIPELINE_S,
     )
     assert main.returncode == 0, main.stdout[-3000:] + main.stderr[-3000:]
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.ui", "dagster", "--port", str(port)],
-        cwd=PROJECT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        _wait_until(
-            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5).status == 200,
-            STARTUP_S,
-            "the webserver",
-            proc,
-        )
-        _wait_until(
-            lambda: _graphql(port, "{ assetNodes { id } }")["assetNodes"],
-            STARTUP_S,
-            "the code location",
-            proc,
-        )
+    command = [sys.executable, "-m", "jobs.ui", "dagster", "--port"]  # what `make ui` runs
+    with serving(lambda port: [*command, str(port)], env) as (port, _):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
