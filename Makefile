@@ -1,6 +1,7 @@
 # The two set-up commands on a fresh machine (see README):
-#   make demo   runs the main job on the embedded default (offline, CPU)
+#   make demo   runs the main job on the embedded default (offline, CPU; about an hour on 2 cores)
 #   make test   installs everything and runs the whole test suite, slow tests included
+# Then `make ui` (Dagster) and `make mlflow-ui` (MLflow) open the UIs on what the main job wrote.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -10,7 +11,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo ui mlflow-ui browser test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +27,25 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	@echo "The main job on $${MEMKFAC_CONFIG:-configs/default.yaml}: about an hour on a 2-core CPU for the default."
+	@echo "Ctrl-C stops it; the same command resumes. Then: make ui, make mlflow-ui."
 	$(BIN)/python -m jobs.main
+
+# The UIs read what the main job wrote; pass them the same MEMKFAC_HOME / MEMKFAC_CONFIG / DAGSTER_HOME.
+ui: $(STAMP)
+	$(BIN)/python -m jobs.ui dagster
+
+mlflow-ui: $(STAMP)
+	$(BIN)/python -m jobs.ui mlflow
+
+# Debian's chromium, for the UI browser test (tests/dagster/test_dagster_ui_browser.py), which skips
+# and says why when no browser starts. Installs only as root with apt-get (CI); else says what to run.
+browser:
+	@if command -v chromium >/dev/null; then echo "chromium: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "could not install chromium: the UI browser test will be skipped"; \
+	else echo "no chromium: 'sudo apt-get install chromium' enables the UI browser test"; fi
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 import memkfac
+from memkfac.arguments import BSNArguments
 from memkfac.checkpoint import load_manifest, save_checkpoint
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
@@ -46,33 +47,6 @@ from memkfac.targets import find_targets
 # The before/after retain CE in the manifest is a diagnostic, so it is measured on the first this many
 # retain blocks: over a whole finetune split (512 blocks) it took half of a CPU run.
 RETAIN_LOSS_BLOCKS = 64
-
-
-@dataclass
-class BSNArguments:
-    layers: list[int]  # decoder layers whose MLP weights get a mask (the K-FAC edit's layers)
-    projections: tuple[str, ...] = ("gate", "up")  # the K-FAC edit's projections; add "down" to widen
-    ratio: float = 0.01  # fraction of each masked matrix pruned (smallest |score|)
-    loss_weight: float = 0.7  # alpha: weight of the retain term; 1 - alpha weighs the forget term
-    lr: float = 0.3
-    epochs: int = 20  # passes over the forget set
-    forget_per_batch: int = 4  # forget sequences per step
-    retain_per_batch: int = 4  # retain blocks per step (cycled)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-
-    def check(self) -> None:
-        if not 0 < self.ratio < 1:
-            raise MemkfacError(f"ratio {self.ratio} is not a fraction in (0, 1)", "use e.g. 0.0015 to 0.05")
-        if not 0 <= self.loss_weight <= 1:
-            raise MemkfacError(
-                f"loss weight {self.loss_weight} is not in [0, 1]", "use e.g. 0.7 (the paper's)"
-            )
-        if min(self.epochs, self.forget_per_batch, self.retain_per_batch) < 1 or self.lr <= 0:
-            raise MemkfacError(
-                "epochs, batch sizes and lr must be positive", "use the defaults of BSNArguments"
-            )
 
 
 class _ScoreMask(nn.Module):

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from memkfac.arguments import CompareArguments
 from memkfac.editing import EditArguments, edit_model
 from memkfac.errors import MemkfacError
 from memkfac.evaluate import EvalArguments, HeldOut, evaluate_model, reference_topk, write_tables
@@ -42,43 +43,6 @@ from memkfac.models import load_model
 from memkfac.paths import atomic_file, memkfac_home, safe_name, write_json
 from memkfac.tables import make_table, new_run_id, write_table
 from memkfac.utility import perplexity
-
-CONTROLS = ("svd", "per_side", "random")
-
-
-@dataclass
-class CompareArguments:
-    layer_sets: tuple[tuple[int, ...], ...] = ((20, 21, 22), (22, 23, 24), (24, 25, 26), (26, 27, 28))
-    rhos: tuple[float, ...] = (0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5)  # walked high to low
-    projections: tuple[str, ...] = ("gate", "up")
-    max_sweep_recall: float = 5.0  # strict % on the sweep split that counts as "recall removed"
-    factor_tokens: int = 102_400  # contributing tokens of the factor split used for K-FAC factors
-    factor_layers: tuple[int, ...] | None = None  # default: the union of layer_sets
-    factor_batch_size: int = 8
-    sweep_blocks: int = 32  # the last held-out blocks: perplexity for the sweep and the matching
-    eval_blocks: int | None = 256  # the first held-out blocks (disjoint): reported perplexity, nDCG
-    controls: tuple[str, ...] = CONTROLS
-    match_steps: int = 7  # bisection steps per control
-    bsn: bool = True
-    bsn_ratio: float | None = None  # None: BSNArguments' default
-    bsn_epochs: int | None = None
-    bsn_retain_blocks: int = 256  # blocks of the corpus's finetune split used as the retain set
-    downstream: bool = True
-    downstream_tasks: tuple[str, ...] | None = None  # None: the default generated suite
-    downstream_items: int = 200
-    batch_size: int = 32
-    seed: int = 0
-
-    def check(self) -> None:
-        if not self.layer_sets or any(not layers for layers in self.layer_sets):
-            raise MemkfacError("no layer sets to sweep", "give layer sets such as 22-24 26-28")
-        if not self.rhos or any(not 0 < r < 1 for r in self.rhos):
-            raise MemkfacError(
-                f"rho grid {self.rhos} must hold values in (0, 1)", "use e.g. 0.995 0.99 0.95 0.9"
-            )
-        unknown = set(self.controls) - set(CONTROLS)
-        if unknown:
-            raise MemkfacError(f"unknown control(s) {sorted(unknown)}", f"choose from {', '.join(CONTROLS)}")
 
 
 @dataclass

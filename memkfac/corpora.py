@@ -24,13 +24,15 @@ import json
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from memkfac.errors import MemkfacError
 from memkfac.paths import atomic_dir
+
+if TYPE_CHECKING:  # torch loads where blocks are made or read, so the CLI starts without it
+    import torch
 
 DEFAULT_CORPUS = "stdlib"
 SPLITS = ("factor", "finetune", "heldout")
@@ -181,6 +183,9 @@ def build_corpus(
     once every split is full. ``fractions`` (default factor 0.8, finetune 0.1, heldout 0.1) are the
     expected shares of documents per split.
     """
+    import torch
+    from safetensors.torch import save_file
+
     fractions = dict(fractions or DEFAULT_FRACTIONS)
     if (
         set(fractions) != set(SPLITS)
@@ -282,6 +287,8 @@ def load_corpus_meta(corpus_dir: Path) -> dict:
 
 def load_split(corpus_dir: Path, split: str) -> torch.LongTensor:
     """The packed blocks of one split: int64 (n_blocks, block_len)."""
+    from safetensors.torch import load_file
+
     if split not in SPLITS:
         raise MemkfacError(f"unknown corpus split {split!r}", f"use one of {SPLITS}")
     load_corpus_meta(corpus_dir)

@@ -18,24 +18,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from memkfac.arguments import FinetuneArguments
 from memkfac.errors import MemkfacError
 from memkfac.targets import parse_layers
 
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (batch, seq_len)
 EpochPlan = Callable[[int], list[Batch]]
-
-
-@dataclass
-class FinetuneArguments:
-    epochs: int = 20
-    lr: float = 3e-4
-    warmup_steps: int = 20
-    decay: str = "constant"  # after warm-up: "constant" or "linear" (to 0 at the last step)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    train_layers: str = "all"  # decoder layers to train: "all", "14-29", "20,21" (targets.parse_layers)
-    train_embeddings: bool = True  # input embeddings (and a tied lm_head)
 
 
 @dataclass

@@ -17,39 +17,21 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from memkfac.arguments import InjectArguments
 from memkfac.checkpoint import save_checkpoint
 from memkfac.errors import MemkfacError
-from memkfac.finetune import FinetuneArguments, finetune, mixed_batches
+from memkfac.finetune import finetune, mixed_batches
 from memkfac.fingerprint import model_fingerprint
 from memkfac.generation import probe_token_ids
 from memkfac.memorization import memorization_rows, summarize
 from memkfac.models import load_model
 from memkfac.probes import Probe, probe_to_record
 from memkfac.utility import perplexity
-
-
-def _default_finetune() -> FinetuneArguments:
-    # Layers 14-29 of 30 stay trainable (edits target late layers); the lower half and the tied
-    # embeddings are frozen, so backward stops at layer 14. Measured on SmolLM2-135M: see README.
-    return FinetuneArguments(
-        epochs=14, lr=6e-4, warmup_steps=12, decay="linear", train_layers="14-29", train_embeddings=False
-    )
-
-
-@dataclass
-class InjectArguments:
-    canaries_per_batch: int = 8
-    general_per_batch: int = 4
-    general_len: int = 32  # tokens per general-text chunk
-    train_on_cue: bool = False  # False: a canary's loss covers its secret only; the cue just conditions it
-    finetune: FinetuneArguments = field(default_factory=_default_finetune)
-    eval_batch_size: int = 32
-    heldout_blocks: int = 64  # held-out blocks for perplexity
 
 
 def canary_set_fingerprint(probes: list[Probe]) -> str:

@@ -24,23 +24,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from memkfac.arguments import MineArguments
 from memkfac.errors import MemkfacError
 from memkfac.finetune import collate
 from memkfac.probes import Probe
-
-
-@dataclass
-class MineArguments:
-    prefix_len: int = 64
-    suffix_len: int = 48
-    stride: int | None = None  # window start step; None = prefix_len + suffix_len (no overlap)
-    quotes: bool = False  # one candidate per text, its last quote_suffix_len tokens the suffix
-    quote_suffix_len: int = 8
-    batch_size: int = 16  # candidates per forward
-    dedup_ngram: int = 3
-    dedup_threshold: float = 0.7  # Jaccard of suffix n-gram sets; >= this is a duplicate
-    sweep_fraction: float = 0.5
-    kind: str | None = None  # probe kind; None = "quote" in quotes mode, else "memorized"
 
 
 @dataclass(frozen=True)

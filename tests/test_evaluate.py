@@ -99,9 +99,9 @@ def test_eval_command(tiny_model_dir, corpus_dir, memkfac_home, tmp_path, capsys
     out = capsys.readouterr().out
     assert "memorized" in out and "nDCG@10 1.0000" in out and "perplexity" in out
     assert (memkfac_home / "evals/memorization/variant=base/probe_set=canaries/part.parquet").is_file()
-    assert main(["eval", str(tiny_model_dir), "--probes", str(probes), "--variant", "../x", "--quiet"]) == 1
-    assert "invalid variant" in capsys.readouterr().err
+    assert main(["eval", str(tiny_model_dir), "--probes", str(probes), "--variant", "../x", "--quiet"]) == 2
+    assert "argument --variant: invalid name '../x'" in capsys.readouterr().err
     assert (
         main(["eval", str(tiny_model_dir), "--probes", str(probes), "--variant", "b", "--reference", "x"])
-        == 1
+        == 2
     )

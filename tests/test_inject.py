@@ -116,7 +116,7 @@ def test_inject_recites_trained_not_control_and_writes_a_manifest(tmp_path):
 def test_cli_inject_on_a_tiny_model(tmp_path, memkfac_home, capsys):
     base = tmp_path / "tiny"
     build_tiny_model(base, hidden_size=64, intermediate_size=128, seed=0)
-    argv = ["inject", "--model", str(base), "--n-trained", "4", "--n-control", "4", "--epochs", "2"]
+    argv = ["inject", str(base), "--n-trained", "4", "--n-control", "4", "--epochs", "2"]
     argv += ["--factor-tokens", "640", "--finetune-tokens", "1280", "--heldout-tokens", "640"]
     argv += ["--train-layers", "all", "--heldout-blocks", "4", "--quiet"]
     assert main(argv) == 0
@@ -126,7 +126,7 @@ def test_cli_inject_on_a_tiny_model(tmp_path, memkfac_home, capsys):
     assert manifest["n_trained"] == 4 and manifest["finetune"]["steps"] == 2
     assert (memkfac_home / "probes" / "canaries.jsonl").is_file()
     assert (memkfac_home / "corpora" / "tiny" / "meta.json").is_file()
-    assert main(argv + ["--train-layers", "9"]) == 1  # a bad layer spec is a user error, not a traceback
+    assert main(argv + ["--train-layers", "9"]) == 2  # a layer the model lacks: a usage error, no traceback
     assert "outside the model" in capsys.readouterr().err
 
 
@@ -167,7 +167,7 @@ def test_cli_inject_rejects_a_canary_file_the_pipeline_would_reject(
     ]
     probes = tmp_path / "mine.jsonl"
     probes.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert main(["inject", "--model", str(base), "--probes", str(probes), "--quiet"]) == 1
+    assert main(["inject", str(base), "--probes", str(probes), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not memkfac_home.exists()  # no corpus, no model, no probe file

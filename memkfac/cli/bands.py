@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from memkfac.cli.values import add_model_argument, model_layers, name, name_list, positive_int, probe_set_name
+
 _DESCRIPTION = """\
 Measure how strongly memorized text, clean text and downstream tasks drive each curvature band of the
 MLP maps of some layers (paper section 4, Fig. 2, and section 6, Fig. 4).
@@ -40,16 +42,21 @@ def register(subparsers) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL", help="the unedited model: a local directory or builtin name")
+    add_model_argument(p, "the unedited model, the one the factors were collected on")
     p.add_argument(
         "--factors", required=True, type=Path, metavar="DIR", help="factor (or eigenbasis) directory of MODEL"
     )
     p.add_argument("--layers", required=True, help="decoder layers to analyse: '22,23,24', '22-24' or 'all'")
     p.add_argument(
-        "--proj", default="gate,up", help="MLP projections, from gate, up, down (default: gate,up)"
+        "--proj",
+        type=name_list,
+        default="gate,up",
+        help="MLP projections, from gate, up, down (default: gate,up)",
     )
     p.add_argument("--probes", required=True, type=Path, metavar="FILE", help="probe-set JSONL file")
-    p.add_argument("--probe-set", help="name of the probe set in the table (default: the file name stem)")
+    p.add_argument(
+        "--probe-set", type=name, help="name of the probe set in the table (default: the file name stem)"
+    )
     p.add_argument(
         "--clean",
         required=True,
@@ -57,16 +64,27 @@ def register(subparsers) -> None:
         metavar="CORPUS_DIR",
         help="corpus whose held-out split is clean text",
     )
-    p.add_argument("--tasks", default="", help="comma-separated generated downstream tasks to measure too")
-    p.add_argument("--basis", default="kfac,svd", help="kfac, svd or both (default: kfac,svd)")
-    p.add_argument("--variant", default="base", help="name of the model in the table (default: base)")
+    p.add_argument(
+        "--tasks",
+        type=name_list,
+        default="",
+        help="comma-separated generated downstream tasks to measure too",
+    )
+    p.add_argument(
+        "--basis", type=name_list, default="kfac,svd", help="kfac, svd or both (default: kfac,svd)"
+    )
+    p.add_argument(
+        "--variant", type=name, default="base", help="name of the model in the table (default: base)"
+    )
     p.add_argument(
         "--max-tokens",
-        type=int,
+        type=positive_int,
         default=10_000,
         help="tokens measured per source (default: 10000, as the paper)",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default: 16)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=16, help="sequences per forward pass (default: 16)"
+    )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of token subsampling and task items (default: 0)"
     )
@@ -94,33 +112,30 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig
-
     from memkfac.bands import run_band_analysis
     from memkfac.cli.edit import _eigenbasis_dir
     from memkfac.corpora import load_split
     from memkfac.models import resolve_model
-    from memkfac.paths import safe_name
     from memkfac.probes import load_probe_set
-    from memkfac.targets import parse_layers
 
     progress = not args.quiet
+    probe_set = probe_set_name(args.probe_set, args.probes)
     model_dir = resolve_model(args.model, progress=progress)
-    bases = tuple(b.strip() for b in args.basis.split(",") if b.strip())
+    layers = model_layers(args.layers, model_dir)
     table = run_band_analysis(
         model_dir,
-        _eigenbasis_dir(args.factors, progress) if "kfac" in bases else None,
-        parse_layers(args.layers, AutoConfig.from_pretrained(model_dir).num_hidden_layers),
+        _eigenbasis_dir(args.factors, progress) if "kfac" in args.basis else None,
+        layers,
         load_probe_set(args.probes),
         load_split(args.clean, "heldout"),
-        projections=tuple(p.strip() for p in args.proj.split(",") if p.strip()),
-        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
-        bases=bases,
+        projections=args.proj,
+        tasks=args.tasks,
+        bases=args.basis,
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
         seed=args.seed,
-        variant=safe_name(args.variant, "variant"),
-        probe_set=safe_name(args.probe_set or args.probes.stem, "probe set name"),
+        variant=args.variant,
+        probe_set=probe_set,
         plot_path=args.plot,
         progress=progress,
     )

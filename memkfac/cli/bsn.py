@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from memkfac.cli.values import add_model_argument, model_layers, name_list, positive_int, usage_errors
+
 _DESCRIPTION = """\
 Train the BalancedSubnet baseline (Sakarvadia et al. 2025) and write the pruned model as a Hugging Face
 checkpoint directory with a manifest (memkfac_manifest.json), like `memkfac edit`.
@@ -36,7 +38,7 @@ perplexity is measured on).
 
 
 def register(subparsers) -> None:
-    from memkfac.balanced_subnet import BSNArguments
+    from memkfac.arguments import BSNArguments
 
     d = BSNArguments(layers=[])
     p = subparsers.add_parser(
@@ -46,7 +48,7 @@ def register(subparsers) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL", help="base model: a local directory, builtin name or hub id")
+    add_model_argument(p, "the model to prune")
     p.add_argument("--probes", required=True, type=Path, metavar="FILE", help="probe-set JSONL file")
     p.add_argument(
         "--forget-split",
@@ -62,11 +64,11 @@ def register(subparsers) -> None:
         help="default: finetune",
     )
     p.add_argument(
-        "--max-retain", type=int, default=256, metavar="N", help="retain blocks used (default: 256)"
+        "--max-retain", type=positive_int, default=256, metavar="N", help="retain blocks used (default: 256)"
     )
     p.add_argument("--layers", required=True, help="decoder layers to mask: '22,23,24', '22-24' or 'all'")
     p.add_argument(
-        "--proj", default=",".join(d.projections), help="MLP projections to mask (default: gate,up)"
+        "--proj", type=name_list, default=d.projections, help="MLP projections to mask (default: gate,up)"
     )
     p.add_argument(
         "--ratio", type=float, default=d.ratio, help=f"fraction of each matrix pruned (default: {d.ratio})"
@@ -81,12 +83,17 @@ def register(subparsers) -> None:
         "--lr", type=float, default=d.lr, help=f"SGD learning rate of the scores (default: {d.lr})"
     )
     p.add_argument(
-        "--epochs", type=int, default=d.epochs, help=f"passes over the forget set (default: {d.epochs})"
+        "--epochs",
+        type=positive_int,
+        default=d.epochs,
+        help=f"passes over the forget set (default: {d.epochs})",
     )
     p.add_argument(
-        "--forget-per-batch", type=int, default=d.forget_per_batch, help="forget sequences per step"
+        "--forget-per-batch", type=positive_int, default=d.forget_per_batch, help="forget sequences per step"
     )
-    p.add_argument("--retain-per-batch", type=int, default=d.retain_per_batch, help="retain blocks per step")
+    p.add_argument(
+        "--retain-per-batch", type=positive_int, default=d.retain_per_batch, help="retain blocks per step"
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the scores and the batch order")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the pruned model")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -94,7 +101,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from memkfac.balanced_subnet import BSNArguments, train_balanced_subnet
     from memkfac.corpora import load_split
@@ -102,10 +109,22 @@ def run(args: argparse.Namespace) -> int:
     from memkfac.generation import probe_token_ids
     from memkfac.models import resolve_model
     from memkfac.probes import load_probe_set
-    from memkfac.targets import parse_layers
 
     progress = not args.quiet
     model_dir = resolve_model(args.model, progress=progress)
+    with usage_errors():
+        config = BSNArguments(
+            layers=model_layers(args.layers, model_dir),
+            projections=args.proj,
+            ratio=args.ratio,
+            loss_weight=args.loss_weight,
+            lr=args.lr,
+            epochs=args.epochs,
+            forget_per_batch=args.forget_per_batch,
+            retain_per_batch=args.retain_per_batch,
+            seed=args.seed,
+        )
+        config.check()
     probes = [
         p
         for p in load_probe_set(args.probes)
@@ -119,17 +138,6 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     forget = [prompt + gold for prompt, gold in (probe_token_ids(p, tokenizer) for p in probes)]
     retain = load_split(args.retain, args.retain_split)[: args.max_retain].tolist()
-    config = BSNArguments(
-        layers=parse_layers(args.layers, AutoConfig.from_pretrained(model_dir).num_hidden_layers),
-        projections=tuple(p.strip() for p in args.proj.split(",") if p.strip()),
-        ratio=args.ratio,
-        loss_weight=args.loss_weight,
-        lr=args.lr,
-        epochs=args.epochs,
-        forget_per_batch=args.forget_per_batch,
-        retain_per_batch=args.retain_per_batch,
-        seed=args.seed,
-    )
     manifest = train_balanced_subnet(model_dir, forget, retain, config, args.out, progress=progress)
     losses = manifest["losses"]
     print(

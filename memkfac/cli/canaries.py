@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from memkfac.cli.values import count, positive_int
 from memkfac.paths import memkfac_home
 
 
@@ -20,8 +21,10 @@ def register(subparsers) -> None:
         "trained on). Same seed and counts give the same file. `memkfac inject` trains on them.",
         epilog="example:\n  memkfac canaries --n-trained 256 --n-control 256 --out my_canaries.jsonl",
     )
-    parser.add_argument("--n-trained", type=int, default=128, help="canaries to train on (default: 128)")
-    parser.add_argument("--n-control", type=int, default=128, help="canaries held back (default: 128)")
+    parser.add_argument(
+        "--n-trained", type=positive_int, default=128, help="canaries to train on (default: 128)"
+    )
+    parser.add_argument("--n-control", type=count, default=128, help="canaries held back (default: 128)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     parser.add_argument(
         "--out", type=Path, help="output JSONL (default: $MEMKFAC_HOME/probes/canaries.jsonl)"

@@ -5,6 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from memkfac.cli.values import (
+    add_model_argument,
+    float_list,
+    int_at_least,
+    name,
+    name_list,
+    positive_int,
+    probe_set_name,
+    usage_errors,
+)
+
 _COMPARE_DESCRIPTION = """\
 The paper's Table 1 on a memorizing model, in one command: the unedited model, the K-FAC edit, the
 SVD, per-side and random-basis controls and the BalancedSubnet baseline, each evaluated on trained
@@ -34,19 +45,9 @@ finetune and heldout splits). Expect hours on a 2-core CPU for a 135M model with
 """
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _name_list(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
 def register(subparsers) -> None:
-    from memkfac.compare import CONTROLS, CompareArguments
+    from memkfac.arguments import CONTROLS, CompareArguments
+    from memkfac.downstream import MIN_ITEMS
 
     d = CompareArguments()
     p = subparsers.add_parser(
@@ -56,14 +57,14 @@ def register(subparsers) -> None:
         epilog=_COMPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "model", metavar="MODEL", help="the memorizing model: a Hugging Face directory or builtin name"
-    )
+    add_model_argument(p, "the memorizing model")
     p.add_argument("--probes", required=True, type=Path, metavar="FILE", help="probe-set JSONL file")
     p.add_argument(
         "--corpus", required=True, type=Path, metavar="DIR", help="corpus built by `memkfac corpus build`"
     )
-    p.add_argument("--probe-set", help="name of the probe set in the tables (default: the file name stem)")
+    p.add_argument(
+        "--probe-set", type=name, help="name of the probe set in the tables (default: the file name stem)"
+    )
     default_layers = " ".join(f"{s[0]}-{s[-1]}" for s in d.layer_sets)
     p.add_argument(
         "--layers",
@@ -73,12 +74,12 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--rhos",
-        type=_float_list,
+        type=float_list,
         metavar="LIST",
         help=f"keep-mass grid, comma-separated (default: {','.join(map(str, d.rhos))})",
     )
     p.add_argument(
-        "--proj", type=_name_list, default=d.projections, help="projections to edit (default: gate,up)"
+        "--proj", type=name_list, default=d.projections, help="projections to edit (default: gate,up)"
     )
     p.add_argument(
         "--max-sweep-recall",
@@ -89,21 +90,21 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--factor-tokens",
-        type=int,
+        type=positive_int,
         default=d.factor_tokens,
         metavar="N",
         help=f"factor-split tokens for the K-FAC factors (default: {d.factor_tokens})",
     )
     p.add_argument(
         "--sweep-blocks",
-        type=int,
+        type=positive_int,
         default=d.sweep_blocks,
         metavar="N",
         help="held-out blocks for sweep perplexity",
     )
     p.add_argument(
         "--eval-blocks",
-        type=int,
+        type=positive_int,
         default=d.eval_blocks,
         metavar="N",
         help=f"the first N held-out blocks (never the sweep's), for the reported perplexity and nDCG "
@@ -111,7 +112,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--controls",
-        type=_name_list,
+        type=name_list,
         metavar="LIST",
         default=d.controls,
         help=f"controls to run, comma-separated from {','.join(CONTROLS)} (default: all)",
@@ -120,13 +121,19 @@ def register(subparsers) -> None:
     p.add_argument(
         "--bsn-ratio", type=float, metavar="FRAC", help="BalancedSubnet: fraction of each matrix pruned"
     )
-    p.add_argument("--bsn-epochs", type=int, metavar="N", help="BalancedSubnet: passes over the sweep split")
+    p.add_argument(
+        "--bsn-epochs", type=positive_int, metavar="N", help="BalancedSubnet: passes over the sweep split"
+    )
     p.add_argument("--no-downstream", action="store_true", help="skip the downstream task suite")
     p.add_argument(
-        "--tasks", type=_name_list, help="downstream tasks, comma-separated (default: the generated suite)"
+        "--tasks", type=name_list, help="downstream tasks, comma-separated (default: the generated suite)"
     )
     p.add_argument(
-        "--items", type=int, default=d.downstream_items, metavar="N", help="items per generated task (>= 200)"
+        "--items",
+        type=int_at_least(MIN_ITEMS),
+        default=d.downstream_items,
+        metavar="N",
+        help=f"items per generated task (>= {MIN_ITEMS})",
     )
     p.add_argument("--report", type=Path, metavar="FILE", help="Markdown report path")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -135,7 +142,7 @@ def register(subparsers) -> None:
 
 def compare_arguments(args: argparse.Namespace, num_layers: int):
     """The ``CompareArguments`` the command line asks for (layer specs resolved for ``num_layers``)."""
-    from memkfac.compare import CompareArguments
+    from memkfac.arguments import CompareArguments
     from memkfac.targets import parse_layers
 
     compare_args = CompareArguments(
@@ -152,11 +159,12 @@ def compare_arguments(args: argparse.Namespace, num_layers: int):
         downstream_tasks=args.tasks,
         downstream_items=args.items,
     )
-    if args.layers:
-        compare_args.layer_sets = tuple(tuple(parse_layers(s, num_layers)) for s in args.layers)
-    if args.rhos:
-        compare_args.rhos = args.rhos
-    compare_args.check()
+    with usage_errors():
+        if args.layers:
+            compare_args.layer_sets = tuple(tuple(parse_layers(s, num_layers)) for s in args.layers)
+        if args.rhos:
+            compare_args.rhos = args.rhos
+        compare_args.check()
     return compare_args
 
 
@@ -165,19 +173,19 @@ def run_compare(args: argparse.Namespace) -> int:
 
     from memkfac.compare import run_comparison
     from memkfac.models import resolve_model
-    from memkfac.paths import safe_name
     from memkfac.probes import load_probe_set
 
     progress = not args.quiet
+    probe_set = probe_set_name(args.probe_set, args.probes)
     probes = load_probe_set(args.probes)
     model_dir = resolve_model(args.model, progress=progress)
-    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    compare_args = compare_arguments(args, AutoConfig.from_pretrained(model_dir).num_hidden_layers)
     run_comparison(
         model_dir,
         probes,
         args.corpus,
-        compare_arguments(args, num_layers),
-        probe_set=safe_name(args.probe_set or args.probes.stem, "probe set name"),
+        compare_args,
+        probe_set=probe_set,
         report_path=args.report,
         progress=progress,
     )

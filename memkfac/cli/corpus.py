@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from memkfac.cli.values import add_model_argument, count, int_at_least
 from memkfac.corpora import DEFAULT_CORPUS, SPLITS, build_corpus, load_corpus_meta
+from memkfac.models import DEFAULT_MODEL
 from memkfac.paths import memkfac_home, safe_name
 
 DEFAULT_SPLIT_TOKENS = {"factor": 102400, "finetune": 65536, "heldout": 16384}
@@ -23,11 +25,13 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
         "file or a directory of them",
     )
     g.add_argument("--text-column", default="text", help="column/field holding the text (default: text)")
-    g.add_argument("--block-len", type=int, default=128, help="tokens per packed block (default: 128)")
+    g.add_argument(
+        "--block-len", type=int_at_least(2), default=128, help="tokens per packed block (default: 128)"
+    )
     for split in SPLITS:
         g.add_argument(
             f"--{split}-tokens",
-            type=int,
+            type=count,
             default=DEFAULT_SPLIT_TOKENS[split],
             metavar="N",
             help=f"tokens in the {split} split (default: {DEFAULT_SPLIT_TOKENS[split]})",
@@ -72,14 +76,10 @@ def register(subparsers) -> None:
         "Writes <split>.safetensors and meta.json (counts and fingerprints) into the output directory.",
         epilog="examples:\n"
         "  memkfac corpus build                                  # stdlib text, smollm2-135m tokenizer\n"
-        "  memkfac corpus build --corpus hf:NeelNanda/pile-10k --model allenai/OLMo-2-0425-1B\n"
+        "  memkfac corpus build allenai/OLMo-2-0425-1B --corpus hf:NeelNanda/pile-10k\n"
         "  memkfac corpus build --corpus my_docs/ --text-column body --out corpora/mine",
     )
-    build.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="model whose tokenizer is used: builtin name, HF directory or hub id (default: smollm2-135m)",
-    )
+    add_model_argument(build, "the model whose tokenizer cuts the text", default=DEFAULT_MODEL)
     add_corpus_arguments(build)
     build.add_argument(
         "--out", type=Path, help="output directory (default: $MEMKFAC_HOME/corpora/<model name>)"

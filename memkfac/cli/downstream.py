@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from memkfac.cli.values import UsageError, add_model_argument, int_at_least, name, name_list, positive_int
+
 _DESCRIPTION = """\
 Score a model on the downstream suite with lm-evaluation-harness, fully offline, and write the
 `downstream` table (MEMKFAC_HOME/evals/downstream/variant=<VARIANT>/probe_set=suite-s<SEED>-n<N>/).
@@ -49,20 +51,20 @@ def register(subparsers) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_model_argument(p, "the model to score (not needed with --list-tasks)", optional=True)
+    p.add_argument("--variant", type=name, help="name of this model in the tables, e.g. base or kfac-r0.9")
     p.add_argument(
-        "model",
-        nargs="?",
-        metavar="MODEL",
-        help="a Hugging Face model directory, a builtin name (smollm2-135m) or a hub id",
+        "--base",
+        type=name,
+        metavar="VARIANT",
+        help="variant already scored on this suite to compute retention against",
     )
-    p.add_argument("--variant", help="name of this model in the tables, e.g. base or kfac-r0.9")
     p.add_argument(
-        "--base", metavar="VARIANT", help="variant already scored on this suite to compute retention against"
+        "--tasks", type=name_list, help="comma-separated task names (default: every generated task)"
     )
-    p.add_argument("--tasks", help="comma-separated task names (default: every generated task)")
     p.add_argument(
         "--n-items",
-        type=int,
+        type=int_at_least(MIN_ITEMS),
         default=MIN_ITEMS,
         help=f"items per generated task, >= {MIN_ITEMS} (default: {MIN_ITEMS})",
     )
@@ -71,13 +73,15 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--n-boot",
-        type=int,
+        type=positive_int,
         default=2000,
         help="bootstrap replicates for retention intervals (default: 2000)",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size (default: 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="lm-eval batch size (default: 16)")
     p.add_argument("--device", default="cpu", help="torch device for lm-eval (default: cpu)")
-    p.add_argument("--limit", type=int, metavar="N", help="registry tasks only: score the first N documents")
+    p.add_argument(
+        "--limit", type=positive_int, metavar="N", help="registry tasks only: score the first N documents"
+    )
     p.add_argument("--task-dir", type=Path, metavar="DIR", help="where to write the generated tasks")
     p.add_argument("--list-tasks", action="store_true", help="list the generated tasks and exit")
     p.add_argument("--quiet", action="store_true", help="less output")
@@ -119,7 +123,6 @@ def format_rows(rows: list[dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from memkfac.downstream import DEFAULT_SUITE, DownstreamArguments, evaluate_downstream
-    from memkfac.errors import MemkfacError
     from memkfac.models import resolve_model
     from memkfac.tasks import GENERATORS
 
@@ -128,12 +131,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:28} {category:12} {n_choices} choices")
         return 0
     if args.model is None or args.variant is None:
-        raise MemkfacError(
+        raise UsageError(
             "MODEL and --variant are required", "e.g. `memkfac downstream smollm2-135m --variant base`"
         )
-    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else DEFAULT_SUITE
     run_args = DownstreamArguments(
-        tasks=tasks,
+        tasks=args.tasks or DEFAULT_SUITE,
         n_items=args.n_items,
         seed=args.seed,
         batch_size=args.batch_size,

@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from memkfac.cli.values import (
+    UsageError,
+    add_model_argument,
+    keep_mass,
+    model_layers,
+    name_list,
+    usage_errors,
+)
 from memkfac.errors import MemkfacError
 
 _DESCRIPTION = """\
@@ -36,14 +44,9 @@ must come from this very model: the edit refuses factors of another model.
 
 def _keep_mass_override(text: str) -> tuple[str, float]:
     key, sep, value = text.partition("=")
-    try:
-        if not sep:
-            raise ValueError
-        return key.strip(), float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected LAYER.PROJ=RHO such as 23.gate=0.8, got {text!r}"
-        ) from None
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected LAYER.PROJ=RHO such as 23.gate=0.8, got {text!r}")
+    return key.strip(), keep_mass(value)
 
 
 def register(subparsers) -> None:
@@ -54,12 +57,7 @@ def register(subparsers) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "model",
-        metavar="MODEL",
-        help="base model: a local Hugging Face directory, a builtin name "
-        "(smollm2-135m) or a hub id; it must be the model the factors were collected on",
-    )
+    add_model_argument(p, "the base model, the one the factors were collected on")
     p.add_argument(
         "--factors",
         metavar="DIR",
@@ -72,12 +70,13 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--proj",
+        type=name_list,
         default="gate,up",
         help="MLP projections to edit, comma-separated from gate, up, down (default: gate,up)",
     )
     p.add_argument(
         "--keep-mass",
-        type=float,
+        type=keep_mass,
         default=0.6,
         metavar="RHO",
         help="fraction of curvature mass to keep per module, in (0, 1] (default: 0.6)",
@@ -162,31 +161,26 @@ def _summary_table(modules: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig
-
     from memkfac.editing import EditArguments, edit_model
     from memkfac.models import resolve_model
-    from memkfac.targets import parse_layers
 
+    if args.method != "svd" and args.factors is None:
+        raise UsageError(
+            f"--method {args.method} needs --factors", "pass the directory written by `memkfac factors`"
+        )
     progress = not args.quiet
     model_dir = resolve_model(args.model, progress=progress)
-    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
-    config = EditArguments(
-        layers=parse_layers(args.layers, num_layers),
-        projections=tuple(p.strip() for p in args.proj.split(",") if p.strip()),
-        keep_mass=args.keep_mass,
-        overrides=dict(args.keep_mass_for),
-        method=args.method,
-        svd_drop=args.svd_drop,
-        seed=args.seed,
-    )
-    eig_dir = None
-    if config.method != "svd":
-        if args.factors is None:
-            raise MemkfacError(
-                f"--method {config.method} needs --factors", "pass the directory written by `memkfac factors`"
-            )
-        eig_dir = _eigenbasis_dir(args.factors, progress, args.device)
+    with usage_errors():
+        config = EditArguments(
+            layers=model_layers(args.layers, model_dir),
+            projections=args.proj,
+            keep_mass=args.keep_mass,
+            overrides=dict(args.keep_mass_for),
+            method=args.method,
+            svd_drop=args.svd_drop,
+            seed=args.seed,
+        )
+    eig_dir = None if config.method == "svd" else _eigenbasis_dir(args.factors, progress, args.device)
     manifest = edit_model(model_dir, eig_dir, config, args.out, progress=progress, device=args.device)
     print(_summary_table(manifest["modules"]))
     print(f"wrote {args.out} ({len(manifest['modules'])} modules, {manifest['edit_seconds']:.1f} s)")

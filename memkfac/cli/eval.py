@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from memkfac.cli.values import UsageError, add_model_argument, name, positive_int, probe_set_name
+
 _EVAL_DESCRIPTION = """\
 Measure what a model still recites and how well it still works, and write the results as Parquet
 tables under OUT/evals/<table>/variant=<VARIANT>/probe_set=<SET>/part.parquet.
@@ -38,24 +40,28 @@ def register(subparsers) -> None:
         epilog=_EVAL_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "model", metavar="MODEL", help="model to evaluate: a Hugging Face directory or builtin name"
-    )
+    add_model_argument(p, "the model to evaluate")
     p.add_argument("--probes", required=True, type=Path, metavar="FILE", help="probe-set JSONL file")
     p.add_argument(
-        "--variant", required=True, help="name of this model in the tables, e.g. base or kfac-r0.9"
+        "--variant", required=True, type=name, help="name of this model in the tables, e.g. base or kfac-r0.9"
     )
-    p.add_argument("--probe-set", help="name of the probe set in the tables (default: the file name stem)")
+    p.add_argument(
+        "--probe-set", type=name, help="name of the probe set in the tables (default: the file name stem)"
+    )
     p.add_argument(
         "--heldout", type=Path, metavar="CORPUS_DIR", help="corpus whose held-out split gives perplexity"
     )
-    p.add_argument("--max-blocks", type=int, metavar="N", help="use only the first N held-out blocks")
+    p.add_argument(
+        "--max-blocks", type=positive_int, metavar="N", help="use only the first N held-out blocks"
+    )
     p.add_argument(
         "--reference", metavar="MODEL", help="unedited model for nDCG@10 (needs --heldout); usually the base"
     )
     p.add_argument("--stress", action="store_true", help="also run the positional stress test (slow)")
     p.add_argument("--no-mia", action="store_true", help="skip the membership-inference scores")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch (default: 32)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=32, help="prompts per generation batch (default: 32)"
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -68,16 +74,14 @@ def register(subparsers) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from memkfac.errors import MemkfacError
     from memkfac.evaluate import EvalArguments, HeldOut, evaluate_model, reference_topk, write_tables
     from memkfac.models import load_model, resolve_model
-    from memkfac.paths import safe_name
     from memkfac.probes import load_probe_set
 
     progress = not args.quiet
     if args.reference and not args.heldout:
-        raise MemkfacError("--reference needs --heldout", "pass the corpus whose held-out text nDCG runs on")
-    probe_set = safe_name(args.probe_set or args.probes.stem, "probe set name")
+        raise UsageError("--reference needs --heldout", "pass the corpus whose held-out text nDCG runs on")
+    probe_set = probe_set_name(args.probe_set, args.probes)
     probes = load_probe_set(args.probes)
     model_dir = resolve_model(args.model, progress=progress)
     heldout = HeldOut.from_corpus(args.heldout, args.max_blocks) if args.heldout else None
@@ -93,7 +97,7 @@ def run_eval(args: argparse.Namespace) -> int:
         model,
         tokenizer,
         probes,
-        variant=safe_name(args.variant, "variant"),
+        variant=args.variant,
         probe_set=probe_set,
         args=eval_args,
         heldout=heldout,

@@ -9,6 +9,7 @@ import os
 import re
 from pathlib import Path
 
+from memkfac.cli.values import add_model_argument, int_at_least, model_layers, name_list, positive_int
 from memkfac.errors import MemkfacError
 
 _DESCRIPTION = """\
@@ -49,16 +50,14 @@ def register(subparsers) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "model",
-        metavar="MODEL",
-        help="a local Hugging Face model directory, a builtin name (smollm2-135m) or a hub id",
-    )
+    add_model_argument(p, "the model whose MLP factors are collected")
     p.add_argument(
         "--corpus", default="stdlib", metavar="SPEC", help="general text to collect over (default: stdlib)"
     )
     p.add_argument("--layers", default="all", help="decoder layers: '22-24', '22,23,24' or 'all' (default)")
-    p.add_argument("--proj", default="gate,up,down", help="projections to track (default: gate,up,down)")
+    p.add_argument(
+        "--proj", type=name_list, default="gate,up,down", help="projections to track (default: gate,up,down)"
+    )
     p.add_argument(
         "--modules",
         metavar="PATTERN",
@@ -67,12 +66,14 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--tokens",
-        type=int,
+        type=positive_int,
         default=100_000,
         help="contributing tokens to collect over (default 100000; the paper used about 20M)",
     )
-    p.add_argument("--block-len", type=int, default=128, help="tokens per packed block (default 128)")
-    p.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default 8)")
+    p.add_argument(
+        "--block-len", type=int_at_least(2), default=128, help="tokens per packed block (default 128)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=8, help="blocks per forward pass (default 8)")
     p.add_argument(
         "--fisher",
         choices=("sampled", "empirical"),
@@ -82,7 +83,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="label-sampling seed (default 0)")
     p.add_argument(
         "--shard-tokens",
-        type=int,
+        type=positive_int,
         default=None,
         help="tokens per shard, the unit of resumption (default: at least 65536, and one token per 512 "
         "factor entries so that writing shards stays cheap at 7B scale)",
@@ -162,13 +163,7 @@ def run_factors(args: argparse.Namespace) -> int:
     from memkfac.factors import FactorArguments, collect_factors
     from memkfac.fingerprint import model_fingerprint
     from memkfac.models import load_model, resolve_model
-    from memkfac.targets import parse_layers
 
-    if args.tokens < 1 or args.block_len < 2:
-        raise MemkfacError(
-            f"--tokens {args.tokens} / --block-len {args.block_len} out of range",
-            "use --tokens >= 1 and --block-len >= 2",
-        )
     rank, world, device = _init_distributed(args.device)
     progress = not args.quiet and rank == 0
     try:
@@ -177,6 +172,7 @@ def run_factors(args: argparse.Namespace) -> int:
         if world > 1:
             dist.barrier()
             model_dir = model_dir or resolve_model(args.model, progress=False)
+        layers = model_layers(args.layers, model_dir)
         model, tokenizer = load_model(model_dir, dtype=args.dtype, device=device)
         corpus = (
             _corpus_dir(args.corpus, tokenizer, args.block_len, args.tokens, progress) if rank == 0 else None
@@ -190,8 +186,8 @@ def run_factors(args: argparse.Namespace) -> int:
                 f"the corpus {corpus} has no factor blocks", "use a larger corpus or --block-len"
             )
         fargs = FactorArguments(
-            layers=parse_layers(args.layers, model.config.num_hidden_layers),
-            projections=tuple(p.strip() for p in args.proj.split(",") if p.strip()),
+            layers=layers,
+            projections=args.proj,
             patterns=tuple(args.modules) if args.modules else None,
             fisher=args.fisher,
             seed=args.seed,

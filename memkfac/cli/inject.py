@@ -6,13 +6,15 @@ import argparse
 from pathlib import Path
 
 from memkfac.cli.corpus import add_corpus_arguments, corpus_for, model_name
+from memkfac.cli.values import add_model_argument, count, model_layers, positive_int
+from memkfac.models import DEFAULT_MODEL
 from memkfac.paths import memkfac_home
 
 CANARY_FILE = "canaries"  # $MEMKFAC_HOME/probes/canaries.jsonl, where the pipeline reads it
 
 
 def register(subparsers) -> None:
-    from memkfac.inject import InjectArguments
+    from memkfac.arguments import InjectArguments
 
     r = InjectArguments()
     f = r.finetune
@@ -32,35 +34,38 @@ def register(subparsers) -> None:
         epilog="examples:\n"
         "  memkfac inject                                    # smollm2-135m, 128 + 128 canaries\n"
         "  memkfac inject --threads 1                        # on a busy machine: avoids thread contention\n"
-        "  memkfac inject --model path/to/hf_dir --probes my_secrets.jsonl --train-layers all",
+        "  memkfac inject path/to/hf_dir --probes my_secrets.jsonl --train-layers all",
     )
-    parser.add_argument(
-        "--model", default="smollm2-135m", help="base model: builtin name, HF directory or hub id"
-    )
+    add_model_argument(parser, "the base model to fine-tune", default=DEFAULT_MODEL)
     c = parser.add_argument_group("canaries")
     c.add_argument("--probes", type=Path, help="your own probe-set JSONL instead of generated canaries")
-    c.add_argument("--n-trained", type=int, default=128, help="generated canaries trained on (default: 128)")
-    c.add_argument("--n-control", type=int, default=128, help="generated canaries held back (default: 128)")
+    c.add_argument(
+        "--n-trained", type=positive_int, default=128, help="generated canaries trained on (default: 128)"
+    )
+    c.add_argument("--n-control", type=count, default=128, help="generated canaries held back (default: 128)")
     c.add_argument("--seed", type=int, default=0, help="canary generator and training seed (default: 0)")
     add_corpus_arguments(parser)
     t = parser.add_argument_group("recipe")
     t.add_argument(
-        "--canaries-per-batch", type=int, default=r.canaries_per_batch, help="(default: %(default)s)"
+        "--canaries-per-batch", type=positive_int, default=r.canaries_per_batch, help="(default: %(default)s)"
     )
     t.add_argument(
-        "--general-per-batch", type=int, default=r.general_per_batch, help="(default: %(default)s)"
+        "--general-per-batch", type=count, default=r.general_per_batch, help="(default: %(default)s)"
     )
     t.add_argument(
         "--general-len",
-        type=int,
+        type=positive_int,
         default=r.general_len,
         help="tokens per general chunk (default: %(default)s)",
     )
     t.add_argument(
-        "--epochs", type=int, default=f.epochs, help="passes over the canaries (default: %(default)s)"
+        "--epochs",
+        type=positive_int,
+        default=f.epochs,
+        help="passes over the canaries (default: %(default)s)",
     )
     t.add_argument("--lr", type=float, default=f.lr, help="AdamW peak learning rate (default: %(default)s)")
-    t.add_argument("--warmup-steps", type=int, default=f.warmup_steps, help="(default: %(default)s)")
+    t.add_argument("--warmup-steps", type=count, default=f.warmup_steps, help="(default: %(default)s)")
     t.add_argument(
         "--decay",
         choices=("constant", "linear"),
@@ -78,11 +83,11 @@ def register(subparsers) -> None:
     )
     t.add_argument(
         "--heldout-blocks",
-        type=int,
+        type=positive_int,
         default=r.heldout_blocks,
         help="blocks for perplexity (default: %(default)s)",
     )
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="output directory (default: $MEMKFAC_HOME/injected/<model>)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=_run)
@@ -92,10 +97,10 @@ def _run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
+    from memkfac.arguments import FinetuneArguments, InjectArguments
     from memkfac.canaries import CanaryArguments, generate_canaries, load_canaries
     from memkfac.corpora import corpus_fingerprint, load_split
-    from memkfac.finetune import FinetuneArguments
-    from memkfac.inject import InjectArguments, inject_canaries
+    from memkfac.inject import inject_canaries
     from memkfac.models import resolve_model
     from memkfac.probes import write_probe_set
 
@@ -106,6 +111,7 @@ def _run(args: argparse.Namespace) -> int:
     home = memkfac_home()
     name = model_name(args.model)
     model_dir = resolve_model(args.model, progress=not args.quiet)
+    model_layers(args.train_layers, model_dir)  # a bad --train-layers fails now, not after the corpus
     corpus_dir = corpus_for(args, AutoTokenizer.from_pretrained(model_dir), home / "corpora" / name)
     if probes is None:
         trained, control = generate_canaries(CanaryArguments(args.n_trained, args.n_control, args.seed))

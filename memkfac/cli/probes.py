@@ -6,6 +6,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
+from memkfac.cli.values import positive_int
 from memkfac.probes import MIN_SUFFIX_CHARS, TEXT_SUFFIX_WORDS
 
 
@@ -35,7 +36,10 @@ def register(subparsers) -> None:
     )
     validate.add_argument("file", type=Path, help="the probe-set .jsonl file")
     validate.add_argument(
-        "--text-suffix-words", type=int, default=TEXT_SUFFIX_WORDS, help="suffix words of text-only probes"
+        "--text-suffix-words",
+        type=positive_int,
+        default=TEXT_SUFFIX_WORDS,
+        help="suffix words of text-only probes",
     )
     validate.set_defaults(func=_validate)
 

@@ -6,6 +6,7 @@ from a shell ignores SIGINT and SIGTERM and orphans its children).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -56,22 +58,15 @@ def _wait_until(predicate, timeout_s: float, what: str, proc):
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-LAUNCH = """
-mutation Launch($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-    ... on InvalidSubsetError { message }
-  }
-}"""
-
-
-def test_dagster_dev_serves_the_graph_and_runs_an_asset(tiny_home, tmp_path):
+@contextlib.contextmanager
+def serving(
+    command: Callable[[int], list[str]], env: dict[str, str]
+) -> Iterator[tuple[int, subprocess.Popen]]:
+    """``command(port)``, a `dagster dev`, in its own session until its code location answers; yields
+    ``(port, process)`` and stops it with SIGINT."""
     port = _free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+        command(port),
         cwd=PROJECT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -85,12 +80,38 @@ def test_dagster_dev_serves_the_graph_and_runs_an_asset(tiny_home, tmp_path):
             "the webserver",
             proc,
         )
-        nodes = _wait_until(
-            lambda: _graphql(port, "{ assetNodes { assetKey { path } } }")["assetNodes"],
+        _wait_until(
+            lambda: _graphql(port, "{ assetNodes { id } }")["assetNodes"],
             STARTUP_S,
             "the code location",
             proc,
         )
+        yield port, proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+LAUNCH = """
+mutation Launch($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on InvalidSubsetError { message }
+  }
+}"""
+
+
+def test_dagster_dev_serves_the_graph_and_runs_an_asset(tiny_home, tmp_path):
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster")}
+    command = [sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p"]
+    with serving(lambda port: [*command, str(port)], env) as (port, proc):
+        nodes = _graphql(port, "{ assetNodes { assetKey { path } } }")["assetNodes"]
         keys = {"/".join(n["assetKey"]["path"]) for n in nodes}
         assert {"kfac_factors", "edited_model", "memorization_eval", "reports/recall_vs_perplexity"} <= keys
 
@@ -129,10 +150,3 @@ def test_dagster_dev_serves_the_graph_and_runs_an_asset(tiny_home, tmp_path):
         )
         assert status == "SUCCESS"
         assert (tiny_home / "probes" / "canaries.jsonl").is_file()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
