@@ -1,13 +1,14 @@
 """K-FAC factors (collected out of process through the factor runner) and their eigenbasis."""
 
+import dataclasses
 import json
 
 import dagster as dg
 
 from assets.automation import BUILD
-from assets.metadata import dir_bytes
 from assets.models import subject_model_dir
 from assets.partitions import Partitions
+from memkfac.fingerprint import dir_bytes
 from resources.config import PipelineConfig
 from resources.factor_runner import FactorRunner
 from resources.store import ArtifactStore
@@ -41,8 +42,6 @@ def factor_health(factor_dir) -> dict:
 
 
 def build(config: PipelineConfig, parts: Partitions) -> list:
-    factor_settings = dict(config.factors)
-    layers = str(factor_settings.pop("layers", "all"))
 
     @dg.asset(
         partitions_def=parts.model,
@@ -65,8 +64,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
                 "model_dir": str(subject_model_dir(config, store, model)),
                 "corpus_dir": str(store.corpus_dir(model)),
                 "out_dir": str(store.factor_dir(model)),
-                "layers": layers,
-                "factor_args": factor_settings,
+                "factor_args": dataclasses.asdict(config.factors),
             },
         )
 

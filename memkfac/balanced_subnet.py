@@ -30,6 +30,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -37,11 +38,12 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 import memkfac
+from memkfac.arguments import Checks
 from memkfac.checkpoint import load_manifest, save_checkpoint
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
 from memkfac.models import load_model
-from memkfac.targets import find_targets
+from memkfac.targets import PROJECTIONS, LayerSpec, Projection, check_layers, find_targets, resolve_layers
 
 # The before/after retain CE in the manifest is a diagnostic, so it is measured on the first this many
 # retain blocks: over a whole finetune split (512 blocks) it took half of a CPU run.
@@ -50,8 +52,9 @@ RETAIN_LOSS_BLOCKS = 64
 
 @dataclass
 class BSNArguments:
-    layers: list[int]  # decoder layers whose MLP weights get a mask (the K-FAC edit's layers)
-    projections: tuple[str, ...] = ("gate", "up")  # the K-FAC edit's projections; add "down" to widen
+    layers: LayerSpec  # decoder layers whose MLP weights get a mask; a spec is resolved against the model
+    projections: tuple[Projection, ...] = ("gate", "up")  # the K-FAC edit's; add "down" to widen
+    method: Literal["balanced_subnet"] = "balanced_subnet"  # its name among the edit methods
     ratio: float = 0.01  # fraction of each masked matrix pruned (smallest |score|)
     loss_weight: float = 0.7  # alpha: weight of the retain term; 1 - alpha weighs the forget term
     lr: float = 0.3
@@ -62,17 +65,30 @@ class BSNArguments:
     weight_decay: float = 5e-4
     seed: int = 0
 
-    def check(self) -> None:
-        if not 0 < self.ratio < 1:
-            raise MemkfacError(f"ratio {self.ratio} is not a fraction in (0, 1)", "use e.g. 0.0015 to 0.05")
-        if not 0 <= self.loss_weight <= 1:
-            raise MemkfacError(
-                f"loss weight {self.loss_weight} is not in [0, 1]", "use e.g. 0.7 (the paper's)"
-            )
-        if min(self.epochs, self.forget_per_batch, self.retain_per_batch) < 1 or self.lr <= 0:
-            raise MemkfacError(
-                "epochs, batch sizes and lr must be positive", "use the defaults of BSNArguments"
-            )
+    def __post_init__(self):
+        check = Checks()
+        with check.field("layers"):
+            check_layers(self.layers)
+        check.subset("projections", self.projections, PROJECTIONS)
+        check.one_of("method", self.method, ("balanced_subnet",))
+        check.require(
+            0 < self.ratio < 1,
+            "ratio",
+            f"ratio {self.ratio} is not a fraction in (0, 1)",
+            "use e.g. 0.0015 to 0.05",
+        )
+        check.require(
+            0 <= self.loss_weight <= 1,
+            "loss_weight",
+            f"loss weight {self.loss_weight} is not in [0, 1]",
+            "use e.g. 0.7 (the paper's)",
+        )
+        check.positive("lr", self.lr)
+        for name in ("epochs", "forget_per_batch", "retain_per_batch"):
+            check.at_least(name, getattr(self, name), 1)
+        check.at_least("momentum", self.momentum, 0)
+        check.at_least("weight_decay", self.weight_decay, 0)
+        check.done()
 
 
 class _ScoreMask(nn.Module):
@@ -153,7 +169,6 @@ def train_balanced_subnet(
     general text blocks. Scores are fp32 and the only trainable tensors.
     """
     start = time.perf_counter()
-    args.check()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.resolve() == model_dir.resolve():
         raise MemkfacError(
@@ -166,6 +181,7 @@ def train_balanced_subnet(
             "pass the sweep split of a memorized probe set and general text blocks",
         )
     model, tokenizer = load_model(model_dir)
+    args = resolve_layers(args, model.config.num_hidden_layers)
     pad_id = tokenizer.pad_token_id or 0
     for p in model.parameters():
         p.requires_grad_(False)

@@ -14,15 +14,21 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from tqdm.auto import tqdm
 
+from memkfac.arguments import Checks
 from memkfac.errors import MemkfacError
-from memkfac.targets import parse_layers
+from memkfac.targets import check_layers, parse_layers
 
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (batch, seq_len)
 EpochPlan = Callable[[int], list[Batch]]
+
+
+Decay = Literal["constant", "linear"]
+DECAYS: tuple[Decay, ...] = get_args(Decay)
 
 
 @dataclass
@@ -30,12 +36,26 @@ class FinetuneArguments:
     epochs: int = 20
     lr: float = 3e-4
     warmup_steps: int = 20
-    decay: str = "constant"  # after warm-up: "constant" or "linear" (to 0 at the last step)
+    decay: Decay = "constant"  # after warm-up: "constant" or "linear" (to 0 at the last step)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
     train_layers: str = "all"  # decoder layers to train: "all", "14-29", "20,21" (targets.parse_layers)
     train_embeddings: bool = True  # input embeddings (and a tied lm_head)
+
+    def __post_init__(self):
+        check = Checks()
+        check.at_least("epochs", self.epochs, 1)
+        check.positive("lr", self.lr)
+        check.at_least("warmup_steps", self.warmup_steps, 0)
+        check.require(
+            self.decay in DECAYS, "decay", f"unknown decay {self.decay!r}", "use 'constant' or 'linear'"
+        )
+        check.at_least("weight_decay", self.weight_decay, 0)
+        check.positive("max_grad_norm", self.max_grad_norm)
+        with check.field("train_layers"):
+            check_layers(self.train_layers)
+        check.done()
 
 
 @dataclass
@@ -156,8 +176,6 @@ def finetune(
     # one kernel over the weights: on CPU a quarter of the default (foreach) update's time
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
-    if config.decay not in ("constant", "linear"):
-        raise MemkfacError(f"unknown decay {config.decay!r}", "use 'constant' or 'linear'")
     first_epoch = plan(0)
     total = max(1, len(first_epoch) * config.epochs)  # mixed_batches epochs all have the same length
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from memkfac.arguments import Checks
 from memkfac.checkpoint import save_checkpoint
 from memkfac.errors import MemkfacError
 from memkfac.finetune import FinetuneArguments, finetune, mixed_batches
@@ -50,6 +51,14 @@ class InjectArguments:
     finetune: FinetuneArguments = field(default_factory=_default_finetune)
     eval_batch_size: int = 32
     heldout_blocks: int = 64  # held-out blocks for perplexity
+
+    def __post_init__(self):
+        check = Checks()
+        check.at_least("canaries_per_batch", self.canaries_per_batch, 1)
+        check.at_least("general_per_batch", self.general_per_batch, 0)
+        for name in ("general_len", "eval_batch_size", "heldout_blocks"):
+            check.at_least(name, getattr(self, name), 1)
+        check.done()
 
 
 def canary_set_fingerprint(probes: list[Probe]) -> str:

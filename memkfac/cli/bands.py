@@ -94,31 +94,30 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig
-
-    from memkfac.bands import run_band_analysis
+    from memkfac.bands import BandArguments, run_band_analysis
     from memkfac.cli.edit import _eigenbasis_dir
     from memkfac.corpora import load_split
     from memkfac.models import resolve_model
     from memkfac.paths import safe_name
     from memkfac.probes import load_probe_set
-    from memkfac.targets import parse_layers
 
     progress = not args.quiet
     model_dir = resolve_model(args.model, progress=progress)
-    bases = tuple(b.strip() for b in args.basis.split(",") if b.strip())
-    table = run_band_analysis(
-        model_dir,
-        _eigenbasis_dir(args.factors, progress) if "kfac" in bases else None,
-        parse_layers(args.layers, AutoConfig.from_pretrained(model_dir).num_hidden_layers),
-        load_probe_set(args.probes),
-        load_split(args.clean, "heldout"),
+    band_args = BandArguments(
+        layers=args.layers,
         projections=tuple(p.strip() for p in args.proj.split(",") if p.strip()),
         tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
-        bases=bases,
+        bases=tuple(b.strip() for b in args.basis.split(",") if b.strip()),
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
         seed=args.seed,
+    )
+    table = run_band_analysis(
+        model_dir,
+        _eigenbasis_dir(args.factors, progress) if "kfac" in band_args.bases else None,
+        load_probe_set(args.probes),
+        load_split(args.clean, "heldout"),
+        band_args,
         variant=safe_name(args.variant, "variant"),
         probe_set=safe_name(args.probe_set or args.probes.stem, "probe set name"),
         plot_path=args.plot,

@@ -38,7 +38,7 @@ perplexity is measured on).
 def register(subparsers) -> None:
     from memkfac.balanced_subnet import BSNArguments
 
-    d = BSNArguments(layers=[])
+    d = BSNArguments(layers="all")  # for the defaults shown in --help
     p = subparsers.add_parser(
         "bsn",
         help="train the BalancedSubnet baseline and write the pruned model",
