@@ -66,7 +66,7 @@ class Checks:
         self.require(
             bool(values) and not unknown,
             field,
-            f"{field} is {list(values)}" + (f": {unknown} unknown" if unknown else ""),
+            f"unknown or no {field}: {list(values)}",
             f"use a non-empty selection of {', '.join(map(str, choices))}",
         )
 
