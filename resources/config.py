@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import json
 import operator
 import os
@@ -44,6 +45,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticCustomError
 
 from memkfac.arguments import ArgumentError
@@ -597,9 +599,25 @@ def _problems(error: ValidationError) -> list[ConfigProblem]:
 # --- the JSON Schema ----------------------------------------------------------------------------
 
 
+class _DescribedSchema(GenerateJsonSchema):
+    """Engine dataclasses document their fields in trailing comments; the schema carries them, so
+    that an editor shows them next to each key."""
+
+    def dataclass_schema(self, schema):
+        json_schema = super().dataclass_schema(schema)
+        source = inspect.getsource(schema["cls"])
+        comments = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.+)$", source, flags=re.MULTILINE))
+        for name, prop in json_schema.get("properties", {}).items():
+            if name in comments:
+                prop.setdefault("description", comments[name])
+        if schema["cls"].__doc__ and not schema["cls"].__doc__.startswith(schema["cls"].__name__ + "("):
+            json_schema.setdefault("description", inspect.cleandoc(schema["cls"].__doc__))
+        return json_schema
+
+
 def json_schema() -> dict:
     """The JSON Schema of the pipeline YAML (``configs/pipeline.schema.json``)."""
-    schema = PipelineConfig.model_json_schema()
+    schema = PipelineConfig.model_json_schema(schema_generator=_DescribedSchema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "memkfac pipeline config"
 
