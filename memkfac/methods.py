@@ -71,7 +71,7 @@ METHODS: dict[str, EditMethod] = {
     **{name: EditMethod(EditArguments, _curvature_edit) for name in editing.METHODS},
     "balanced_subnet": EditMethod(BSNArguments, _balanced_subnet),
 }
-DEFAULT_METHOD = "kfac"  # what an edit entry without ``method`` runs
+DEFAULT_METHOD = EditArguments.method  # what an edit entry without ``method`` runs: K-FAC editing
 
 
 def apply_edit(args, inputs: EditInputs, out_dir: Path, progress: bool = True) -> dict:

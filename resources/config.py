@@ -554,8 +554,10 @@ def _describe(error: dict, schema: _Schema) -> tuple[list[ConfigProblem], int | 
         problems = [ConfigProblem(_join([*parts, *ctx["field"]]), ctx["problem"], ctx["fix"])]
     elif kind in ("missing", "missing_argument"):
         problems = [ConfigProblem(key, "is missing", f"add {key}")]
+    elif kind == "edit_method" and not isinstance(value, dict):
+        problems = [ConfigProblem(key, f"is {value!r}", "give a mapping of method and its arguments")]
     elif kind == "edit_method":
-        method = value.get("method") if isinstance(value, dict) else value
+        method = value.get("method")
         problems = [ConfigProblem(f"{key}.method", f"is {method!r}", _did_you_mean(method, list(METHODS)))]
     elif kind == "literal_error":
         problems = [ConfigProblem(key, f"is {value!r}", _did_you_mean(value, schema.choices(node)))]
