@@ -175,7 +175,7 @@ class CorpusArguments:
 
     source: str = DEFAULT_CORPUS  # "stdlib", "hf:NAME[:CONFIG[:SPLIT]]", or a local file or directory
     block_len: int = 128  # tokens per packed block
-    max_tokens: int | dict[Split, int] | None = None  # token cap of every split, or per split; None: all
+    max_tokens: int | dict[Split, int] | None = None  # token cap of every split, or per split; None: no cap
     fractions: dict[Split, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))  # document shares
     text_column: str = "text"  # column or field holding the text (hf:, .jsonl, .parquet)
 
@@ -184,10 +184,10 @@ class CorpusArguments:
         check.at_least("block_len", self.block_len, 2)
         caps = self.max_tokens.values() if isinstance(self.max_tokens, dict) else [self.max_tokens]
         check.require(
-            all(c is None or c >= 1 for c in caps),
+            all(c is None or c >= 0 for c in caps),
             "max_tokens",
-            f"max_tokens {self.max_tokens} must be positive",
-            "give a token count per split, e.g. {factor: 102400, finetune: 65536, heldout: 16384}",
+            f"max_tokens {self.max_tokens} is negative",
+            "give a token count per split (0 leaves it empty), e.g. {factor: 102400, finetune: 65536}",
         )
         check.require(
             set(self.fractions) == set(SPLITS)

@@ -22,6 +22,7 @@ the YAML).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -105,6 +106,13 @@ class EngineSection(Section):
     pipeline's own keys, in one flat mapping: the YAML never says ``arguments:``."""
 
     arguments: Any
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        engine = {f.name for f in dataclasses.fields(cls.model_fields["arguments"].annotation)}
+        if clash := engine & set(cls.model_fields):
+            raise TypeError(f"{cls.__name__}: keys {sorted(clash)} are also fields of its engine arguments")
 
     @classmethod
     def nest(cls, data: dict) -> dict:

@@ -29,7 +29,7 @@ def test_every_bad_field_is_named_at_once():
         (lambda: EditArguments(layers="9-1"), "layers"),
         (lambda: EditArguments(layers=[]), "layers"),
         (lambda: EditArguments(layers=[1], overrides={"2.gate": 0.5}), "overrides"),
-        (lambda: CorpusArguments(max_tokens={"factor": 0}), "max_tokens"),
+        (lambda: CorpusArguments(max_tokens={"factor": -1}), "max_tokens"),
         (lambda: CorpusArguments(fractions={"factor": 1.0}), "fractions"),
         (lambda: BandArguments(tasks=("no_such_task",)), "tasks"),
         (lambda: BandArguments(bases=("pca",)), "bases"),
