@@ -9,34 +9,23 @@
   the MLflow alias ``champion``; the recall-vs-rho plot shows the trade-off.
 """
 
-import base64
-
 import dagster as dg
 
 from assets.automation import BUILD, REPORT
 from assets.edits import variant_model_dir
-from assets.metadata import plot_markdown, table_metadata
-from assets.models import CANARY_PROBE_SET, subject_model_dir
-from assets.partitions import Partitions
+from assets.metadata import image_markdown, table_metadata
+from assets.models import subject_model_dir
+from assets.partitions import CANARY_PROBE_SET, Partitions
 from resources.config import BASE_EDIT, PipelineConfig, split_variant, variant_key
-from resources.mlflow_registry import CHAMPION, MlflowRegistry
+from resources.mlflow_registry import CANDIDATE, CHAMPION, MlflowRegistry
 from resources.store import ArtifactStore
 
 GROUP = "analysis"
 
 
-def _downstream_args(config: PipelineConfig):
-    from memkfac.downstream import DownstreamArguments
-
-    settings = dict(config.downstream)
-    if "tasks" in settings:
-        settings["tasks"] = tuple(settings["tasks"])
-    return DownstreamArguments(**settings)
-
-
 def build(config: PipelineConfig, parts: Partitions) -> list:
     assets = []
-    if config.downstream:
+    if config.downstream is not None:
         assets += _downstream(config, parts)
     return assets + [_band_analysis(config, parts), *_champions(config, parts)]
 
@@ -58,7 +47,7 @@ def _downstream(config: PipelineConfig, parts: Partitions) -> list:
         model = context.partition_key
         table = evaluate_downstream(
             subject_model_dir(config, store, model),
-            _downstream_args(config),
+            config.downstream,
             variant_key(model, BASE_EDIT),
             root=store.root,
             progress=False,
@@ -86,7 +75,7 @@ def _downstream(config: PipelineConfig, parts: Partitions) -> list:
         model, _ = split_variant(variant)
         table = evaluate_downstream(
             variant_model_dir(config, store, variant),
-            _downstream_args(config),
+            config.downstream,
             variant,
             base_variant=variant_key(model, BASE_EDIT),
             root=store.root,
@@ -99,11 +88,9 @@ def _downstream(config: PipelineConfig, parts: Partitions) -> list:
 
 def _model_of(config: PipelineConfig, parts: Partitions) -> dg.StaticPartitionMapping:
     """model -> its edit variants."""
+    edit_variants = set(parts.edit_variant.get_partition_keys())
     return dg.StaticPartitionMapping(
-        {
-            m: [v for v in parts.edit_variant.get_partition_keys() if split_variant(v)[0] == m]
-            for m in config.models
-        }
+        {m: [v for v in config.variants_of(m) if v in edit_variants] for m in config.models}
     )
 
 
@@ -118,60 +105,51 @@ def _downstream_result(table, store: ArtifactStore) -> dg.MaterializeResult:
 
 
 def _band_analysis(config: PipelineConfig, parts: Partitions):
-    settings = dict(config.bands)
-
     @dg.asset(
         partitions_def=parts.model,
-        deps=[dg.AssetDep("subject_model"), dg.AssetDep("kfac_eigenbasis"), dg.AssetDep("canaries")],
+        deps=[
+            dg.AssetDep("subject_model"),
+            dg.AssetDep("kfac_eigenbasis"),
+            dg.AssetDep("probe_sets", partition_mapping=parts.to_canaries),
+        ],
         group_name=GROUP,
         kinds={"parquet"},
         code_version="bands-v1",
         automation_condition=BUILD,
         pool="compute",
         description="Mean |v^T x| per curvature-mass band (top 10%, 10-25%, 25-50%, bottom 50%) of the "
-        "edited layers, on memorized vs control canaries, clean text and tasks, relative to clean text.",
+        "edited layers (or bands.layers), on memorized vs control canaries, clean text and tasks, relative "
+        "to clean text.",
     )
     def band_analysis(context: dg.AssetExecutionContext, store: ArtifactStore) -> dg.MaterializeResult:
-        from transformers import AutoConfig
-
         from memkfac.bands import run_band_analysis
         from memkfac.corpora import load_split
         from memkfac.probes import load_probe_set
-        from memkfac.targets import parse_layers
 
         model = context.partition_key
-        subject = subject_model_dir(config, store, model)
-        n_layers = AutoConfig.from_pretrained(subject).num_hidden_layers
-        kfac_edits = [e for e in config.edits.values() if e.method == "kfac"] or list(config.edits.values())
-        layers = sorted({i for e in kfac_edits for i in parse_layers(e.layers, n_layers)})
+        variant = variant_key(model, BASE_EDIT)
         plot = store.root / "plots" / f"bands-{model}.png"
         table = run_band_analysis(
-            subject,
+            subject_model_dir(config, store, model),
             store.eigen_dir(model),
-            layers,
-            load_probe_set(store.probe_file(CANARY_PROBE_SET)),
+            load_probe_set(store.validated_probes(CANARY_PROBE_SET)),
             load_split(store.corpus_dir(model), "heldout"),
-            projections=kfac_edits[0].projections if kfac_edits else ("gate", "up"),
-            variant=variant_key(model, BASE_EDIT),
+            config.bands,
+            edits=list(config.edits.values()),
+            variant=variant,
             probe_set=CANARY_PROBE_SET,
             plot_path=plot,
             root=store.root,
             progress=False,
-            **settings,
         )
         rows = table.to_pylist()
         bottom = [r["ratio_to_clean"] for r in rows if r["band"] == "bottom50" and r["source"] == "memorized"]
         return dg.MaterializeResult(
             metadata={
-                **table_metadata(
-                    table,
-                    store.eval_table("band_activation", variant_key(model, BASE_EDIT), CANARY_PROBE_SET),
-                ),
-                "layers": dg.MetadataValue.json(layers),
+                **table_metadata(table, store.eval_table("band_activation", variant, CANARY_PROBE_SET)),
+                "layers": dg.MetadataValue.json(sorted({r["layer"] for r in rows})),
                 "bottom50_memorized_over_clean": sum(bottom) / len(bottom) if bottom else None,
-                "band_ratios": dg.MetadataValue.md(
-                    f"![band ratios](data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()})"
-                ),
+                "band_ratios": image_markdown(plot, "band ratios"),
             }
         )
 
@@ -179,7 +157,7 @@ def _band_analysis(config: PipelineConfig, parts: Partitions):
 
 
 def _champions(config: PipelineConfig, parts: Partitions) -> list:
-    budget = float(config.evaluation.get("max_perplexity_increase", 0.10))
+    budget = config.evaluation.max_perplexity_increase
 
     @dg.asset(
         deps=[dg.AssetDep("memorization_eval"), dg.AssetDep("utility_eval"), dg.AssetDep("registered_model")],
@@ -194,51 +172,24 @@ def _champions(config: PipelineConfig, parts: Partitions) -> list:
     def champions(
         context: dg.AssetExecutionContext, store: ArtifactStore, mlflow: MlflowRegistry
     ) -> dg.MaterializeResult:
-        from memkfac.tables import read_table
+        import dataclasses
+
+        from memkfac.champion import choose_champion, evaluated, plot_recall_vs_rho
 
         current = _current_edits(context.instance, parts)
-
-        recall = {
-            r["variant"]: r["strict_pct"]
-            for r in read_table("memorization_summary", store.root).to_pylist()
-            if r["probe_set"] == CANARY_PROBE_SET and r["kind"] == "memorized" and r["split"] == "holdout"
-        }
-        ppl = {r["variant"]: r["perplexity"] for r in read_table("perplexity", store.root).to_pylist()}
-        chosen, metadata = {}, {}
+        recall, perplexity = evaluated(store.root, CANARY_PROBE_SET)
+        chosen, plots = {}, {}
         for model in config.models:
             base = variant_key(model, BASE_EDIT)
-            candidates = [
-                v
-                for v in config.variants_of(model)
-                if v in current
-                and v in recall
-                and v in ppl
-                and base in ppl
-                and ppl[v] / ppl[base] - 1 <= budget
-            ]
-            if candidates:
-                best = min(candidates, key=lambda v: (recall[v], ppl[v]))
-                version = mlflow.client().get_model_version_by_alias(best, "candidate").version
-                mlflow.set_alias(best, CHAMPION, version)
-                chosen[model] = {
-                    "variant": best,
-                    "version": version,
-                    "strict_pct": recall[best],
-                    "perplexity_increase": ppl[best] / ppl[base] - 1,
-                }
-            kfac = sorted(
-                (config.edit_of(v).keep_mass, recall[v], ppl[v] / ppl[base] - 1)
-                for v in config.variants_of(model)
-                if v != base
-                and config.edit_of(v).method == "kfac"
-                and v in recall
-                and v in ppl
-                and base in ppl
-            )
-            if kfac:
-                metadata[f"recall_vs_rho/{model}"] = plot_markdown(
-                    lambda ax, pts=kfac: _draw_tradeoff(ax, pts), f"{model}: K-FAC edits by rho"
-                )
+            edits = {v: config.edit_of(v) for v in config.variants_of(model) if v in current}
+            champion, points = choose_champion(base, edits, recall, perplexity, budget)
+            if champion is not None:
+                version = mlflow.client().get_model_version_by_alias(champion.variant, CANDIDATE).version
+                mlflow.set_alias(champion.variant, CHAMPION, version)
+                chosen[model] = dataclasses.asdict(champion) | {"version": version}
+            if points:
+                plot = plot_recall_vs_rho(points, store.root / "plots" / f"recall-vs-rho-{model}.png", model)
+                plots[f"recall_vs_rho/{model}"] = image_markdown(plot, f"{model}: K-FAC edits by rho")
         return dg.MaterializeResult(
             metadata={
                 "champions": dg.MetadataValue.json(chosen),
@@ -246,7 +197,7 @@ def _champions(config: PipelineConfig, parts: Partitions) -> list:
                 "variants_without_a_current_edit": dg.MetadataValue.json(
                     sorted(set(parts.edit_variant.get_partition_keys()) - current)
                 ),
-                **metadata,
+                **plots,
             }
         )
 
@@ -262,15 +213,3 @@ def _current_edits(instance: dg.DagsterInstance, parts: Partitions) -> set[str]:
         for key, partitions_def in (("edited_model", parts.variant), ("registered_model", parts.edit_variant))
     ]
     return {v for v in variants if all(s.get(v) == dg.AssetPartitionStatus.MATERIALIZED for s in statuses)}
-
-
-def _draw_tradeoff(ax, points: list[tuple[float, float, float]]) -> None:
-    rho = [p[0] for p in points]
-    ax.plot(rho, [p[1] for p in points], "o-", color="tab:red", label="strict recall % (held-out canaries)")
-    ax.set_xlabel("rho (curvature mass kept)")
-    ax.set_ylabel("strict recall %")
-    twin = ax.twinx()
-    twin.plot(rho, [100 * p[2] for p in points], "s--", color="tab:blue", label="perplexity increase %")
-    twin.set_ylabel("perplexity increase %")
-    ax.legend(loc="upper left", fontsize=7)
-    twin.legend(loc="lower right", fontsize=7)

@@ -4,15 +4,15 @@ The ``<model>__base`` variant is the unedited subject model: it is not copied, i
 a record pointing at the subject model, so that every evaluation has the same inputs for all variants.
 """
 
+from dataclasses import asdict
 from pathlib import Path
 
 import dagster as dg
 
 from assets.automation import BUILD, DATA_EAGER
-from assets.metadata import dir_bytes
 from assets.models import subject_model_dir
-from assets.partitions import Partitions
-from memkfac.fingerprint import model_fingerprint, sha256_file
+from assets.partitions import CANARY_PROBE_SET, Partitions
+from memkfac.fingerprint import dir_bytes, model_fingerprint
 from resources.config import PipelineConfig, split_variant
 from resources.mlflow_registry import CANDIDATE, MlflowRegistry
 from resources.store import ArtifactStore
@@ -31,58 +31,10 @@ def variant_model_dir(config: PipelineConfig, store: ArtifactStore, variant: str
     )
 
 
-def _edit(config: PipelineConfig, store: ArtifactStore, variant: str) -> dict:
-    """Run the variant's edit (one engine call); returns the manifest."""
-    from transformers import AutoConfig
-
-    from memkfac.targets import parse_layers
-
-    model, _ = split_variant(variant)
-    spec = config.edit_of(variant)
-    subject = subject_model_dir(config, store, model)
-    out = store.edit_dir(variant)
-    layers = parse_layers(spec.layers, AutoConfig.from_pretrained(subject).num_hidden_layers)
-    if spec.method == "balanced_subnet":
-        from memkfac.balanced_subnet import BSNArguments, train_balanced_subnet
-        from memkfac.corpora import load_split
-
-        args = BSNArguments(layers=layers, projections=spec.projections, seed=spec.seed, **spec.options)
-        retain = load_split(store.corpus_dir(model), "finetune").tolist()
-        return train_balanced_subnet(
-            subject, _forget_sequences(store, subject), retain, args, out, progress=False
-        )
-    from memkfac.editing import EditArguments, edit_model
-
-    edit = EditArguments(
-        layers=layers,
-        projections=spec.projections,
-        keep_mass=spec.keep_mass,
-        method=spec.method,
-        svd_drop=spec.svd_drop,
-        seed=spec.seed,
-        **spec.options,
-    )
-    eig = None if spec.method == "svd" else store.eigen_dir(model)
-    return edit_model(subject, eig, edit, out, progress=False)
-
-
-def _canary_sequences(store: ArtifactStore, tokenizer, keep=lambda probe: True) -> list[list[int]]:
-    """Token ids (prefix + suffix) of the canaries that ``keep`` selects."""
-    from assets.models import CANARY_PROBE_SET
-    from memkfac.generation import probe_token_ids
+def _canaries(store: ArtifactStore):
     from memkfac.probes import load_probe_set
 
-    probes = load_probe_set(store.probe_file(CANARY_PROBE_SET))
-    return [sum(probe_token_ids(p, tokenizer), []) for p in probes if keep(p)]
-
-
-def _forget_sequences(store: ArtifactStore, model_dir: Path) -> list[list[int]]:
-    """BalancedSubnet's forget set: the sweep half of the memorized canaries (the holdout half stays
-    unseen, as for the K-FAC edit's tuning)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return _canary_sequences(store, tokenizer, lambda p: p.kind == "memorized" and p.split == "sweep")
+    return load_probe_set(store.validated_probes(CANARY_PROBE_SET))
 
 
 def build(config: PipelineConfig, parts: Partitions) -> list:
@@ -92,7 +44,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
             dg.AssetDep("subject_model", partition_mapping=parts.model_to_variants),
             dg.AssetDep("kfac_eigenbasis", partition_mapping=parts.model_to_variants),
             dg.AssetDep("corpus", partition_mapping=parts.model_to_variants),
-            dg.AssetDep("canaries"),  # BalancedSubnet's forget set
+            dg.AssetDep("probe_sets", partition_mapping=parts.to_canaries),  # forget sets, the check's batch
         ],
         group_name=GROUP,
         kinds={"pytorch", "safetensors"},
@@ -104,8 +56,9 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
     )
     def edited_model(context: dg.AssetExecutionContext, store: ArtifactStore) -> dg.MaterializeResult:
         variant = context.partition_key
-        spec = config.edit_of(variant)
-        if spec is None:
+        model, _ = split_variant(variant)
+        args = config.edit_of(variant)
+        if args is None:
             path = variant_model_dir(config, store, variant)
             fingerprint = model_fingerprint(path)
             return dg.MaterializeResult(
@@ -116,17 +69,23 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
                 },
                 data_version=dg.DataVersion(fingerprint),
             )
-        manifest = _edit(config, store, variant)
-        modules = manifest.get("modules", [])
-        kept = [m["frac_kept"] for m in modules if m.get("frac_kept") is not None]
+        from memkfac.corpora import load_split
+        from memkfac.methods import EditInputs, apply_edit, mean_fraction_kept
+
+        inputs = EditInputs(
+            model_dir=subject_model_dir(config, store, model),
+            eigen_dir=store.eigen_dir(model),
+            probes=_canaries(store),
+            retain=load_split(store.corpus_dir(model), "finetune"),
+        )
+        manifest = apply_edit(args, inputs, store.edit_dir(variant), progress=False)
         return dg.MaterializeResult(
             metadata={
                 "path": dg.MetadataValue.path(str(store.edit_dir(variant))),
-                "method": spec.method,
-                "keep_mass": spec.keep_mass,
-                "layers": spec.layers,
-                "modules_edited": len(modules),
-                "mean_fraction_of_components_kept": sum(kept) / len(kept) if kept else 1.0,
+                "method": args.method,
+                "arguments": dg.MetadataValue.json(asdict(args)),
+                "modules_edited": len(manifest.get("modules", [])),
+                "mean_fraction_of_components_kept": mean_fraction_kept(manifest),
                 "bytes": dir_bytes(store.edit_dir(variant)),
                 "manifest": dg.MetadataValue.json(manifest),
             },
@@ -138,49 +97,25 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         partitions_def=parts.variant,
         blocking=True,
         description=f"Loads, finite logits on a batch of {CHECK_PROBES} canaries (prefix + suffix), and "
-        "the manifest names the current inputs (subject model, weights, factors, keep_mass).",
+        "the manifest names the current inputs (subject model, weights, factors, the edit's arguments).",
     )
     def edited_model_valid(
         context: dg.AssetCheckExecutionContext, store: ArtifactStore
     ) -> dg.AssetCheckResult:
-        import torch
-
-        from memkfac.checkpoint import load_manifest
-        from memkfac.finetune import collate
-        from memkfac.models import load_model
+        from memkfac.methods import check_edited_model
 
         variant = context.partition_key
-        model_name, _ = split_variant(variant)
-        path = variant_model_dir(config, store, variant)
-        model, tokenizer = load_model(path)
-        batch = collate(_canary_sequences(store, tokenizer)[:CHECK_PROBES], tokenizer.pad_token_id)
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        finite = bool(torch.isfinite(logits[batch["attention_mask"].bool()]).all())  # padding aside
-        problems = [] if finite else ["non-finite logits"]
-        spec = config.edit_of(variant)
-        if spec is not None:
-            manifest = load_manifest(path)
-            subject = subject_model_dir(config, store, model_name)
-            if manifest["base_model"]["fingerprint"] != model_fingerprint(subject):
-                problems.append("manifest base fingerprint differs from the subject model")
-            if manifest["model_fingerprint"] != model_fingerprint(path):
-                problems.append("manifest weight fingerprint differs from the files")
-            eig = manifest.get("eigenbasis")
-            if eig is not None:
-                index_sha = sha256_file(store.factor_dir(model_name) / "index.json")
-                if eig["factor_index_sha256"] != index_sha:
-                    problems.append("manifest eigenbasis comes from other factors than the current ones")
-            if spec.method != "balanced_subnet" and manifest["config"]["keep_mass"] != spec.keep_mass:
-                problems.append("manifest keep_mass differs from the config")
+        model, _ = split_variant(variant)
+        found = check_edited_model(
+            variant_model_dir(config, store, variant),
+            _canaries(store)[:CHECK_PROBES],
+            args=config.edit_of(variant),
+            subject_dir=subject_model_dir(config, store, model),
+            factor_index=store.factor_dir(model) / "index.json",
+        )
+        problems = found.pop("problems")
         return dg.AssetCheckResult(
-            passed=not problems,
-            metadata={
-                "finite_logits": finite,
-                "problems": dg.MetadataValue.json(problems),
-                "probes": len(batch["input_ids"]),
-                "tokens": int(batch["attention_mask"].sum()),
-            },
+            passed=not problems, metadata={**found, "problems": dg.MetadataValue.json(problems)}
         )
 
     @dg.asset(
@@ -197,21 +132,17 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         context: dg.AssetExecutionContext, store: ArtifactStore, mlflow: MlflowRegistry
     ) -> dg.MaterializeResult:
         from memkfac.checkpoint import MANIFEST_NAME, load_manifest
+        from memkfac.methods import mean_fraction_kept
 
         variant = context.partition_key
-        spec = config.edit_of(variant)
         path = store.edit_dir(variant)
-        params = {
-            "variant": variant,
-            "method": spec.method,
-            "layers": spec.layers,
-            "projections": ",".join(spec.projections),
-            "keep_mass": spec.keep_mass,
-            **{f"option.{k}": v for k, v in spec.options.items()},
+        arguments = asdict(config.edit_of(variant))
+        params = {"variant": variant} | {
+            k: ",".join(map(str, v)) if isinstance(v, list | tuple) else v for k, v in arguments.items()
         }
         manifest = load_manifest(path)
-        kept = [m["frac_kept"] for m in manifest.get("modules", []) if m.get("frac_kept") is not None]
-        metrics = {"mean_fraction_of_components_kept": sum(kept) / len(kept)} if kept else {}
+        kept = mean_fraction_kept(manifest)
+        metrics = {} if kept is None else {"mean_fraction_of_components_kept": kept}
         artifacts = {"manifest": path / MANIFEST_NAME}
         tags = {"dagster_run_id": context.run.run_id, "variant": variant, "kind": "edit"}
         run_id = mlflow.log_run(f"edit {variant}", params, metrics, tags, artifacts, model_dir=path)

@@ -10,8 +10,6 @@ from assets.automation import BUILD
 from assets.edits import variant_model_dir
 from assets.metadata import table_metadata
 from assets.partitions import Partitions
-from assets.probes import PROBES_FILE
-from memkfac.evaluate import EvalArguments
 from resources.config import BASE_EDIT, PipelineConfig, split_variant, variant_key
 from resources.mlflow_registry import MlflowRegistry
 from resources.store import ArtifactStore
@@ -64,18 +62,11 @@ def table_check(table: str, expected_rows) -> callable:
 def _probe_count(store: ArtifactStore, variant: str, probe_set: str) -> int:
     from memkfac.probes import load_probe_set
 
-    return len(load_probe_set(store.probe_set_dir(probe_set) / PROBES_FILE))
-
-
-def eval_arguments(config: PipelineConfig) -> EvalArguments:
-    """``memkfac.evaluate.EvalArguments`` from the config's evaluation section (engine defaults else)."""
-    keys = ("batch_size", "mia", "stress", "stress_t")
-    return EvalArguments(**{k: v for k, v in config.evaluation.items() if k in keys})
+    return len(load_probe_set(store.validated_probes(probe_set)))
 
 
 def build(config: PipelineConfig, parts: Partitions) -> list:
-    heldout_blocks = int(config.evaluation.get("heldout_blocks", 64))
-    eval_args = eval_arguments(config)
+    eval_args = config.evaluation.arguments
     tables = ["memorization", "memorization_summary"]
     tables += ["mia", "mia_auc"] if eval_args.mia else []
     tables += ["positional_stress"] if eval_args.stress else []
@@ -105,7 +96,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
 
         variant, probe_set = _variant_and_probe_set(context)
         model, tokenizer = load_model(variant_model_dir(config, store, variant))
-        probes = load_probe_set(store.probe_set_dir(probe_set) / PROBES_FILE)
+        probes = load_probe_set(store.validated_probes(probe_set))
         result = evaluate_model(
             model, tokenizer, probes, variant=variant, probe_set=probe_set, args=eval_args, progress=False
         )
@@ -166,45 +157,34 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
     def utility_eval(
         context: dg.AssetExecutionContext, store: ArtifactStore, mlflow: MlflowRegistry
     ) -> dg.MaterializeResult:
-        from memkfac.corpora import corpus_fingerprint, load_split
-        from memkfac.evaluate import HeldOut, utility_tables
-        from memkfac.models import load_model
-        from memkfac.tables import new_run_id, write_table
-        from memkfac.utility import topk_lists
+        from memkfac.evaluate import HeldOut, evaluate_utility
 
         variant = context.partition_key
-        model_name, _ = split_variant(variant)
-        corpus = store.corpus_dir(model_name)
-        blocks = load_split(corpus, "heldout")[:heldout_blocks]
-        fingerprint = corpus_fingerprint(corpus, "heldout")
-        run_id = new_run_id()
-        model, _ = load_model(variant_model_dir(config, store, variant))
-        reference_variant = variant_key(model_name, BASE_EDIT)
-        reference, _ = load_model(variant_model_dir(config, store, reference_variant))
-        heldout = HeldOut(blocks, HELDOUT, fingerprint)
-        tables = utility_tables(
-            model,
+        model, _ = split_variant(variant)
+        reference = variant_key(model, BASE_EDIT)
+        heldout = HeldOut.from_corpus(store.corpus_dir(model), eval_args.heldout_blocks, name=HELDOUT)
+        tables = evaluate_utility(
+            variant_model_dir(config, store, variant),
+            variant_model_dir(config, store, reference),
             heldout,
-            variant,
-            run_id,
-            topk_lists(reference, blocks, progress=False),
-            reference_variant,
+            eval_args,
+            variant=variant,
+            reference_name=reference,
+            root=store.root,
             progress=False,
         )
-        ppl_table = tables["perplexity"]
-        ppl, scores = ppl_table.to_pylist()[0], tables["ndcg"].to_pylist()[0]
-        path = write_table("perplexity", ppl_table, store.root)
-        write_table("ndcg", tables["ndcg"], store.root)
+        ppl, scores = tables["perplexity"].to_pylist()[0], tables["ndcg"].to_pylist()[0]
+        path = store.eval_table("perplexity", variant, HELDOUT)
         mlflow_run = mlflow.log_run(
             f"utility {variant}",
-            params={"variant": variant, "heldout_blocks": len(blocks), "reference": reference_variant},
+            params={"variant": variant, "heldout_blocks": len(heldout.blocks), "reference": reference},
             metrics={"perplexity": ppl["perplexity"], "mean_nll": ppl["mean_nll"], "ndcg": scores["ndcg"]},
             tags={"dagster_run_id": context.run.run_id, "variant": variant, "kind": "evaluation"},
             artifacts={"tables": path},
         )
         return dg.MaterializeResult(
             metadata={
-                **table_metadata(ppl_table, path),
+                **table_metadata(tables["perplexity"], path),
                 "mlflow_run_id": mlflow_run,
                 "perplexity": ppl["perplexity"],
                 "mean_nll": ppl["mean_nll"],

@@ -1,49 +1,21 @@
 """K-FAC factors (collected out of process through the factor runner) and their eigenbasis."""
 
-import json
+import dataclasses
 
 import dagster as dg
 
 from assets.automation import BUILD
-from assets.metadata import dir_bytes
 from assets.models import subject_model_dir
 from assets.partitions import Partitions
+from memkfac.fingerprint import dir_bytes
 from resources.config import PipelineConfig
 from resources.factor_runner import FactorRunner
 from resources.store import ArtifactStore
 
 GROUP = "kfac"
-SYMMETRY_RTOL = 1e-5  # max |X - X^T| relative to max |X|
-PSD_RTOL = 1e-6  # smallest eigenvalue >= -PSD_RTOL * largest (fp32 sums)
-
-
-def factor_health(factor_dir) -> dict:
-    """Worst-case finiteness, asymmetry and negative curvature over all modules, and the token count."""
-    import torch
-
-    from memkfac.factors import load_factors
-
-    modules = load_factors(factor_dir)
-    worst = {"finite": True, "asymmetry": 0.0, "negativity": 0.0}
-    tokens = set()
-    for f in modules.values():
-        tokens.add(f.tokens)
-        for X in (f.A, f.G):
-            X = X.double()
-            worst["finite"] &= bool(torch.isfinite(X).all())
-            scale = X.abs().max().clamp_min(1e-30)
-            worst["asymmetry"] = max(worst["asymmetry"], float((X - X.T).abs().max() / scale))
-            eig = torch.linalg.eigvalsh((X + X.T) / 2)
-            worst["negativity"] = max(worst["negativity"], float(-eig[0] / eig[-1].clamp_min(1e-30)))
-    worst["tokens"] = sorted(tokens)
-    worst["modules"] = len(modules)
-    return worst
 
 
 def build(config: PipelineConfig, parts: Partitions) -> list:
-    factor_settings = dict(config.factors)
-    layers = str(factor_settings.pop("layers", "all"))
-
     @dg.asset(
         partitions_def=parts.model,
         deps=[dg.AssetDep("subject_model"), dg.AssetDep("corpus")],
@@ -65,8 +37,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
                 "model_dir": str(subject_model_dir(config, store, model)),
                 "corpus_dir": str(store.corpus_dir(model)),
                 "out_dir": str(store.factor_dir(model)),
-                "layers": layers,
-                "factor_args": factor_settings,
+                "factor_args": dataclasses.asdict(config.factors),
             },
         )
 
@@ -77,26 +48,13 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         description="Finite, symmetric, PSD within tolerance, one token count matching the index.",
     )
     def factors_healthy(context: dg.AssetCheckExecutionContext, store: ArtifactStore) -> dg.AssetCheckResult:
-        index = json.loads((store.factor_dir(context.partition_key) / "index.json").read_text())
-        h = factor_health(store.factor_dir(context.partition_key))
-        passed = (
-            h["finite"]
-            and h["asymmetry"] <= SYMMETRY_RTOL
-            and h["negativity"] <= PSD_RTOL
-            and h["tokens"] == [index["tokens"]]
-            and index["tokens"] > 0
-            and h["modules"] == len(index["targets"])
-        )
+        from memkfac.factor_health import check_factors
+
+        found = check_factors(store.factor_dir(context.partition_key))
+        problems = found.pop("problems")
+        found["tokens_per_module"] = dg.MetadataValue.json(found["tokens_per_module"])
         return dg.AssetCheckResult(
-            passed=passed,
-            metadata={
-                "finite": h["finite"],
-                "max_relative_asymmetry": h["asymmetry"],
-                "max_relative_negative_eigenvalue": h["negativity"],
-                "tokens_per_module": dg.MetadataValue.json(h["tokens"]),
-                "index_tokens": index["tokens"],
-                "modules": h["modules"],
-            },
+            passed=not problems, metadata={**found, "problems": dg.MetadataValue.json(problems)}
         )
 
     @dg.asset(

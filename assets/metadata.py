@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
-from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -25,26 +23,7 @@ def table_metadata(table: pa.Table, path: Path, prefix: str = "dagster") -> dict
     }
 
 
-def plot_markdown(draw: Callable, title: str, size: tuple[float, float] = (5.0, 3.2)) -> dg.MetadataValue:
-    """Render ``draw(ax)`` with matplotlib (Agg) to a small PNG embedded as a markdown image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=size, dpi=90)
-    try:
-        draw(ax)
-        ax.set_title(title, fontsize=10)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-    finally:
-        plt.close(fig)
-    return dg.MetadataValue.md(
-        f"![{title}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
-    )
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+def image_markdown(path: Path, title: str) -> dg.MetadataValue:
+    """A PNG the engine wrote, embedded as a markdown image (the UI shows it under the asset)."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{data})")

@@ -9,15 +9,12 @@ from pathlib import Path
 import dagster as dg
 
 from assets.automation import BUILD
-from assets.metadata import dir_bytes
-from assets.partitions import Partitions
-from assets.sources import CANARY_FILE, canary_file_path
-from memkfac.fingerprint import model_fingerprint
-from resources.config import PipelineConfig, load_canary_file
+from assets.partitions import CANARY_PROBE_SET, Partitions
+from assets.sources import CANARY_FILE
+from resources.config import PipelineConfig
 from resources.store import ArtifactStore
 
 GROUP = "models"
-CANARY_PROBE_SET = "canaries"  # the canary file is written as probes/canaries.jsonl
 
 
 def base_model_dir(config: PipelineConfig, model: str) -> Path:
@@ -34,6 +31,16 @@ def subject_model_dir(config: PipelineConfig, store: ArtifactStore, model: str) 
     return base_model_dir(config, model)
 
 
+def _model_result(path: Path, **metadata) -> dg.MaterializeResult:
+    from memkfac.models import describe_model
+
+    about = describe_model(path)
+    return dg.MaterializeResult(
+        metadata={**about, "path": dg.MetadataValue.path(about["path"]), **metadata},
+        data_version=dg.DataVersion(about["fingerprint"]),
+    )
+
+
 def build(config: PipelineConfig, parts: Partitions) -> list:
     @dg.asset(
         partitions_def=parts.model,
@@ -46,22 +53,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         "pinned GGUF once and cached under MEMKFAC_HOME/models).",
     )
     def base_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        from transformers import AutoConfig
-
-        path = base_model_dir(config, context.partition_key)
-        hf = AutoConfig.from_pretrained(path)
-        fingerprint = model_fingerprint(path)
-        return dg.MaterializeResult(
-            metadata={
-                "path": dg.MetadataValue.path(str(path)),
-                "fingerprint": fingerprint,
-                "architecture": hf.architectures[0] if hf.architectures else hf.model_type,
-                "layers": hf.num_hidden_layers,
-                "hidden_size": hf.hidden_size,
-                "bytes": dir_bytes(path),
-            },
-            data_version=dg.DataVersion(fingerprint),
-        )
+        return _model_result(base_model_dir(config, context.partition_key))
 
     @dg.asset(
         partitions_def=parts.model,
@@ -78,10 +70,8 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
 
         from memkfac.corpora import build_corpus, load_corpus_meta
 
-        spec = dict(config.corpus)
-        source = spec.pop("source")
         tokenizer = AutoTokenizer.from_pretrained(base_model_dir(config, context.partition_key))
-        out = build_corpus(source, tokenizer, store.corpus_dir(context.partition_key), progress=False, **spec)
+        out = build_corpus(config.corpus, tokenizer, store.corpus_dir(context.partition_key), progress=False)
         meta = load_corpus_meta(out)
         splits = meta["splits"]
         return dg.MaterializeResult(
@@ -96,33 +86,31 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         )
 
     @dg.asset(
-        deps=[dg.AssetDep(CANARY_FILE)] if canary_file_path(config) else [],
+        deps=[dg.AssetDep(CANARY_FILE)] if config.canary_file else [],
         group_name=GROUP,
         kinds={"json"},
         code_version=_canaries_version(config),
         automation_condition=BUILD,
         description="The canaries, written as the probe-set file probes/"
-        f"{CANARY_PROBE_SET}.jsonl: trained ones (kind memorized, split sweep or holdout) and never-trained "
-        "controls. Seeded synthetic records and secrets, or the user's probe set named by canaries.file.",
+        f"{CANARY_PROBE_SET}.jsonl (the probe_sets asset validates it like any probe set, and every step "
+        "reads that validated copy): trained ones (kind memorized, split sweep or holdout) and "
+        "never-trained controls. Seeded synthetic records and secrets, or the user's probe set named by "
+        "canaries.file, checked here (every bad line listed).",
     )
     def canaries(store: ArtifactStore) -> dg.MaterializeResult:
+        from memkfac.canaries import canary_probes
         from memkfac.fingerprint import sha256_file
         from memkfac.probes import write_probe_set
 
-        source = config.canaries.get("file")
-        if source is None:
-            from memkfac.canaries import CanaryArguments, generate_canaries
-
-            trained, control = generate_canaries(CanaryArguments(**config.canaries))
-            probes = trained + control
-        else:
-            probes = load_canary_file(Path(source))
+        probes = canary_probes(config.canary_source, "canaries.file")
         path = write_probe_set(probes, store.probe_file(CANARY_PROBE_SET))
         trained = [p for p in probes if p.kind == "memorized"]
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": len(probes),
-                "source": dg.MetadataValue.path(source) if source else "generated",
+                "source": dg.MetadataValue.path(str(config.canary_file))
+                if config.canary_file
+                else "generated",
                 "trained": len(trained),
                 "control": sum(p.kind == "control" for p in probes),
                 "path": dg.MetadataValue.path(str(path)),
@@ -133,7 +121,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
 
     @dg.asset(
         partitions_def=parts.model,
-        deps=[base_model, corpus, canaries],
+        deps=[base_model, corpus, dg.AssetDep("probe_sets", partition_mapping=parts.to_canaries)],
         group_name=GROUP,
         kinds={"pytorch", "safetensors"},
         code_version="subject-v1",
@@ -145,48 +133,32 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
     def subject_model(context: dg.AssetExecutionContext, store: ArtifactStore) -> dg.MaterializeResult:
         model = context.partition_key
         if not config.models[model].inject_canaries:
-            path = base_model_dir(config, model)
-            fingerprint = model_fingerprint(path)
-            return dg.MaterializeResult(
-                metadata={
-                    "path": dg.MetadataValue.path(str(path)),
-                    "injected": False,
-                    "fingerprint": fingerprint,
-                },
-                data_version=dg.DataVersion(fingerprint),
-            )
+            return _model_result(base_model_dir(config, model), injected=False)
         from memkfac.corpora import corpus_fingerprint, load_split
-        from memkfac.finetune import FinetuneArguments
-        from memkfac.inject import InjectArguments, inject_canaries
+        from memkfac.inject import inject_canaries
         from memkfac.probes import load_probe_set
 
-        settings = dict(config.injection)
-        finetune = FinetuneArguments(**settings.pop("finetune", {}))
-        recipe = InjectArguments(**settings, finetune=finetune)
         corpus_dir = store.corpus_dir(model)
         manifest = inject_canaries(
             base_model_dir(config, model),
-            load_probe_set(store.probe_file(CANARY_PROBE_SET)),
+            load_probe_set(store.validated_probes(CANARY_PROBE_SET)),
             load_split(corpus_dir, "finetune"),
             load_split(corpus_dir, "heldout"),
-            recipe,
+            config.injection,
             store.injected_model_dir(model),
             general_fingerprint=corpus_fingerprint(corpus_dir, "finetune"),
             progress=False,
         )
         recall = manifest["recall"]
-        return dg.MaterializeResult(
-            metadata={
-                "path": dg.MetadataValue.path(str(store.injected_model_dir(model))),
-                "injected": True,
-                "trained_strict_pct": _overall_strict_pct(recall["trained"]),
-                "control_strict_pct": _overall_strict_pct(recall["control"]),
-                "perplexity_base": manifest["perplexity"]["base"],
-                "perplexity_injected": manifest["perplexity"]["injected"],
-                "finetune_seconds": manifest["finetune"]["seconds"],
-                "manifest": dg.MetadataValue.json(manifest),
-            },
-            data_version=dg.DataVersion(model_fingerprint(store.injected_model_dir(model))),
+        return _model_result(
+            store.injected_model_dir(model),
+            injected=True,
+            trained_strict_pct=_overall_strict_pct(recall["trained"]),
+            control_strict_pct=_overall_strict_pct(recall["control"]),
+            perplexity_base=manifest["perplexity"]["base"],
+            perplexity_injected=manifest["perplexity"]["injected"],
+            finetune_seconds=manifest["finetune"]["seconds"],
+            manifest=dg.MetadataValue.json(manifest),
         )
 
     return [base_model, corpus, canaries, subject_model]
@@ -202,12 +174,12 @@ def _overall_strict_pct(by_split: dict) -> float | None:
 def _canaries_version(config: PipelineConfig) -> str:
     """The canaries' code version: it changes with the canaries config and the user file's content, so
     editing either rematerializes the canaries (and, if they differ, what follows) on the next load."""
+    import dataclasses
     import hashlib
     import json
 
     from memkfac.fingerprint import sha256_file
 
-    settings = dict(config.canaries)
-    if "file" in settings:
-        settings["sha256"] = sha256_file(Path(settings["file"]))
+    source = config.canary_source
+    settings = {"sha256": sha256_file(source)} if isinstance(source, Path) else dataclasses.asdict(source)
     return "canaries-v1-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]

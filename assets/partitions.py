@@ -6,7 +6,7 @@
 | ``variant`` (static) | ``<model>__<edit>``, ``<model>__base`` | edited models, utility |
 | ``edit_variant`` (static) | the variants that edit (no ``__base``) | MLflow registration |
 | ``resurgence_variant`` (static) | the variants given the resurgence test | resurgence |
-| ``probe_set`` (dynamic) | probe-set files found by the sensor | probe sets |
+| ``probe_set`` (dynamic) | probe-set files found by the sensor | probe sets (``canaries`` feeds all) |
 | ``variant x probe_set`` (multi) | every evaluation cell | memorization evaluations |
 
 Multi-partitions have at most two dimensions, so model and edit share one key (``__`` separated).
@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from resources.config import PipelineConfig, split_variant
+from resources.config import PipelineConfig
 
 PROBE_SET_PARTITIONS = dg.DynamicPartitionsDefinition(name="probe_set")
+CANARY_PROBE_SET = "canaries"  # the canaries asset writes its probe set as probes/canaries.jsonl
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,12 @@ class Partitions:
     model_to_variants: dg.StaticPartitionMapping  # model key -> its variant keys
     variant_to_edit: dg.StaticPartitionMapping  # variant key -> itself, for edit variants
     variant_to_resurgence: dg.StaticPartitionMapping  # variant key -> itself, where it is tested
+    to_canaries: dg.SpecificPartitionsPartitionMapping  # any key -> the canary probe set
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> Partitions:
         variant = dg.StaticPartitionsDefinition(config.variants)
-        by_model = {m: [v for v in config.variants if split_variant(v)[0] == m] for m in config.models}
+        by_model = {m: config.variants_of(m) for m in config.models}
         edit_variants = [v for v in config.variants if config.edit_of(v) is not None]
         return cls(
             model=dg.StaticPartitionsDefinition(list(config.models)),
@@ -52,4 +54,5 @@ class Partitions:
             model_to_variants=dg.StaticPartitionMapping(by_model),
             variant_to_edit=dg.StaticPartitionMapping({v: v for v in edit_variants}),
             variant_to_resurgence=dg.StaticPartitionMapping({v: v for v in config.resurgence_variants}),
+            to_canaries=dg.SpecificPartitionsPartitionMapping([CANARY_PROBE_SET]),
         )

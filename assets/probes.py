@@ -1,4 +1,8 @@
-"""Probe sets: each probe-set file, validated, copied to where the evaluations read it."""
+"""Probe sets: each probe-set file, validated, copied to where every step that reads it reads it.
+
+``probes/<name>.jsonl`` is the inbox (a user drops a file there; the canaries asset writes
+``canaries.jsonl``); ``ArtifactStore.validated_probes(name)`` is the validated copy.
+"""
 
 from collections import Counter
 
@@ -10,13 +14,13 @@ from resources.config import PipelineConfig
 from resources.store import ArtifactStore
 
 GROUP = "probes"
-PROBES_FILE = "probes.jsonl"
 
 
 def build(config: PipelineConfig, parts: Partitions) -> list:
     @dg.asset(
         partitions_def=parts.probe_set,
-        deps=[dg.AssetDep("probe_set_files")],
+        # every partition reads its file; the canaries' file is written by the canaries asset
+        deps=[dg.AssetDep("probe_set_files"), dg.AssetDep("canaries")],
         group_name=GROUP,
         kinds={"json"},
         code_version="probe-sets-v1",
@@ -29,7 +33,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
 
         name = context.partition_key
         probes = load_probe_set(store.probe_file(name))
-        out = write_probe_set(probes, store.probe_set_dir(name) / PROBES_FILE)
+        out = write_probe_set(probes, store.validated_probes(name))
         by_kind = Counter(p.kind for p in probes)
         by_split = Counter(f"{p.kind}/{p.split}" for p in probes)
         return dg.MaterializeResult(

@@ -52,11 +52,6 @@ def corpus_version(source: str) -> str:
     return f"spec:{source}"
 
 
-def canary_file_path(config: PipelineConfig) -> Path | None:
-    """The user's canary file (``canaries.file``), or None when the canaries are generated."""
-    return Path(config.canaries["file"]) if "file" in config.canaries else None
-
-
 def probe_file_versions(store: ArtifactStore) -> dict[str, str]:
     """``{probe_set: sha256}`` of every ``*.jsonl`` in the probe directory with a valid name."""
     from memkfac.errors import MemkfacError
@@ -88,7 +83,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         description="The general text the corpus splits are cut from (data version: its content hash).",
     )
     def corpus_files():
-        return dg.DataVersion(corpus_version(config.corpus["source"]))
+        return dg.DataVersion(corpus_version(config.corpus.source))
 
     @dg.observable_source_asset(
         name="probe_set_files",
@@ -101,7 +96,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         return dg.DataVersionsByPartition({p: v for p, v in probe_file_versions(store).items() if p in known})
 
     sources = [model_files, corpus_files, probe_set_files]
-    path = canary_file_path(config)
+    path = config.canary_file
     if path is not None:
 
         @dg.observable_source_asset(

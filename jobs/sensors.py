@@ -15,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets.partitions import Partitions
-from assets.sources import CANARY_FILE, canary_file_path, corpus_version, model_version, probe_file_versions
+from assets.sources import CANARY_FILE, corpus_version, model_version, probe_file_versions
 from memkfac.fingerprint import WEIGHT_SUFFIXES, sha256_file
 from resources.config import PipelineConfig
 from resources.store import ArtifactStore
@@ -45,16 +45,16 @@ def input_versions(config: PipelineConfig, store: ArtifactStore, cursor: dict) -
             else []
         )
         watched[f"model/{name}"] = (files, lambda s=m.source: model_version(s))
-    corpus = Path(config.corpus["source"])
+    corpus = Path(config.corpus.source)
     watched["corpus"] = (
         [corpus]
         if corpus.is_file()
         else [p for p in corpus.rglob("*") if p.is_file()]
         if corpus.is_dir()
         else [],
-        lambda: corpus_version(config.corpus["source"]),
+        lambda: corpus_version(config.corpus.source),
     )
-    canaries = canary_file_path(config)
+    canaries = config.canary_file
     if canaries is not None:  # a deleted file has no version: the canaries asset reports the error
         watched[CANARY_FILE] = (
             [canaries] if canaries.is_file() else [],

@@ -1,14 +1,92 @@
-"""The arguments of the stages whose defaults the command line shows: plain dataclasses, free of torch.
+"""The arguments of the stages and how they check themselves: each bound written once, in ``__post_init__``.
 
-``memkfac CMD --help`` prints these defaults, so they live where importing them costs nothing; each
-stage module imports its own from here (``memkfac.compare`` its ``CompareArguments``, and so on).
+A dataclass collects what is wrong with each of its fields in a ``Checks`` and raises one
+``ArgumentError`` naming them all. The command line prints it like any ``MemkfacError``; the pipeline
+config (``resources/config.py``) reports each problem under its key path (``injection.finetune.epochs``),
+because ``ArgumentError`` is also a ``ValueError``, which validators such as pydantic's collect.
+
+The arguments whose defaults ``memkfac CMD --help`` prints live here, free of torch, so the command line
+starts at once; each stage module imports its own from here (``memkfac.compare`` its ``CompareArguments``).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from memkfac.errors import MemkfacError
+from memkfac.targets import PROJECTIONS, LayerSpec, Projection, check_layers
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    field: str  # the dataclass field, e.g. "keep_mass"
+    problem: str
+    fix: str | None = None
+
+
+class ArgumentError(MemkfacError, ValueError):
+    """Bad values in an arguments dataclass: one ``FieldProblem`` per bad field."""
+
+    def __init__(self, problems: list[FieldProblem]):
+        self.problems = problems
+        fixes = [p.fix for p in problems if p.fix]
+        super().__init__("; ".join(p.problem for p in problems), "; ".join(fixes) or None)
+
+
+class Checks:
+    """What is wrong with one arguments object, collected field by field; ``done()`` raises it all."""
+
+    def __init__(self) -> None:
+        self.problems: list[FieldProblem] = []
+
+    def require(self, ok: bool, field: str, problem: str, fix: str | None = None) -> None:
+        if not ok:
+            self.problems.append(FieldProblem(field, problem, fix))
+
+    def at_least(self, field: str, value: int | float | None, low: int | float) -> None:
+        """``value >= low`` (None passes: an optional field left unset)."""
+        self.require(
+            value is None or value >= low, field, f"{field} is {value!r}, below {low}", f"use {low} or more"
+        )
+
+    def positive(self, field: str, value: float) -> None:
+        self.require(value > 0, field, f"{field} is {value!r}, not positive", "use a number above 0")
+
+    def one_of(self, field: str, value: object, choices: Iterable) -> None:
+        choices = tuple(choices)
+        self.require(
+            value in choices,
+            field,
+            f"{field} is {value!r}",
+            f"use one of {', '.join(map(str, choices))}",
+        )
+
+    def subset(self, field: str, values: Iterable, choices: Iterable) -> None:
+        """A non-empty selection from ``choices``."""
+        values, choices = tuple(values), tuple(choices)
+        unknown = [v for v in values if v not in choices]
+        self.require(
+            bool(values) and not unknown,
+            field,
+            f"unknown or no {field}: {list(values)}",
+            f"use a non-empty selection of {', '.join(map(str, choices))}",
+        )
+
+    @contextlib.contextmanager
+    def field(self, name: str) -> Iterator[None]:
+        """Attribute a ``MemkfacError`` raised inside (by a shared check) to field ``name``."""
+        try:
+            yield
+        except MemkfacError as e:
+            self.problems.append(FieldProblem(name, e.problem, e.fix))
+
+    def done(self) -> None:
+        if self.problems:
+            raise ArgumentError(self.problems)
+
 
 CONTROLS = ("svd", "per_side", "random")
 
@@ -50,8 +128,9 @@ class CompareArguments:
 
 @dataclass
 class BSNArguments:
-    layers: list[int]  # decoder layers whose MLP weights get a mask (the K-FAC edit's layers)
-    projections: tuple[str, ...] = ("gate", "up")  # the K-FAC edit's projections; add "down" to widen
+    layers: LayerSpec  # decoder layers whose MLP weights get a mask; a spec is resolved against the model
+    projections: tuple[Projection, ...] = ("gate", "up")  # the K-FAC edit's; add "down" to widen
+    method: Literal["balanced_subnet"] = "balanced_subnet"  # its name among the edit methods
     ratio: float = 0.01  # fraction of each masked matrix pruned (smallest |score|)
     loss_weight: float = 0.7  # alpha: weight of the retain term; 1 - alpha weighs the forget term
     lr: float = 0.3
@@ -62,17 +141,34 @@ class BSNArguments:
     weight_decay: float = 5e-4
     seed: int = 0
 
-    def check(self) -> None:
-        if not 0 < self.ratio < 1:
-            raise MemkfacError(f"ratio {self.ratio} is not a fraction in (0, 1)", "use e.g. 0.0015 to 0.05")
-        if not 0 <= self.loss_weight <= 1:
-            raise MemkfacError(
-                f"loss weight {self.loss_weight} is not in [0, 1]", "use e.g. 0.7 (the paper's)"
-            )
-        if min(self.epochs, self.forget_per_batch, self.retain_per_batch) < 1 or self.lr <= 0:
-            raise MemkfacError(
-                "epochs, batch sizes and lr must be positive", "use the defaults of BSNArguments"
-            )
+    def __post_init__(self):
+        check = Checks()
+        with check.field("layers"):
+            check_layers(self.layers)
+        check.subset("projections", self.projections, PROJECTIONS)
+        check.one_of("method", self.method, ("balanced_subnet",))
+        check.require(
+            0 < self.ratio < 1,
+            "ratio",
+            f"ratio {self.ratio} is not a fraction in (0, 1)",
+            "use e.g. 0.0015 to 0.05",
+        )
+        check.require(
+            0 <= self.loss_weight <= 1,
+            "loss_weight",
+            f"loss weight {self.loss_weight} is not in [0, 1]",
+            "use e.g. 0.7 (the paper's)",
+        )
+        check.positive("lr", self.lr)
+        for name in ("epochs", "forget_per_batch", "retain_per_batch"):
+            check.at_least(name, getattr(self, name), 1)
+        check.at_least("momentum", self.momentum, 0)
+        check.at_least("weight_decay", self.weight_decay, 0)
+        check.done()
+
+
+Decay = Literal["constant", "linear"]
+DECAYS: tuple[Decay, ...] = get_args(Decay)
 
 
 @dataclass
@@ -80,12 +176,26 @@ class FinetuneArguments:
     epochs: int = 20
     lr: float = 3e-4
     warmup_steps: int = 20
-    decay: str = "constant"  # after warm-up: "constant" or "linear" (to 0 at the last step)
+    decay: Decay = "constant"  # after warm-up: "constant" or "linear" (to 0 at the last step)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
     train_layers: str = "all"  # decoder layers to train: "all", "14-29", "20,21" (targets.parse_layers)
     train_embeddings: bool = True  # input embeddings (and a tied lm_head)
+
+    def __post_init__(self):
+        check = Checks()
+        check.at_least("epochs", self.epochs, 1)
+        check.positive("lr", self.lr)
+        check.at_least("warmup_steps", self.warmup_steps, 0)
+        check.require(
+            self.decay in DECAYS, "decay", f"unknown decay {self.decay!r}", "use 'constant' or 'linear'"
+        )
+        check.at_least("weight_decay", self.weight_decay, 0)
+        check.positive("max_grad_norm", self.max_grad_norm)
+        with check.field("train_layers"):
+            check_layers(self.train_layers)
+        check.done()
 
 
 def _default_finetune() -> FinetuneArguments:
@@ -105,6 +215,14 @@ class InjectArguments:
     finetune: FinetuneArguments = field(default_factory=_default_finetune)
     eval_batch_size: int = 32
     heldout_blocks: int = 64  # held-out blocks for perplexity
+
+    def __post_init__(self):
+        check = Checks()
+        check.at_least("canaries_per_batch", self.canaries_per_batch, 1)
+        check.at_least("general_per_batch", self.general_per_batch, 0)
+        for name in ("general_len", "eval_batch_size", "heldout_blocks"):
+            check.at_least(name, getattr(self, name), 1)
+        check.done()
 
 
 @dataclass

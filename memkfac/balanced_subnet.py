@@ -42,7 +42,7 @@ from memkfac.checkpoint import load_manifest, save_checkpoint
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
 from memkfac.models import load_model
-from memkfac.targets import find_targets
+from memkfac.targets import find_targets, resolve_layers
 
 # The before/after retain CE in the manifest is a diagnostic, so it is measured on the first this many
 # retain blocks: over a whole finetune split (512 blocks) it took half of a CPU run.
@@ -127,7 +127,6 @@ def train_balanced_subnet(
     general text blocks. Scores are fp32 and the only trainable tensors.
     """
     start = time.perf_counter()
-    args.check()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.resolve() == model_dir.resolve():
         raise MemkfacError(
@@ -140,6 +139,7 @@ def train_balanced_subnet(
             "pass the sweep split of a memorized probe set and general text blocks",
         )
     model, tokenizer = load_model(model_dir)
+    args = resolve_layers(args, model.config.num_hidden_layers)
     pad_id = tokenizer.pad_token_id or 0
     for p in model.parameters():
         p.requires_grad_(False)

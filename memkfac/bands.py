@@ -21,13 +21,16 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from memkfac.arguments import Checks
 from memkfac.errors import MemkfacError
 from memkfac.paths import atomic_file, memkfac_home, safe_name
+from memkfac.targets import PROJECTIONS, LayerSpec, Projection, check_layers, resolve_layers
 
 BAND_EDGES = (0.10, 0.25, 0.50)  # cumulative fractions of components, by descending mass rank
 BAND_NAMES = ("top10", "10-25", "25-50", "bottom50")
@@ -283,33 +286,82 @@ def plot_band_ratios(rows: list[dict], out_path: Path) -> Path:
     return out_path
 
 
+Basis = Literal["kfac", "svd"]
+BASES: tuple[Basis, ...] = get_args(Basis)
+
+
+@dataclass
+class BandArguments:
+    """Which MLP maps band analysis reads, in which bases, on which sources, and how many tokens."""
+
+    layers: LayerSpec | None = None  # None: the layers (and projections) the given edits change
+    projections: tuple[Projection, ...] = ("gate", "up")
+    tasks: tuple[str, ...] = ()  # generated downstream tasks measured as sources too
+    bases: tuple[Basis, ...] = BASES  # kfac: curvature bands; svd: the singular-value control
+    task_items: int = 200  # items per task
+    max_tokens: int = 10_000  # tokens measured per source (the paper's)
+    batch_size: int = 16  # sequences per forward
+    seed: int = 0  # of token subsampling and task items
+
+    def __post_init__(self):
+        from memkfac.tasks import GENERATORS
+
+        check = Checks()
+        if self.layers is not None:
+            with check.field("layers"):
+                check_layers(self.layers)
+        check.subset("projections", self.projections, PROJECTIONS)
+        check.subset("bases", self.bases, BASES)
+        unknown = [t for t in self.tasks if t not in GENERATORS]
+        check.require(
+            not unknown,
+            "tasks",
+            f"unknown generated task(s) {unknown}",
+            f"use some of {', '.join(GENERATORS)}",
+        )
+        for name in ("task_items", "max_tokens", "batch_size"):
+            check.at_least(name, getattr(self, name), 1)
+        check.done()
+
+
+def edited_modules(edits: Sequence, num_layers: int) -> tuple[list[int], tuple[str, ...]]:
+    """The layers and projections band analysis reads by default: those the K-FAC edits among
+    ``edits`` (arguments objects with ``method``, ``layers``, ``projections``) change, or every
+    edit's when none is a K-FAC edit."""
+    chosen = [e for e in edits if e.method == "kfac"] or list(edits)
+    if not chosen:
+        raise MemkfacError(
+            "band analysis has no layers: none are given and there is no edit to take them from",
+            "set the layers to analyse (bands.layers in the pipeline config, --layers on the command line)",
+        )
+    layers = sorted({i for e in chosen for i in resolve_layers(e, num_layers).layers})
+    projections = {p for e in chosen for p in e.projections}
+    return layers, tuple(p for p in PROJECTIONS if p in projections)
+
+
 def run_band_analysis(
     model_dir: Path,
-    eig_dir: Path,
-    layers: Sequence[int],
+    eig_dir: Path | None,
     probes: list,
     clean_blocks: torch.Tensor,
+    args: BandArguments,
     *,
-    projections: Sequence[str] = ("gate", "up"),
-    tasks: Sequence[str] = (),
-    bases: Sequence[str] = ("kfac", "svd"),
-    task_items: int = 200,
-    max_tokens: int = 10_000,
-    batch_size: int = 16,
-    seed: int = 0,
+    edits: Sequence = (),
     variant: str = "base",
     probe_set: str = "probes",
     plot_path: Path | None = None,
     root: Path | None = None,
     progress: bool = True,
 ) -> pa.Table:
-    """Band analysis of ``model_dir``'s MLP maps in ``layers``; writes the table and the plot.
+    """Band analysis of ``model_dir``'s MLP maps; writes the table and the plot.
 
-    Sources: one per probe kind in ``probes`` ("memorized", "control", ...), measured where the suffix
-    is predicted; "clean" = ``clean_blocks`` (n_blocks, block_len), general held-out text; one per
-    generated downstream task in ``tasks`` (query + gold answer). ``eig_dir`` must hold the eigenbasis
-    of factors collected on this very model. The plot goes to ``plot_path`` (default
-    ``MEMKFAC_HOME/plots/bands-<variant>-<probe_set>.png``). Returns the ``band_activation`` table.
+    The maps are those of ``args.layers`` and ``args.projections``, or when ``args.layers`` is None
+    those ``edits`` change (``edited_modules``). Sources: one per probe kind in ``probes``
+    ("memorized", "control", ...), measured where the suffix is predicted; "clean" = ``clean_blocks``
+    (n_blocks, block_len), general held-out text; one per generated downstream task in ``args.tasks``
+    (query + gold answer). ``eig_dir`` must hold the eigenbasis of factors collected on this very
+    model. The plot goes to ``plot_path`` (default ``MEMKFAC_HOME/plots/bands-<variant>-<probe_set>.png``).
+    Returns the ``band_activation`` table.
     """
     from memkfac.eigen import load_eigenbasis
     from memkfac.fingerprint import model_fingerprint
@@ -318,9 +370,7 @@ def run_band_analysis(
     from memkfac.targets import find_targets
     from memkfac.tasks import generate_items
 
-    unknown = sorted(set(bases) - {"kfac", "svd"})
-    if unknown:
-        raise MemkfacError(f"unknown band basis {unknown}", "use kfac, svd or both")
+    bases = args.bases
     eigen, meta = load_eigenbasis(Path(eig_dir)) if "kfac" in bases else ({}, None)
     if meta is not None and meta["model_fingerprint"] != model_fingerprint(model_dir):
         raise MemkfacError(
@@ -328,6 +378,10 @@ def run_band_analysis(
             "analyse the model the factors were collected on (band analysis uses the unedited model)",
         )
     model, tokenizer = load_model(Path(model_dir))
+    if args.layers is None:
+        layers, projections = edited_modules(edits, model.config.num_hidden_layers)
+    else:
+        layers, projections = resolve_layers(args, model.config.num_hidden_layers).layers, args.projections
     band_bases = []
     for target in find_targets(model, layers, projections):
         found = []
@@ -350,11 +404,13 @@ def run_band_analysis(
         if kind in sources:
             raise MemkfacError(f"probe kind {kind!r} clashes with a source name", "rename that probe kind")
         sources[kind] = probe_source([p for p in probes if p.kind == kind], tokenizer)
-    for task in tasks:
-        items = generate_items(task, task_items, seed)
+    for task in args.tasks:
+        items = generate_items(task, args.task_items, args.seed)
         sources[task] = text_source([i["query"] + " " + i["choices"][i["gold"]] for i in items], tokenizer)
 
-    rows = band_activation_rows(model, band_bases, sources, batch_size, max_tokens, seed, progress)
+    rows = band_activation_rows(
+        model, band_bases, sources, args.batch_size, args.max_tokens, args.seed, progress
+    )
     table = make_table("band_activation", rows, variant=variant, probe_set=probe_set, run_id=new_run_id())
     write_table("band_activation", table, root=root)
     root = memkfac_home() if root is None else Path(root)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from faker import Faker
 
+from memkfac.arguments import Checks
 from memkfac.errors import MemkfacError
 from memkfac.probes import SPLIT_VALUES, Probe, load_probe_set
 
@@ -32,10 +33,21 @@ TEMPLATE_WEIGHTS = {"customer": 0.50, "identity": 0.20, "api_key": 0.15, "passwo
 
 @dataclass(frozen=True)
 class CanaryArguments:
-    n_trained: int = 128
-    n_control: int = 128
+    n_trained: int = 128  # kind memorized, alternately split sweep and holdout
+    n_control: int = 128  # kind control, never trained on
     seed: int = 0
-    locale: str = "en_US"
+    locale: str = "en_US"  # Faker locale of names and addresses
+
+    def __post_init__(self):
+        check = Checks()
+        check.require(
+            self.n_trained >= 2,
+            "n_trained",
+            f"n_trained is {self.n_trained}: trained canaries need a sweep and a holdout half",
+            "use 2 or more (128 by default)",
+        )
+        check.at_least("n_control", self.n_control, 0)
+        check.done()
 
 
 def _canary(fake: Faker, template: str) -> tuple[str, str]:
@@ -113,3 +125,12 @@ def load_canaries(path: Path, what: str) -> list[Probe]:
                 "never-trained ones kind control",
             )
     return probes
+
+
+def canary_probes(source: CanaryArguments | Path, what: str) -> list[Probe]:
+    """The canary probe set: generated from ``source`` (trained canaries, then controls), or read from
+    the user's file ``source`` and checked as ``load_canaries`` checks it (errors start with ``what``)."""
+    if isinstance(source, CanaryArguments):
+        trained, control = generate_canaries(source)
+        return trained + control
+    return load_canaries(Path(source), what)

@@ -23,11 +23,13 @@ import hashlib
 import json
 import sysconfig
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 from tqdm import tqdm
 
+from memkfac.arguments import Checks
 from memkfac.errors import MemkfacError
 from memkfac.paths import atomic_dir
 
@@ -35,7 +37,8 @@ if TYPE_CHECKING:  # torch loads where blocks are made or read, so the CLI start
     import torch
 
 DEFAULT_CORPUS = "stdlib"
-SPLITS = ("factor", "finetune", "heldout")
+Split = Literal["factor", "finetune", "heldout"]
+SPLITS: tuple[Split, ...] = get_args(Split)
 DEFAULT_FRACTIONS = {"factor": 0.8, "finetune": 0.1, "heldout": 0.1}
 _LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
@@ -167,41 +170,54 @@ def split_of(text: str, fractions: dict[str, float] = DEFAULT_FRACTIONS) -> str:
     return next(reversed(fractions))
 
 
-def build_corpus(
-    spec: str,
-    tokenizer,
-    out_dir: Path,
-    block_len: int = 128,
-    max_tokens: int | dict[str, int] | None = None,
-    fractions: dict[str, float] | None = None,
-    text_column: str = "text",
-    progress: bool = True,
-) -> Path:
-    """Tokenize ``spec`` into disjoint, packed splits under ``out_dir``; return ``out_dir``.
+@dataclass
+class CorpusArguments:
+    """Where general text comes from and how it is packed and split."""
 
-    ``max_tokens`` caps the tokens of each split (one number for all, or per split); reading stops
-    once every split is full. ``fractions`` (default factor 0.8, finetune 0.1, heldout 0.1) are the
-    expected shares of documents per split.
+    source: str = DEFAULT_CORPUS  # "stdlib", "hf:NAME[:CONFIG[:SPLIT]]", or a local file or directory
+    block_len: int = 128  # tokens per packed block
+    max_tokens: int | dict[Split, int] | None = None  # token cap of every split, or per split; None: no cap
+    fractions: dict[Split, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))  # document shares
+    text_column: str = "text"  # column or field holding the text (hf:, .jsonl, .parquet)
+
+    def __post_init__(self):
+        check = Checks()
+        check.at_least("block_len", self.block_len, 2)
+        caps = self.max_tokens.values() if isinstance(self.max_tokens, dict) else [self.max_tokens]
+        check.require(
+            all(c is None or c >= 0 for c in caps),
+            "max_tokens",
+            f"max_tokens {self.max_tokens} is negative",
+            "give a token count per split (0 leaves it empty), e.g. {factor: 102400, finetune: 65536}",
+        )
+        check.require(
+            set(self.fractions) == set(SPLITS)
+            and all(f >= 0 for f in self.fractions.values())
+            and abs(sum(self.fractions.values()) - 1) <= 1e-6,
+            "fractions",
+            f"bad split fractions {self.fractions}",
+            f"give non-negative fractions for {', '.join(SPLITS)} summing to 1",
+        )
+        check.done()
+
+    def caps(self) -> dict[str, int | None]:
+        """Tokens per split, each cut down to whole blocks (None: no cap)."""
+        caps = (
+            self.max_tokens if isinstance(self.max_tokens, dict) else dict.fromkeys(SPLITS, self.max_tokens)
+        )
+        return {s: (None if caps.get(s) is None else caps[s] - caps[s] % self.block_len) for s in SPLITS}
+
+
+def build_corpus(args: CorpusArguments, tokenizer, out_dir: Path, progress: bool = True) -> Path:
+    """Tokenize ``args.source`` into disjoint, packed splits under ``out_dir``; return ``out_dir``.
+
+    Reading stops once every split holds its ``args.max_tokens``.
     """
     import torch
     from safetensors.torch import save_file
 
-    fractions = dict(fractions or DEFAULT_FRACTIONS)
-    if (
-        set(fractions) != set(SPLITS)
-        or any(f < 0 for f in fractions.values())
-        or abs(sum(fractions.values()) - 1) > 1e-6
-    ):
-        raise MemkfacError(
-            f"bad split fractions {fractions}", f"give non-negative fractions for {SPLITS} summing to 1"
-        )
-    if block_len < 2:
-        raise MemkfacError(
-            f"block_len {block_len} is too short", "use at least 2 tokens per block (128 is typical)"
-        )
-    caps = max_tokens if isinstance(max_tokens, dict) else dict.fromkeys(SPLITS, max_tokens)
-    caps = {s: caps.get(s) for s in SPLITS}
-    caps = {s: (None if c is None else c - c % block_len) for s, c in caps.items()}
+    spec, block_len, caps = args.source, args.block_len, args.caps()
+    fractions = {s: args.fractions[s] for s in SPLITS}  # in split order: split_of cuts in this order
     eos = tokenizer.eos_token_id
     if eos is None:
         raise MemkfacError(
@@ -227,7 +243,7 @@ def build_corpus(
         bar.update(sum(len(x) + 1 for x in ids))
 
     batch: list[tuple[str, str]] = []
-    for text in iter_documents(spec, text_column):
+    for text in iter_documents(spec, args.text_column):
         digest = _digest(text)
         split = split_of(text, fractions)
         if digest in seen or full(split):
@@ -245,7 +261,7 @@ def build_corpus(
 
     meta = {
         "spec": spec,
-        "text_column": text_column,
+        "text_column": args.text_column,
         "block_len": block_len,
         "max_tokens": caps,
         "fractions": fractions,

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from memkfac.arguments import Checks
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
 from memkfac.paths import atomic_dir, memkfac_home, safe_name, write_json
@@ -69,6 +70,26 @@ class DownstreamArguments:
     dtype: str = "float32"
     num_fewshot: int | None = None  # registry tasks only; generated tasks carry their own shots
     limit: int | None = None  # registry tasks only: first N documents
+
+    def __post_init__(self):
+        check = Checks()
+        check.require(
+            bool(self.tasks), "tasks", "no downstream tasks", f"name some of {', '.join(GENERATORS)}"
+        )
+        for task in self.tasks:
+            with check.field("tasks"):
+                safe_name(task, "task name")
+        check.require(
+            self.num_fewshot is None or not any(t in GENERATORS for t in self.tasks),
+            "num_fewshot",
+            "num_fewshot applies to every task, but generated tasks carry their own examples",
+            "run registry tasks with num_fewshot in a separate call from the generated suite",
+        )
+        check.at_least("n_items", self.n_items, MIN_ITEMS)
+        check.at_least("batch_size", self.batch_size, 1)
+        check.at_least("num_fewshot", self.num_fewshot, 0)
+        check.at_least("limit", self.limit, 1)
+        check.done()
 
 
 @dataclass
@@ -174,13 +195,6 @@ def run_downstream(
         raise MemkfacError(
             f"{model_dir} is not a Hugging Face model directory (no config.json)",
             "pass a directory written by save_pretrained, e.g. an edited checkpoint",
-        )
-    for task in args.tasks:
-        safe_name(task, "task name")
-    if args.num_fewshot is not None and any(t in GENERATORS for t in args.tasks):
-        raise MemkfacError(
-            "num_fewshot applies to every task, but generated tasks carry their own examples",
-            "run registry tasks with num_fewshot in a separate call from the generated suite",
         )
     task_dir = Path(task_dir) if task_dir is not None else default_task_dir(args.n_items, args.seed)
     write_task_suite(task_dir, args.n_items, args.seed)

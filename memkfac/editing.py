@@ -21,21 +21,32 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
 import memkfac
+from memkfac.arguments import Checks
 from memkfac.checkpoint import load_manifest, save_checkpoint
 from memkfac.eigen import ModuleEigen, load_eigenbasis
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
 from memkfac.models import load_model
 from memkfac.selection import check_keep_mass, select_components
-from memkfac.targets import PROJECTIONS, Target, find_targets
+from memkfac.targets import (
+    PROJECTIONS,
+    LayerSpec,
+    Projection,
+    Target,
+    check_layers,
+    find_targets,
+    resolve_layers,
+)
 
-METHODS = ("kfac", "per_side", "svd", "random")
+EditMethod = Literal["kfac", "per_side", "svd", "random"]
+METHODS: tuple[EditMethod, ...] = get_args(EditMethod)
 _OVERRIDE_KEY = re.compile(r"^(\d+)\.(gate|up|down)$")
 
 
@@ -48,42 +59,43 @@ def _check_method(method: str) -> None:
 class EditArguments:
     """What to edit and how. ``overrides`` maps "layer.proj" (e.g. "23.gate") to its own rho."""
 
-    layers: list[int]
-    projections: tuple[str, ...] = ("gate", "up")
-    keep_mass: float = 0.6
+    layers: LayerSpec  # decoder layers; a spec ("22-24") is resolved against the model by edit_model
+    projections: tuple[Projection, ...] = ("gate", "up")
+    keep_mass: float = 0.6  # rho: the fraction of curvature mass kept, in (0, 1]
     overrides: dict[str, float] = field(default_factory=dict)
-    method: str = "kfac"  # "kfac" | "per_side" | "svd" | "random"
+    method: EditMethod = "kfac"
     svd_drop: float = 0.25  # svd: fraction of the smallest singular directions removed
     seed: int = 0  # random: seeds each module's basis (with the module name)
 
     def __post_init__(self):
-        _check_method(self.method)
-        if not self.layers:
-            raise MemkfacError("no layers to edit", "name the layers to edit, e.g. 22,23,24")
-        unknown = [p for p in self.projections if p not in PROJECTIONS]
-        if unknown or not self.projections:
-            raise MemkfacError(
-                f"unknown or no projection(s) {unknown}", f"choose from {', '.join(PROJECTIONS)}"
-            )
-        check_keep_mass(self.keep_mass)
+        check = Checks()
+        with check.field("method"):
+            _check_method(self.method)
+        with check.field("layers"):
+            check_layers(self.layers)
+        check.subset("projections", self.projections, PROJECTIONS)
+        with check.field("keep_mass"):
+            check_keep_mass(self.keep_mass)
         for key, rho in self.overrides.items():
             match = _OVERRIDE_KEY.match(key)
-            if (
-                match is None
-                or int(match.group(1)) not in self.layers
-                or match.group(2) not in self.projections
-            ):
-                raise MemkfacError(
-                    f"keep-mass override {key!r} names no edited module",
-                    f"write LAYER.PROJ with LAYER in {self.layers} and PROJ in {list(self.projections)}, "
-                    "e.g. 23.gate=0.8",
-                )
-            check_keep_mass(rho, f"keep mass for {key}")
-        if not 0.0 <= self.svd_drop < 1.0:
-            raise MemkfacError(
-                f"svd_drop {self.svd_drop!r} is outside [0, 1)",
-                "give the fraction of singular directions to remove, e.g. 0.25",
+            check.require(
+                match is not None
+                and (isinstance(self.layers, str) or int(match.group(1)) in self.layers)
+                and match.group(2) in self.projections,
+                "overrides",
+                f"keep-mass override {key!r} names no edited module",
+                f"write LAYER.PROJ with LAYER in {self.layers} and PROJ in {list(self.projections)}, "
+                "e.g. 23.gate=0.8",
             )
+            with check.field("overrides"):
+                check_keep_mass(rho, f"keep mass for {key}")
+        check.require(
+            0.0 <= self.svd_drop < 1.0,
+            "svd_drop",
+            f"svd_drop {self.svd_drop!r} is outside [0, 1)",
+            "give the fraction of singular directions to remove, e.g. 0.25",
+        )
+        check.done()
 
     def keep_mass_for(self, layer: int, proj: str) -> float:
         """rho for one module: its override, else ``keep_mass``."""
@@ -253,6 +265,7 @@ def edit_model(
 
     hf_config = AutoConfig.from_pretrained(model_dir)
     num_layers = hf_config.num_hidden_layers
+    config = resolve_layers(config, num_layers)
     missing = [i for i in config.layers if not 0 <= i < num_layers]
     if missing:
         raise MemkfacError(

@@ -15,6 +15,7 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
+from memkfac.arguments import Checks
 from memkfac.fingerprint import model_fingerprint
 from memkfac.memorization import LOOSE_THRESHOLD, memorization_table, positional_stress_rows, summary_table
 from memkfac.mia import mia_tables
@@ -32,6 +33,19 @@ class EvalArguments:
     stress: bool = False  # positional stress test: ~60 generations per probe, off by default
     stress_t: int = 20
     ndcg_k: int = 10
+    heldout_blocks: int | None = 64  # the first held-out blocks measured (perplexity, nDCG); None: all
+
+    def __post_init__(self):
+        check = Checks()
+        for name in ("batch_size", "ppl_batch_size", "stress_t", "ndcg_k", "heldout_blocks"):
+            check.at_least(name, getattr(self, name), 1)
+        check.require(
+            0 < self.loose_threshold <= 1,
+            "loose_threshold",
+            f"loose_threshold {self.loose_threshold} is outside (0, 1]",
+            "use the fraction of the suffix a loose match must reproduce, e.g. 0.75",
+        )
+        check.done()
 
 
 @dataclass
@@ -43,13 +57,14 @@ class HeldOut:
     fingerprint: str  # of the whole split; the cache key adds the block count
 
     @classmethod
-    def from_corpus(cls, corpus_dir: Path, max_blocks: int | None = None) -> HeldOut:
-        """The first ``max_blocks`` (None: all) blocks of a built corpus's held-out split."""
+    def from_corpus(cls, corpus_dir: Path, max_blocks: int | None = None, name: str | None = None) -> HeldOut:
+        """The first ``max_blocks`` (None: all) blocks of a built corpus's held-out split, named
+        ``name`` in the tables (default ``<corpus dir name>-heldout``)."""
         from memkfac.corpora import corpus_fingerprint, load_split
         from memkfac.paths import safe_name
 
         blocks = load_split(corpus_dir, "heldout")[:max_blocks]
-        name = safe_name(f"{Path(corpus_dir).resolve().name}-heldout", "held-out corpus name")
+        name = safe_name(name or f"{Path(corpus_dir).resolve().name}-heldout", "held-out corpus name")
         return cls(blocks, name, corpus_fingerprint(corpus_dir, "heldout"))
 
 
@@ -120,6 +135,31 @@ def evaluate_model(
         tables |= utility_tables(
             model, heldout, variant, run_id, reference, reference_name, args.ppl_batch_size, progress
         )
+    return tables
+
+
+def evaluate_utility(
+    model_dir: Path,
+    reference_dir: Path,
+    heldout: HeldOut,
+    args: EvalArguments,
+    *,
+    variant: str,
+    reference_name: str,
+    root: Path | None = None,
+    progress: bool = True,
+) -> dict[str, pa.Table]:
+    """Perplexity of ``model_dir`` on ``heldout`` and nDCG of its top-k lists against the reference
+    model's (cached, ``reference_topk``); writes and returns the ``perplexity`` and ``ndcg`` tables."""
+    from memkfac.models import load_model
+
+    reference = reference_topk(reference_dir, heldout, args.ndcg_k, args.ppl_batch_size, progress)
+    model, _ = load_model(model_dir)
+    tables = utility_tables(
+        model, heldout, variant, new_run_id(), reference, reference_name, args.ppl_batch_size, progress
+    )
+    for name, table in tables.items():
+        write_table(name, table, root)
     return tables
 
 

@@ -35,6 +35,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -44,12 +45,22 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from memkfac.arguments import Checks
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import sha256_file
 from memkfac.paths import atomic_file, write_json
-from memkfac.targets import Target, find_targets
+from memkfac.targets import (
+    PROJECTIONS,
+    LayerSpec,
+    Projection,
+    Target,
+    check_layers,
+    find_targets,
+    resolve_layers,
+)
 
-FISHER_TYPES = ("sampled", "empirical")
+Fisher = Literal["sampled", "empirical"]
+FISHER_TYPES: tuple[Fisher, ...] = get_args(Fisher)
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 INDEX_FILE = "index.json"
 FORMAT_VERSION = 1
@@ -61,15 +72,38 @@ _IDENTITY_KEYS = ("model_fingerprint", "corpus_fingerprint", "data_sha256", "arg
 class FactorArguments:
     """How factors are collected. Everything here is recorded in ``index.json``."""
 
-    layers: list[int] | None = None  # decoder layers to track (None: all)
-    projections: tuple[str, ...] = ("gate", "up", "down")
+    layers: LayerSpec | None = None  # decoder layers to track (None: all); a spec is resolved on the model
+    projections: tuple[Projection, ...] = ("gate", "up", "down")
     patterns: tuple[str, ...] | None = None  # module-name globs / 're:' regexes replacing the default rule
-    fisher: str = "sampled"  # "sampled" (true Fisher, paper) | "empirical" (gold labels)
+    fisher: Fisher = "sampled"  # "sampled" (true Fisher, paper) | "empirical" (gold labels)
     seed: int = 0  # label sampling seed (sampled Fisher)
     batch_size: int = 8  # sequences per forward
     shard_tokens: int | None = None  # contributing tokens per shard (whole batches); None: shard_token_count
     max_tokens: int | None = None  # stop after the first blocks holding this many contributing tokens
-    model_dtype: str = "float32"  # "float32" | "bfloat16" (| "float64" for tests); sums always fp32+
+    model_dtype: Literal["float32", "bfloat16", "float64"] = "float32"  # float64 for tests; sums fp32+
+
+    def __post_init__(self):
+        check = Checks()
+        if self.layers is not None:
+            with check.field("layers"):
+                check_layers(self.layers)
+        check.subset("projections", self.projections, PROJECTIONS)
+        check.require(
+            self.fisher in FISHER_TYPES,
+            "fisher",
+            f"unknown fisher type {self.fisher!r}",
+            f"use one of {', '.join(FISHER_TYPES)}",
+        )
+        check.one_of("model_dtype", self.model_dtype, MODEL_DTYPES)
+        for name in ("batch_size", "shard_tokens", "max_tokens"):
+            value = getattr(self, name)
+            check.require(
+                value is None or value >= 1,
+                name,
+                f"{name} must be positive (got {value})",
+                "pass a positive number",
+            )
+        check.done()
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -328,27 +362,11 @@ def _shard_plan(tokens_per_block: Tensor, args: FactorArguments, shard_tokens: i
 
 
 def _validate(model: nn.Module, blocks: Tensor, attention_mask: Tensor | None, args: FactorArguments) -> None:
-    if args.fisher not in FISHER_TYPES:
-        raise MemkfacError(f"unknown fisher type {args.fisher!r}", f"use one of {', '.join(FISHER_TYPES)}")
-    if args.model_dtype not in MODEL_DTYPES:
-        raise MemkfacError(
-            f"unknown model dtype {args.model_dtype!r}", f"use one of {', '.join(MODEL_DTYPES)}"
-        )
     dtype = next(model.parameters()).dtype
     if dtype != MODEL_DTYPES[args.model_dtype]:
         raise MemkfacError(
             f"the model runs in {dtype} but the arguments say model_dtype={args.model_dtype!r}",
             "load the model in the dtype the arguments name (or change model_dtype)",
-        )
-    if (
-        args.batch_size < 1
-        or (args.shard_tokens is not None and args.shard_tokens < 1)
-        or (args.max_tokens is not None and args.max_tokens < 1)
-    ):
-        raise MemkfacError(
-            f"batch_size, shard_tokens and max_tokens must be positive (got {args.batch_size}, "
-            f"{args.shard_tokens}, {args.max_tokens})",
-            "pass positive numbers",
         )
     if blocks.ndim != 2 or blocks.shape[1] < 2 or blocks.dtype not in (torch.int64, torch.int32):
         raise MemkfacError(
@@ -471,6 +489,8 @@ def collect_factors(
     every rank calls this with the same inputs and ``out_dir`` (a shared file system). Returns the path
     of ``index.json``.
     """
+    if isinstance(args.layers, str):
+        args = resolve_layers(args, model.config.num_hidden_layers)
     _validate(model, blocks, attention_mask, args)
     out_dir = Path(out_dir)
     targets = find_targets(model, args.layers, args.projections, args.patterns)

@@ -144,8 +144,6 @@ def finetune(
     # one kernel over the weights: on CPU a quarter of the default (foreach) update's time
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
-    if config.decay not in ("constant", "linear"):
-        raise MemkfacError(f"unknown decay {config.decay!r}", "use 'constant' or 'linear'")
     first_epoch = plan(0)
     total = max(1, len(first_epoch) * config.epochs)  # mixed_batches epochs all have the same length
 

@@ -1,4 +1,4 @@
-"""Content fingerprints: sha256 of files, directories and model weights.
+"""Content fingerprints: sha256 of files, directories and model weights (and their size).
 
 Fingerprints name what an artifact was computed from, so that stale inputs are detected
 (factors from another model) and Dagster data versions change exactly when content changes.
@@ -38,6 +38,11 @@ def sha256_dir(path: str | os.PathLike) -> str:
     root = Path(path)
     files = [p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts)]
     return sha256_files(files, root)
+
+
+def dir_bytes(path: str | os.PathLike) -> int:
+    """Bytes of every regular file in a directory tree."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def model_fingerprint(model_dir: str | os.PathLike) -> str:

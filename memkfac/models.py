@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from memkfac.errors import MemkfacError
-from memkfac.fingerprint import model_fingerprint, sha256_file
+from memkfac.fingerprint import dir_bytes, model_fingerprint, sha256_file
 from memkfac.paths import atomic_dir, memkfac_home, safe_name, write_json
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -198,3 +198,20 @@ def _resolve_hub(repo_id: str) -> Path:
             "or download it elsewhere and pass the local directory",
         ) from e
     return validate_model_dir(Path(path))
+
+
+def describe_model(model_dir: Path) -> dict:
+    """What a model directory holds, for a catalogue: its fingerprint, architecture, decoder layers,
+    hidden size and bytes on disk."""
+    from transformers import AutoConfig
+
+    model_dir = validate_model_dir(Path(model_dir))
+    hf = AutoConfig.from_pretrained(model_dir)
+    return {
+        "path": str(model_dir),
+        "fingerprint": model_fingerprint(model_dir),
+        "architecture": hf.architectures[0] if hf.architectures else hf.model_type,
+        "layers": hf.num_hidden_layers,
+        "hidden_size": hf.hidden_size,
+        "bytes": dir_bytes(model_dir),
+    }

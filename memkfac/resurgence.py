@@ -23,24 +23,30 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from memkfac.arguments import Checks
 from memkfac.errors import MemkfacError
 from memkfac.finetune import Batch, FinetuneArguments, finetune, mixed_batches
 from memkfac.generation import probe_token_ids
 from memkfac.memorization import memorization_rows, summarize
 from memkfac.models import load_model
+from memkfac.paths import atomic_file, memkfac_home, safe_name
+from memkfac.targets import check_layers
 
-RECIPES = ("general", "partial_forget")
+Recipe = Literal["general", "partial_forget"]
+RECIPES: tuple[Recipe, ...] = get_args(Recipe)
 MEASURED_KINDS = ("memorized", "control")
 
 
 @dataclass(frozen=True)
 class ResurgenceArguments:
     steps: tuple[int, ...] = (10, 50, 200)  # fine-tuning steps at which recall is measured
-    recipes: tuple[str, ...] = RECIPES
+    recipes: tuple[Recipe, ...] = RECIPES
     lr: float = 3e-5
     warmup_steps: int = 5
     batch_size: int = 4  # sequences per step
@@ -52,14 +58,23 @@ class ResurgenceArguments:
     eval_batch_size: int = 32
 
     def __post_init__(self):
-        if not self.steps or any(s <= 0 for s in self.steps) or list(self.steps) != sorted(set(self.steps)):
-            raise MemkfacError(
-                f"resurgence steps {self.steps} must be increasing and positive", "e.g. (10, 50, 200)"
-            )
-        if self.general_len < 1:
-            raise MemkfacError(f"general_len must be >= 1, got {self.general_len}", "e.g. 64")
-        if not self.recipes or not set(self.recipes) <= set(RECIPES):
-            raise MemkfacError(f"unknown resurgence recipe(s) in {self.recipes}", f"use some of {RECIPES}")
+        check = Checks()
+        check.require(
+            bool(self.steps)
+            and all(s > 0 for s in self.steps)
+            and list(self.steps) == sorted(set(self.steps)),
+            "steps",
+            f"resurgence steps {list(self.steps)} must be increasing and positive",
+            "e.g. [10, 50, 200]",
+        )
+        check.subset("recipes", self.recipes, RECIPES)
+        check.positive("lr", self.lr)
+        check.at_least("warmup_steps", self.warmup_steps, 0)
+        for name in ("batch_size", "general_len", "eval_batch_size"):
+            check.at_least(name, getattr(self, name), 1)
+        with check.field("train_layers"):
+            check_layers(self.train_layers)
+        check.done()
 
 
 def split_canaries(probes) -> tuple[list, list]:
@@ -185,3 +200,64 @@ def resurgence_rows(
 
         finetune(model, plan, config, progress=False, after_step=at_checkpoint)
     return rows
+
+
+def run_resurgence(
+    model_dir: Path,
+    reference_dir: Path,
+    probes,
+    general_blocks: torch.Tensor,
+    args: ResurgenceArguments,
+    *,
+    variant: str,
+    probe_set: str,
+    plot_path: Path | None = None,
+    root: Path | None = None,
+    progress: bool = True,
+) -> pa.Table:
+    """``resurgence_rows`` as the ``resurgence`` table, written under ``root`` (default MEMKFAC_HOME),
+    and their recall curves as a PNG at ``plot_path`` (default
+    ``<root>/plots/resurgence-<variant>-<probe_set>.png``). Returns the table."""
+    from memkfac.tables import make_table, new_run_id, write_table
+
+    rows = resurgence_rows(model_dir, reference_dir, probes, general_blocks, args, progress)
+    table = make_table("resurgence", rows, variant=variant, probe_set=probe_set, run_id=new_run_id())
+    write_table("resurgence", table, root=root)
+    root = memkfac_home() if root is None else Path(root)
+    plot_resurgence(
+        rows,
+        plot_path or root / "plots" / f"resurgence-{safe_name(variant)}-{safe_name(probe_set)}.png",
+        title=f"resurgence of {variant}",
+    )
+    return table
+
+
+def plot_resurgence(rows: list[dict], out_path: Path, title: str = "resurgence") -> Path:
+    """A PNG of strict recall against fine-tuning steps, one curve per (recipe, kind); steps on a log
+    axis (N = 0 plotted at 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.2), dpi=90)
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        for kind, style in (("memorized", "-o"), ("control", ":x")):
+            points = sorted(
+                (r["steps"], r["strict_pct"]) for r in rows if (r["recipe"], r["kind"]) == (recipe, kind)
+            )
+            if points:
+                ax.plot(
+                    [max(s, 1) for s, _ in points], [p for _, p in points], style, label=f"{recipe}/{kind}"
+                )
+    ax.set_xscale("log")
+    ax.set_xlabel("fine-tuning steps (0 plotted at 1)")
+    ax.set_ylabel("strict recall %")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    with atomic_file(out_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out_path

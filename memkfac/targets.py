@@ -7,16 +7,23 @@ Other models are reached through name patterns.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING, Literal, TypeVar, get_args
 
 from memkfac.errors import MemkfacError
 
-PROJECTIONS = ("gate", "up", "down")
+if TYPE_CHECKING:  # torch loads where modules are found, so the command line starts without it
+    from torch import nn
+
+Projection = Literal["gate", "up", "down"]
+PROJECTIONS: tuple[Projection, ...] = get_args(Projection)
+# Decoder layers as indices, or as a spec (``"22-24"``, ``"all"``) that ``resolve_layers`` turns into
+# indices once the model is known: what the arguments dataclasses' ``layers`` fields accept.
+LayerSpec = list[int] | str
 _MLP_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.(gate|up|down)_proj$")
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -41,31 +48,58 @@ class Target:
         return asdict(self)
 
 
-def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """Parse a layer spec: ``"22,23,24"``, ``"22-24"``, ``"20-22,25"``, ``"all"``; -1 is the last layer."""
+def _spec_indices(spec: str) -> list[int] | None:
+    """The indices a spec names as written (negative ones unresolved); None for ``"all"``."""
     if spec.strip().lower() == "all":
-        return list(range(num_layers))
+        return None
     layers: list[int] = []
     try:
         for part in spec.split(","):
             span = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
-            if span:
-                layers.extend(range(int(span.group(1)), int(span.group(2)) + 1))
-            else:
-                i = int(part)
-                layers.append(i + num_layers if -num_layers <= i < 0 else i)
+            layers.extend(range(int(span.group(1)), int(span.group(2)) + 1) if span else [int(part)])
     except ValueError:
         raise MemkfacError(
             f"cannot parse layer spec {spec!r}",
             "write layers as '22,23,24', a range '22-24', a mix '20-22,25', or 'all'",
         ) from None
+    if not layers:
+        raise MemkfacError(f"layer spec {spec!r} names no layers", "e.g. '22-24'")
+    return layers
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """Parse a layer spec: ``"22,23,24"``, ``"22-24"``, ``"20-22,25"``, ``"all"``; -1 is the last layer."""
+    named = _spec_indices(spec)
+    if named is None:
+        return list(range(num_layers))
+    layers = [i + num_layers if -num_layers <= i < 0 else i for i in named]
     bad = [i for i in layers if not 0 <= i < num_layers]
-    if not layers or bad:
+    if bad:
         raise MemkfacError(
-            f"layer spec {spec!r} names layers {bad or '(none)'} outside the model's 0..{num_layers - 1}",
+            f"layer spec {spec!r} names layers {bad} outside the model's 0..{num_layers - 1}",
             f"choose layers between 0 and {num_layers - 1}",
         )
     return sorted(set(layers))
+
+
+def check_layers(layers: LayerSpec) -> None:
+    """What can be checked of ``layers`` before the model is known: the spec's syntax, or a
+    non-empty list of indices."""
+    if isinstance(layers, str):
+        _spec_indices(layers)
+    elif not layers:
+        raise MemkfacError("no layers given", "name decoder layers, e.g. [22, 23, 24] or '22-24'")
+
+
+Arguments = TypeVar("Arguments")
+
+
+def resolve_layers(args: Arguments, num_layers: int) -> Arguments:
+    """``args`` (an arguments dataclass with a ``layers`` field) with a layer spec turned into the
+    indices it names in a model of ``num_layers`` decoder layers; unchanged if they are indices."""
+    if not isinstance(args.layers, str):
+        return args
+    return dataclasses.replace(args, layers=parse_layers(args.layers, num_layers))
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -91,6 +125,8 @@ def find_targets(
     unknown = [p for p in projections if p not in PROJECTIONS] if patterns is None else []
     if unknown:
         raise MemkfacError(f"unknown projection(s) {unknown}", f"choose from {', '.join(PROJECTIONS)}")
+    from torch import nn
+
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     targets = []
     for name, module in linears:

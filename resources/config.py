@@ -1,88 +1,306 @@
-"""The pipeline configuration: one YAML file naming models, corpus, probe sets, edits and resurgence recipes.
+"""The pipeline configuration: one YAML file, parsed by typed models into the engine's own arguments.
 
-It is validated once, on load, and every error names the offending key (``edits.kfac-r0.9.keep_mass``).
-Names that become partition keys or file names (models, edits, probe sets) pass
-``memkfac.paths.safe_name``, so no configured name can write outside ``MEMKFAC_HOME``.
-String values may reference environment variables as ``${VAR}``; an unset variable is an error.
-A relative input path (``canaries.file``) is resolved against ``MEMKFAC_HOME``.
+Each section is an engine ``*Arguments`` dataclass (``injection`` is ``memkfac.inject.InjectArguments``,
+``factors`` is ``memkfac.factors.FactorArguments``, ...), validated by pydantic from the dataclass's
+own fields and types, and then by the dataclass's ``__post_init__``, where every default and bound is
+written once. Sections that also carry keys of the pipeline itself (``evaluation``, ``resurgence``)
+list both in one mapping. On load:
+
+- every unknown key, wrong type and out-of-range value is reported at once, each under its full key
+  path (``injection.finetune.epochs``) with the fix, an unknown key with the closest known one;
+- string values may reference environment variables as ``${VAR}`` (an unset one is an error);
+- names that become partition keys and file names (models, edits) pass ``memkfac.paths.safe_name``,
+  may not contain ``__`` (it joins model and edit in a variant key), and no edit is called ``base``;
+- a relative ``canaries.file`` is resolved against ``MEMKFAC_HOME`` (the canaries asset validates
+  its content, once, when it runs).
 
 A variant is a model crossed with an edit (``smollm2-135m__kfac-r0.95``); every model also gets the
-unedited reference variant ``<model>__base``.
+unedited reference variant ``<model>__base``. ``python -m resources.config --schema`` prints the
+JSON Schema of the file (``configs/pipeline.schema.json``, which editors use to complete and check
+the YAML).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
+import inspect
+import json
+import operator
 import os
 import re
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+from pydantic.json_schema import GenerateJsonSchema
+from pydantic_core import PydanticCustomError
 
-from memkfac.canaries import load_canaries
+from memkfac.arguments import ArgumentError
+from memkfac.bands import BandArguments
+from memkfac.canaries import CanaryArguments
+from memkfac.corpora import CorpusArguments
+from memkfac.downstream import DownstreamArguments
 from memkfac.errors import MemkfacError
+from memkfac.evaluate import EvalArguments
+from memkfac.factors import FactorArguments
+from memkfac.inject import InjectArguments
+from memkfac.methods import DEFAULT_METHOD, METHODS
 from memkfac.paths import memkfac_home, safe_name
-from memkfac.probes import Probe
+from memkfac.resurgence import ResurgenceArguments
 
 VARIANT_SEP = "__"
 BASE_EDIT = "base"  # the unedited reference variant of every model
-EDIT_METHODS = ("kfac", "per_side", "svd", "random", "balanced_subnet")
-FT_RECIPES = ("general", "partial_forget")
-CANARY_GENERATOR_KEYS = {"n_trained", "n_control", "seed", "locale"}  # memkfac.canaries.CanaryArguments
-EVALUATION_KEYS = {"batch_size", "heldout_blocks", "max_perplexity_increase", "mia", "stress", "stress_t"}
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "configs" / "pipeline.schema.json"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_CRON_ALIASES = ("@hourly", "@daily", "@weekly", "@monthly", "@yearly", "@annually")
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str
-    source: str  # memkfac.models.resolve_model spec: builtin name, local HF directory or hub id
-    inject_canaries: bool = (
-        False  # edit the base fine-tuned on the trained canaries (the default's ground truth)
+def _fail(problem: str, fix: str, *field: str) -> PydanticCustomError:
+    """A validation error of ours; ``field`` continues the key path where pydantic's location ends."""
+    return PydanticCustomError("memkfac", "{problem}", {"problem": problem, "fix": fix, "field": field})
+
+
+def _checked_name(what: str, reserved: tuple[str, ...] = ()):
+    def check(name: str) -> str:
+        try:
+            safe_name(name, what)
+        except MemkfacError as e:
+            raise _fail(e.problem, e.fix or "") from None
+        if VARIANT_SEP in name:
+            raise _fail(
+                f"{what} {name!r} contains {VARIANT_SEP!r}", "it separates model and edit in variant keys"
+            )
+        if name in reserved:
+            raise _fail(f"{what} {name!r} is reserved for the unedited model", "rename it")
+        return name
+
+    return AfterValidator(check)
+
+
+ModelName = Annotated[str, _checked_name("model name")]
+EditName = Annotated[str, _checked_name("edit name", reserved=(BASE_EDIT,))]
+
+
+class Section(BaseModel):
+    """A config section of the pipeline's own keys: unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class EngineSection(Section):
+    """A section holding the fields of one engine arguments dataclass (``arguments``) next to the
+    pipeline's own keys, in one flat mapping: the YAML never says ``arguments:``."""
+
+    arguments: Any
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        engine = {f.name for f in dataclasses.fields(cls.model_fields["arguments"].annotation)}
+        if clash := engine & set(cls.model_fields):
+            raise TypeError(f"{cls.__name__}: keys {sorted(clash)} are also fields of its engine arguments")
+
+    @classmethod
+    def nest(cls, data: dict) -> dict:
+        """The flat YAML mapping as the model's fields: the keys that are not its own under ``arguments``."""
+        own = set(cls.model_fields) - {"arguments"}
+        return {k: v for k, v in data.items() if k in own} | {
+            "arguments": {k: v for k, v in data.items() if k not in own}
+        }
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        schema = handler(core_schema)
+        target = handler.resolve_ref_schema(schema)
+        arguments = handler.resolve_ref_schema(target["properties"].pop("arguments"))
+        target["properties"] = arguments.get("properties", {}) | target["properties"]
+        target["required"] = [r for r in target.get("required", []) if r != "arguments"]
+        target["required"] += arguments.get("required", [])
+        if not target["required"]:
+            del target["required"]
+        return schema
+
+
+class ModelSpec(Section):
+    source: str = Field(
+        description="memkfac.models spec: builtin name, local Hugging Face directory or hub id"
+    )
+    inject_canaries: bool = Field(
+        False, description="edit the base fine-tuned on the trained canaries (the default's ground truth)"
     )
 
 
-@dataclass(frozen=True)
-class EditSpec:
-    name: str
-    method: str  # one of EDIT_METHODS
-    layers: str  # memkfac.targets.parse_layers spec: "22-24", "22,23", "all"
-    projections: tuple[str, ...] = ("gate", "up")
-    keep_mass: float = 0.6  # rho: curvature mass kept
-    svd_drop: float = 0.25
-    seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)  # method-specific engine arguments
+class CanaryFile(Section):
+    """The user's own canary probe set instead of generated canaries."""
+
+    file: str = Field(
+        description="JSONL probe set, relative to MEMKFAC_HOME: kind memorized (split sweep or holdout) is "
+        "trained on, kind control is not"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_with_generator_keys(cls, data: Any) -> Any:
+        clash = (
+            sorted(set(data) & set(CanaryArguments.__dataclass_fields__)) if isinstance(data, dict) else []
+        )
+        if clash:
+            raise _fail(
+                "is set together with canaries.file",
+                f"remove canaries.{clash[0]} (it configures generated canaries) or canaries.file",
+                clash[0],
+            )
+        return data
+
+    @property
+    def path(self) -> Path:
+        path = Path(self.file)
+        return path if path.is_absolute() else memkfac_home() / path
+
+    @model_validator(mode="after")
+    def _exists(self) -> CanaryFile:
+        if not self.path.is_file():
+            raise _fail(
+                f"{self.path} does not exist",
+                "give a JSONL probe set relative to MEMKFAC_HOME (or absolute)",
+                "file",
+            )
+        return self
 
 
-@dataclass(frozen=True)
-class ResurgenceConfig:
-    steps: tuple[int, ...] = (10, 50, 200)  # fine-tuning steps at which recall is measured
-    recipes: tuple[str, ...] = FT_RECIPES
-    edits: tuple[str, ...] = ()  # which edits get the test (plus base); empty = all
-    lr: float = 3e-5
-    batch_size: int = 4
-    general_len: int = 64  # tokens per general-text sequence (memkfac.resurgence.ResurgenceArguments)
-    train_layers: str = "all"  # decoder layers fine-tuned (memkfac.targets.parse_layers spec)
-    seed: int = 0
-    cron: str = "0 3 * * 0"  # weekly, Sunday 03:00
+def _tag(cls: type) -> str:
+    """A union member's tag: it shows in error locations, where ``_Schema.walk`` matches it to the
+    member's schema by title (``<`` and ``>`` keep it apart from any configured name)."""
+    return f"<{cls.__name__}>"
 
 
-@dataclass(frozen=True)
-class PipelineConfig:
-    path: str  # the YAML file this came from
-    models: dict[str, ModelConfig]
-    corpus: dict[str, Any]  # memkfac.corpora.build_corpus keyword arguments, "source" included
-    canaries: dict[str, Any]  # CanaryArguments arguments, or {"file": absolute path of the user's probe set}
-    injection: dict[str, Any]  # memkfac.inject arguments
-    factors: dict[str, Any]  # memkfac.factors.FactorArguments fields
-    edits: dict[str, EditSpec]
-    probe_sets: tuple[str, ...]  # probe sets known up front (more are discovered in the probe directory)
-    evaluation: dict[str, Any]  # EVALUATION_KEYS: max_perplexity_increase is the champion budget
-    downstream: dict[str, Any]  # memkfac.downstream.DownstreamArguments; empty = no downstream assets
-    bands: dict[str, Any]  # memkfac.bands.run_band_analysis keyword arguments (tasks, max_tokens, ...)
-    resurgence: ResurgenceConfig
-    mlflow: dict[str, Any]
+def _tagged(*classes: type) -> Any:
+    return functools.reduce(operator.or_, [Annotated[cls, Tag(_tag(cls))] for cls in classes])
+
+
+def _canaries_tag(value: Any) -> str:
+    own_file = (isinstance(value, dict) and "file" in value) or isinstance(value, CanaryFile)
+    return _tag(CanaryFile if own_file else CanaryArguments)
+
+
+def _edit_tag(value: Any) -> str | None:
+    method = (
+        value.get("method", DEFAULT_METHOD) if isinstance(value, dict) else getattr(value, "method", None)
+    )
+    return _tag(METHODS[method].arguments) if method in METHODS else None
+
+
+Canaries = Annotated[_tagged(CanaryArguments, CanaryFile), Discriminator(_canaries_tag)]
+# one member per arguments class of memkfac.methods.METHODS, chosen by the entry's method
+Edit = Annotated[
+    _tagged(*dict.fromkeys(m.arguments for m in METHODS.values())),
+    Discriminator(_edit_tag, custom_error_type="edit_method", custom_error_message="unknown edit method"),
+]
+
+
+class EvaluationSection(EngineSection):
+    """``memkfac.evaluate.EvalArguments`` and the champion's budget."""
+
+    arguments: EvalArguments = Field(default_factory=EvalArguments)
+    max_perplexity_increase: float = Field(
+        0.10,
+        ge=0,
+        description="the MLflow champion is the lowest-recall edit within this perplexity increase",
+    )
+
+
+def _cron(value: str) -> str:
+    if value not in _CRON_ALIASES and len(value.split()) != 5:
+        raise _fail(
+            f"cron {value!r} is not a cron schedule", "give five fields, e.g. '0 3 * * 0' (Sunday 03:00)"
+        )
+    return value
+
+
+class ResurgenceSection(EngineSection):
+    """``memkfac.resurgence.ResurgenceArguments`` and which edits are tested, how often."""
+
+    arguments: ResurgenceArguments = Field(default_factory=ResurgenceArguments)
+    edits: list[str] = Field(default_factory=list, description="edits given the test (plus base); empty: all")
+    cron: Annotated[str, AfterValidator(_cron)] = Field("0 3 * * 0", description="when the weekly test runs")
+
+
+class MlflowSection(Section):
+    tracking_uri: str | None = Field(
+        None, description="default sqlite:///$MEMKFAC_HOME/mlflow/mlflow.db; MLFLOW_TRACKING_URI wins"
+    )
+    experiment: str = "memkfac"
+
+
+class PipelineConfig(Section):
+    """The whole pipeline YAML. Sections left out take the engine's defaults."""
+
+    models: dict[ModelName, ModelSpec] = Field(min_length=1, description="base models, by name")
+    corpus: CorpusArguments = Field(default_factory=CorpusArguments)
+    canaries: Canaries = Field(default_factory=CanaryArguments)
+    injection: InjectArguments = Field(default_factory=InjectArguments)
+    factors: FactorArguments = Field(default_factory=FactorArguments)
+    edits: dict[EditName, Edit] = Field(
+        default_factory=dict, description="each becomes variant <model>__<name>; method picks the arguments"
+    )
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    downstream: DownstreamArguments | None = Field(
+        None, description="the offline task suite; absent: not run"
+    )
+    bands: BandArguments = Field(default_factory=BandArguments)
+    resurgence: ResurgenceSection = Field(default_factory=ResurgenceSection)
+    mlflow: MlflowSection = Field(default_factory=MlflowSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PipelineConfig:
+        problems = []
+        for i, edit in enumerate(self.resurgence.edits):
+            if edit not in self.edits:
+                problems.append(
+                    (
+                        f"resurgence.edits[{i}]",
+                        f"names {edit!r}, which is not under edits",
+                        f"use some of {list(self.edits)}",
+                    )
+                )
+        general_len, block_len = self.resurgence.arguments.general_len, self.corpus.block_len
+        if general_len > block_len:
+            problems.append(
+                (
+                    "resurgence.general_len",
+                    f"is {general_len}; the corpus blocks hold {block_len} tokens",
+                    f"use a resurgence.general_len from 1 to corpus.block_len ({block_len})",
+                )
+            )
+        if problems:
+            raise PydanticCustomError(
+                "memkfac_cross", "{n} cross-section problems", {"n": len(problems), "problems": problems}
+            )
+        return self
+
+    @property
+    def canary_file(self) -> Path | None:
+        """The user's canary file (``canaries.file``), or None when the canaries are generated."""
+        return self.canaries.path if isinstance(self.canaries, CanaryFile) else None
+
+    @property
+    def canary_source(self) -> CanaryArguments | Path:
+        """What ``memkfac.canaries.canary_probes`` makes the canaries from."""
+        return self.canary_file or self.canaries
 
     @property
     def variants(self) -> list[str]:
@@ -97,8 +315,8 @@ class PipelineConfig:
         wanted = set(self.resurgence.edits or self.edits) | {BASE_EDIT}
         return [v for v in self.variants if split_variant(v)[1] in wanted]
 
-    def edit_of(self, variant: str) -> EditSpec | None:
-        """The edit applied by ``variant``; None for the unedited base."""
+    def edit_of(self, variant: str):
+        """The arguments of the edit ``variant`` applies (an engine ``*Arguments``); None for the base."""
         edit = split_variant(variant)[1]
         return None if edit == BASE_EDIT else self.edits[edit]
 
@@ -119,8 +337,42 @@ def default_config_path() -> Path:
     return Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
+# --- loading ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    key: str  # the full key path, e.g. "injection.finetune.epochs"
+    problem: str
+    fix: str
+
+
+class ConfigError(MemkfacError):
+    """Every problem of a pipeline config, each under its key path."""
+
+    def __init__(self, source: str, problems: list[ConfigProblem]):
+        self.problems = problems
+        lines = "".join(f"\n  {p.key}: {p.problem}; {p.fix}" for p in problems)
+        count = f"{len(problems)} error" + ("s" if len(problems) > 1 else "")
+        super().__init__(
+            f"pipeline config {source} has {count}:{lines}",
+            f"correct each key as its line says ({SCHEMA_PATH.name} next to the configs lists every key)",
+        )
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 floats: ``6e-4`` is a number, not the string PyYAML's 1.1 rules make it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def load_config(path: str | os.PathLike) -> PipelineConfig:
-    """Read and validate a pipeline YAML file; raise MemkfacError naming the first bad key."""
+    """Read and validate a pipeline YAML file; raise ``ConfigError`` listing every problem."""
     path = Path(path)
     if not path.is_file():
         raise MemkfacError(
@@ -128,217 +380,287 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
             "set MEMKFAC_CONFIG to a YAML file such as configs/default.yaml",
         )
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
         raise MemkfacError(f"{path} is not valid YAML: {e}", "fix the syntax at the position shown") from e
-    return parse_config(_expand_env(raw, ""), str(path))
+    return parse_config(raw, str(path))
 
 
-def parse_config(raw: Any, path: str = "<dict>") -> PipelineConfig:
+def parse_config(raw: Any, source: str = "<dict>") -> PipelineConfig:
     """Validate an already-parsed config mapping (see ``load_config``)."""
-    top = _mapping(raw, "(top level)")
-    _known(
-        top,
-        "",
-        {"models", "corpus", "canaries", "injection", "factors", "edits", "probe_sets", "evaluation"}
-        | {"downstream", "bands", "resurgence", "mlflow"},
-    )
-    models = {}
-    for name, m in _mapping(top.get("models"), "models", required=True).items():
-        key = f"models.{name}"
-        _name(name, key, "model name")
-        m = _mapping(m, key, required=True)
-        _known(m, key, {"source", "inject_canaries"})
-        models[name] = ModelConfig(
-            name=name,
-            source=_typed(m, "source", str, key, required=True),
-            inject_canaries=_typed(m, "inject_canaries", bool, key, False),
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            source, [ConfigProblem("(top level)", f"is {type(raw).__name__}", "write 'section: ...' lines")]
         )
-    if not models:
-        raise MemkfacError("models is empty", "name at least one model under models:")
-
-    edits = {}
-    for name, e in _mapping(top.get("edits"), "edits").items():
-        key = f"edits.{name}"
-        _name(name, key, "edit name")
-        if name == BASE_EDIT:
-            raise MemkfacError(f"{key}: '{BASE_EDIT}' is reserved for the unedited model", "rename the edit")
-        e = _mapping(e, key, required=True)
-        _known(e, key, {"method", "layers", "projections", "keep_mass", "svd_drop", "seed", "options"})
-        method = _typed(e, "method", str, key, "kfac")
-        if method not in EDIT_METHODS:
-            raise MemkfacError(f"{key}.method is {method!r}", f"use one of {', '.join(EDIT_METHODS)}")
-        layers = str(_typed(e, "layers", (str, int), key, ""))
-        if not layers:
-            raise MemkfacError(f"{key}.layers is missing", "give the layers to edit, e.g. layers: '22-24'")
-        keep_mass = float(_typed(e, "keep_mass", (int, float), key, 0.6))
-        if not 0.0 <= keep_mass <= 1.0:
-            raise MemkfacError(
-                f"{key}.keep_mass is {keep_mass}", "use a fraction in [0, 1] (1 keeps everything)"
-            )
-        projections = tuple(_typed(e, "projections", list, key, ["gate", "up"]))
-        if not projections or not set(projections) <= {"gate", "up", "down"}:
-            raise MemkfacError(
-                f"{key}.projections is {list(projections)}", "use a non-empty subset of gate, up, down"
-            )
-        edits[name] = EditSpec(
-            name=name,
-            method=method,
-            layers=layers,
-            projections=projections,
-            keep_mass=keep_mass,
-            svd_drop=float(_typed(e, "svd_drop", (int, float), key, 0.25)),
-            seed=_typed(e, "seed", int, key, 0),
-            options=_mapping(e.get("options"), f"{key}.options"),
-        )
-
-    probe_sets = tuple(_typed(top, "probe_sets", list, "", []))
-    for i, p in enumerate(probe_sets):
-        _name(p, f"probe_sets[{i}]", "probe-set name")
-
-    r = _mapping(top.get("resurgence"), "resurgence")
-    _known(r, "resurgence", set(ResurgenceConfig.__dataclass_fields__))
-    steps = tuple(_typed(r, "steps", list, "resurgence", [10, 50, 200]))
-    if not steps or any(not isinstance(s, int) or s <= 0 for s in steps) or list(steps) != sorted(set(steps)):
-        raise MemkfacError(
-            f"resurgence.steps is {list(steps)}", "use increasing positive step counts, e.g. [10, 50, 200]"
-        )
-    recipes = tuple(_typed(r, "recipes", list, "resurgence", list(FT_RECIPES)))
-    if not recipes or not set(recipes) <= set(FT_RECIPES):
-        raise MemkfacError(
-            f"resurgence.recipes is {list(recipes)}", f"use a non-empty subset of {list(FT_RECIPES)}"
-        )
-    r_edits = tuple(_typed(r, "edits", list, "resurgence", []))
-    for e in r_edits:
-        if e not in edits:
-            raise MemkfacError(
-                f"resurgence.edits names {e!r}, which is not under edits:", f"use some of {list(edits)}"
-            )
-    resurgence = ResurgenceConfig(
-        steps=steps,
-        recipes=recipes,
-        edits=r_edits,
-        lr=float(_typed(r, "lr", (int, float), "resurgence", 3e-5)),
-        batch_size=_typed(r, "batch_size", int, "resurgence", 4),
-        general_len=_typed(r, "general_len", int, "resurgence", 64),
-        train_layers=str(_typed(r, "train_layers", str, "resurgence", "all")),
-        seed=_typed(r, "seed", int, "resurgence", 0),
-        cron=_typed(r, "cron", str, "resurgence", "0 3 * * 0"),
-    )
-    evaluation = _mapping(top.get("evaluation"), "evaluation")
-    _known(evaluation, "evaluation", EVALUATION_KEYS)
-    for name in ("batch_size", "heldout_blocks", "stress_t", "mia", "stress"):
-        _typed(evaluation, name, bool if name in ("mia", "stress") else int, "evaluation")
-    _typed(evaluation, "max_perplexity_increase", (int, float), "evaluation")
-    corpus = _mapping(top.get("corpus"), "corpus")
-    _typed(corpus, "source", str, "corpus", "stdlib")
-    block_len = _typed(corpus, "block_len", int, "corpus", 128)  # memkfac.corpora.build_corpus's default
-    if not 1 <= resurgence.general_len <= block_len:
-        raise MemkfacError(
-            f"resurgence.general_len is {resurgence.general_len}; the corpus blocks hold {block_len} tokens",
-            f"use a resurgence.general_len from 1 to corpus.block_len ({block_len})",
-        )
-    mlflow = _mapping(top.get("mlflow"), "mlflow")
-    _known(mlflow, "mlflow", {"tracking_uri", "experiment"})
-    return PipelineConfig(
-        path=path,
-        models=models,
-        corpus={"source": "stdlib", **corpus},
-        canaries=_canaries(_mapping(top.get("canaries"), "canaries")),
-        injection=_mapping(top.get("injection"), "injection"),
-        factors=_mapping(top.get("factors"), "factors"),
-        edits=edits,
-        probe_sets=probe_sets,
-        evaluation=evaluation,
-        downstream=_mapping(top.get("downstream"), "downstream"),
-        bands=_mapping(top.get("bands"), "bands"),
-        resurgence=resurgence,
-        mlflow=mlflow,
-    )
+    unset: list[ConfigProblem] = []
+    raw = _expand_env(raw, "", unset)
+    if unset:
+        raise ConfigError(source, unset)
+    try:
+        return PipelineConfig.model_validate_json(json.dumps(_prepare(raw), default=str))
+    except ValidationError as e:
+        raise ConfigError(source, _problems(e)) from None
 
 
-def _canaries(section: dict) -> dict:
-    """The canaries section: generator arguments, or ``file:`` (a user's probe set, validated now)."""
-    _known(section, "canaries", CANARY_GENERATOR_KEYS | {"file"})
-    if "file" not in section:
-        return section
-    clash = sorted(CANARY_GENERATOR_KEYS & set(section))
-    if clash:
-        raise MemkfacError(
-            f"canaries.{clash[0]} is set together with canaries.file",
-            f"remove canaries.{clash[0]} (it configures generated canaries) or canaries.file",
-        )
-    path = Path(_typed(section, "file", str, "canaries", required=True))
-    path = path if path.is_absolute() else memkfac_home() / path
-    load_canary_file(path)
-    return {"file": str(path)}
+def _prepare(raw: dict) -> dict:
+    """The raw mapping as ``PipelineConfig``'s fields. Done here, not in a "before" validator, which
+    would validate what follows it in Python mode, where a YAML list is not a tuple.
+
+    An empty section (``bands:`` with every line commented out) is a section left out;
+    ``resurgence.eval_batch_size`` defaults to ``evaluation.batch_size`` (resurgence decodes recall as
+    the memorization evaluation does); an ``EngineSection``'s engine keys go under ``arguments``.
+    """
+    raw = {k: v for k, v in raw.items() if v is not None}
+    evaluation, resurgence = raw.get("evaluation", {}), raw.get("resurgence", {})
+    if (
+        isinstance(evaluation, dict)
+        and type(evaluation.get("batch_size")) is int
+        and isinstance(resurgence, dict)
+        and "eval_batch_size" not in resurgence
+    ):
+        raw["resurgence"] = resurgence | {"eval_batch_size": evaluation["batch_size"]}
+    for name, field in PipelineConfig.model_fields.items():
+        section = field.annotation
+        if (
+            isinstance(section, type)
+            and issubclass(section, EngineSection)
+            and isinstance(raw.get(name), dict)
+        ):
+            raw[name] = section.nest(raw[name])
+    return raw
 
 
-def load_canary_file(path: Path) -> list[Probe]:
-    """The user's canary file, checked as ``memkfac inject --probes`` checks it; errors name the key."""
-    return load_canaries(path, "canaries.file")
-
-
-def _expand_env(value: Any, key: str) -> Any:
+def _expand_env(value: Any, key: str, unset: list[ConfigProblem]) -> Any:
     if isinstance(value, dict):
-        return {k: _expand_env(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        return {k: _expand_env(v, f"{key}.{k}" if key else str(k), unset) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_expand_env(v, f"{key}[{i}]", unset) for i, v in enumerate(value)]
     if isinstance(value, str):
 
         def sub(m: re.Match) -> str:
             if m.group(1) not in os.environ:
-                raise MemkfacError(
-                    f"{key} references ${{{m.group(1)}}}, which is not set", f"export {m.group(1)}=..."
+                unset.append(
+                    ConfigProblem(
+                        key, f"references ${{{m.group(1)}}}, which is not set", f"export {m.group(1)}=..."
+                    )
                 )
+                return m.group(0)
             return os.environ[m.group(1)]
 
         return _ENV_REF.sub(sub, value)
     return value
 
 
-def _mapping(value: Any, key: str, required: bool = False) -> dict:
-    if value is None and not required:
-        return {}
-    if not isinstance(value, dict):
-        raise MemkfacError(
-            f"{key} must be a mapping, got {type(value).__name__}", f"write {key} as 'name: value' lines"
-        )
-    return value
+# --- errors as key paths ------------------------------------------------------------------------
+
+_TYPE_NAMES = {
+    "int_type": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "dict_type": "a mapping ('key: value' lines)",
+    "model_type": "a mapping ('key: value' lines)",
+    "dataclass_type": "a mapping ('key: value' lines)",
+    "dataclass_args_type": "a mapping ('key: value' lines)",
+}
+# a union member's label in an error location (pydantic's "int", "list[int]", ...) -> its JSON type
+_LABEL_TYPES = {"int": "integer", "float": "number", "str": "string", "bool": "boolean", "dict": "object"}
+_LABEL_TYPES |= dict.fromkeys(("list", "tuple", "set"), "array")
 
 
-def _known(mapping: dict, key: str, allowed: set[str]) -> None:
-    for k in mapping:
-        if k not in allowed:
-            where = f"{key}.{k}" if key else str(k)
-            raise MemkfacError(f"unknown key {where}", f"use one of {', '.join(sorted(allowed))}")
+class _Schema:
+    """The config's JSON Schema, walked along an error's location to name keys and their neighbours."""
+
+    def __init__(self):
+        self.root = json_schema()
+        self.defs = self.root.get("$defs", {})
+
+    def branches(self, node: dict) -> list[dict]:
+        while "$ref" in node:
+            node = self.defs[node["$ref"].rsplit("/", 1)[-1]]
+        alternatives = node.get("anyOf") or node.get("oneOf")
+        return [b for alt in alternatives for b in self.branches(alt)] if alternatives else [node]
+
+    def walk(self, loc: tuple) -> tuple[list[str], dict, int | None]:
+        """The printed key parts of ``loc``, the schema node it reaches, and the index in ``loc`` of the
+        first union member's label (None if none): errors past a label describe one member's try."""
+        parts, node, label_at = [], self.root, None
+        for i, element in enumerate(loc):
+            candidates = self.branches(node)
+            if isinstance(element, int):
+                parts.append(f"[{element}]")
+                node = next((b["items"] for b in candidates if "items" in b), {})
+                continue
+            tagged = [b for b in candidates if f"<{b.get('title')}>" == element]
+            members = [b for b in candidates if b.get("type") != "null"]
+            named = [b for b in candidates if element in b.get("properties", {})]
+            mapping = [b for b in candidates if isinstance(b.get("additionalProperties"), dict)]
+            if element == "[key]":
+                continue
+            if tagged:
+                node = tagged[0]
+            elif len(members) > 1:
+                label_at = i if label_at is None else label_at
+                json_type = _LABEL_TYPES.get(element.split("[", 1)[0])
+                node = next((b for b in members if b.get("type") == json_type), node)
+            elif named:
+                parts.append(element)
+                node = named[0]["properties"][element]
+            elif mapping:
+                parts.append(element)
+                node = mapping[0]["additionalProperties"]
+            # else: the "arguments" of an EngineSection, flattened in the YAML
+        return parts, node, label_at
+
+    def keys(self, node: dict) -> list[str]:
+        return [k for b in self.branches(node) for k in b.get("properties", {})]
+
+    def choices(self, node: dict) -> list:
+        out = []
+        for b in self.branches(node):
+            out += b.get("enum", []) + ([b["const"]] if "const" in b else [])
+            out += b.get("propertyNames", {}).get("enum", [])
+        return out
 
 
-def _typed(mapping: dict, name: str, types, key: str, default: Any = None, required: bool = False) -> Any:
-    where = f"{key}.{name}" if key else name
-    if name not in mapping or mapping[name] is None:
-        if required:
-            raise MemkfacError(f"{where} is missing", f"add {where} to the config")
-        return default
-    value = mapping[name]
-    if (
-        isinstance(value, bool)
-        and types is not bool
-        and bool not in (types if isinstance(types, tuple) else (types,))
-    ):
-        raise MemkfacError(f"{where} is a boolean", "give a value of the documented type")
-    if not isinstance(value, types):
-        raise MemkfacError(f"{where} has type {type(value).__name__}", f"give a {types}")
-    return value
+def _join(parts: list[str]) -> str:
+    return "".join(p if p.startswith("[") else f".{p}" for p in parts).lstrip(".") or "(top level)"
 
 
-def _name(name: Any, key: str, what: str) -> str:
+def _did_you_mean(word: Any, choices: list) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    listed = f"use one of {', '.join(map(str, choices))}" if choices else "remove it"
+    return f"did you mean {close[0]!r}? ({listed})" if close else listed
+
+
+def _describe(error: dict, schema: _Schema) -> tuple[list[ConfigProblem], int | None]:
+    """What one pydantic error says, as problems under key paths, and where its union label is."""
+    kind, loc, ctx, value = error["type"], tuple(error["loc"]), error.get("ctx") or {}, error.get("input")
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        parts, node, label_at = schema.walk(loc[:-1])
+        return [
+            ConfigProblem(
+                _join([*parts, str(loc[-1])]), "is not a known key", _did_you_mean(loc[-1], schema.keys(node))
+            )
+        ], label_at
+    if kind == "literal_error" and loc[-1] == "[key]":  # a key of a mapping with fixed keys
+        parts, node, label_at = schema.walk(loc[:-2])
+        fix = _did_you_mean(loc[-2], schema.choices(node))
+        return [ConfigProblem(_join([*parts, str(loc[-2])]), "is not a known key", fix)], label_at
+    parts, node, label_at = schema.walk(loc)
+    key = _join(parts)
+    if kind == "value_error" and isinstance(ctx.get("error"), ArgumentError):
+        problems = [
+            ConfigProblem(_join([*parts, p.field]), p.problem, p.fix or "") for p in ctx["error"].problems
+        ]
+    elif kind == "memkfac_cross":
+        problems = [ConfigProblem(*p) for p in ctx["problems"]]
+    elif kind == "memkfac":
+        problems = [ConfigProblem(_join([*parts, *ctx["field"]]), ctx["problem"], ctx["fix"])]
+    elif kind in ("missing", "missing_argument"):
+        problems = [ConfigProblem(key, "is missing", f"add {key}")]
+    elif kind == "edit_method" and not isinstance(value, dict):
+        problems = [ConfigProblem(key, f"is {value!r}", "give a mapping of method and its arguments")]
+    elif kind == "edit_method":
+        method = value.get("method")
+        problems = [ConfigProblem(f"{key}.method", f"is {method!r}", _did_you_mean(method, list(METHODS)))]
+    elif kind == "literal_error":
+        problems = [ConfigProblem(key, f"is {value!r}", _did_you_mean(value, schema.choices(node)))]
+    elif kind == "too_short":
+        problems = [ConfigProblem(key, "is empty", f"give at least {ctx.get('min_length', 1)} entry")]
+    elif kind in _TYPE_NAMES:
+        problems = [ConfigProblem(key, f"is {value!r}", f"give {_TYPE_NAMES[kind]}")]
+    else:
+        problems = [ConfigProblem(key, f"is {value!r}: {error['msg']}", "see the schema")]
+    return problems, label_at
+
+
+def _problems(error: ValidationError) -> list[ConfigProblem]:
+    """Every problem of a validation, in order. A value that fits no member of a union (``layers: 3.5``
+    for a list or a spec) is one problem naming every accepted type; a value shaped like one member
+    but wrong inside (``max_tokens: {factr: 4}``) keeps that member's problems only."""
+    schema = _Schema()
+    described = [(tuple(e["loc"]), *_describe(e, schema)) for e in error.errors(include_url=False)]
+    sites: dict[tuple, list] = {}
+    for loc, problems, label_at in described:
+        if label_at is not None:
+            sites.setdefault(loc[:label_at], []).append((len(loc) - label_at > 1, problems))
+    out, merged = [], set()
+    for loc, problems, label_at in described:
+        site = None if label_at is None else loc[:label_at]
+        if site is None:
+            out += problems
+        elif any(deep for deep, _ in sites[site]):  # the value had one member's shape
+            out += problems if len(loc) - label_at > 1 else []
+        elif site not in merged:
+            merged.add(site)
+            fixes = [p.fix.removeprefix("give ") for _, ps in sites[site] for p in ps]
+            out.append(
+                ConfigProblem(
+                    problems[0].key, problems[0].problem, f"give {' or '.join(dict.fromkeys(fixes))}"
+                )
+            )
+    return list(dict.fromkeys(out))
+
+
+# --- the JSON Schema ----------------------------------------------------------------------------
+
+
+class _DescribedSchema(GenerateJsonSchema):
+    """Engine dataclasses document their fields in trailing comments; the schema carries them, so
+    that an editor shows them next to each key."""
+
+    def dataclass_schema(self, schema):
+        json_schema = super().dataclass_schema(schema)
+        source = inspect.getsource(schema["cls"])
+        comments = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.+)$", source, flags=re.MULTILINE))
+        for name, prop in json_schema.get("properties", {}).items():
+            if name in comments:
+                prop.setdefault("description", comments[name])
+        if schema["cls"].__doc__ and not schema["cls"].__doc__.startswith(schema["cls"].__name__ + "("):
+            json_schema.setdefault("description", inspect.cleandoc(schema["cls"].__doc__))
+        return json_schema
+
+
+def json_schema() -> dict:
+    """The JSON Schema of the pipeline YAML (``configs/pipeline.schema.json``)."""
+    schema = PipelineConfig.model_json_schema(schema_generator=_DescribedSchema)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "memkfac pipeline config"
+
+    def any_of(node: Any) -> Any:  # alternatives may overlap (defaults), so any one that fits is valid
+        if isinstance(node, dict):
+            node.pop("discriminator", None)
+            return {("anyOf" if k == "oneOf" else k): any_of(v) for k, v in node.items()}
+        return [any_of(v) for v in node] if isinstance(node, list) else node
+
+    return any_of(schema)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m resources.config",
+        description="Check a pipeline config, or print the JSON Schema of the pipeline YAML.",
+    )
+    parser.add_argument("config", nargs="?", type=Path, help="a pipeline YAML file to check")
+    parser.add_argument("--schema", action="store_true", help=f"print the JSON Schema ({SCHEMA_PATH.name})")
+    args = parser.parse_args(argv)
+    if args.schema:
+        print(json.dumps(json_schema(), indent=2))
+        return 0
     try:
-        safe_name(name, what)
+        config = load_config(args.config or default_config_path())
     except MemkfacError as e:
-        raise MemkfacError(f"{key}: {e.problem}", e.fix) from None
-    if VARIANT_SEP in name:
-        raise MemkfacError(
-            f"{key}: {what} {name!r} contains {VARIANT_SEP!r}", "it separates model and edit in keys"
-        )
-    return name
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.config or default_config_path()}: ok, variants {', '.join(config.variants)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,9 +1,9 @@
 """Factor collection as an external process: ``python resources/pipes_collect_factors.py`` under Pipes.
 
 Imports only ``dagster_pipes`` and ``memkfac`` (torch, transformers), so a GPU worker image needs no
-Dagster. Extras (JSON): ``model_dir``, ``corpus_dir``, ``out_dir``, ``layers`` (a layer spec such as
-``"14-29"`` or ``"all"``) and ``factor_args`` (the other FactorArguments fields). Reports one
-materialization whose data version is the sha256 of the factor index.
+Dagster. Extras (JSON): ``model_dir``, ``corpus_dir``, ``out_dir`` and ``factor_args`` (the
+``FactorArguments`` fields; ``layers`` may be a spec such as ``"14-29"``, resolved on the model).
+Reports one materialization whose data version is the sha256 of the factor index.
 """
 
 from __future__ import annotations
@@ -19,15 +19,12 @@ def main() -> None:
     from memkfac.factors import FactorArguments, collect_factors
     from memkfac.fingerprint import model_fingerprint, sha256_file
     from memkfac.models import load_model
-    from memkfac.targets import parse_layers
 
     with open_dagster_pipes() as pipes:
         model_dir = Path(pipes.get_extra("model_dir"))
         corpus_dir = Path(pipes.get_extra("corpus_dir"))
-        factor_args = dict(pipes.get_extra("factor_args"))
-        model, _ = load_model(model_dir, dtype=factor_args.get("model_dtype", "float32"))
-        layers = parse_layers(pipes.get_extra("layers"), model.config.num_hidden_layers)
-        args = FactorArguments(layers=layers, **factor_args)
+        args = FactorArguments(**pipes.get_extra("factor_args"))
+        model, _ = load_model(model_dir, dtype=args.model_dtype)
         blocks = load_split(corpus_dir, "factor")
         pipes.log.info(f"collecting factors of {model_dir.name} on {tuple(blocks.shape)} blocks")
         index = collect_factors(

@@ -59,7 +59,7 @@ class Settings:
     def mlflow_uri(self, config: PipelineConfig) -> str:
         return (
             os.environ.get("MLFLOW_TRACKING_URI")
-            or config.mlflow.get("tracking_uri")
+            or config.mlflow.tracking_uri
             or f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}"
         )
 
@@ -121,7 +121,7 @@ def build_resources(settings: Settings, config: PipelineConfig) -> dict:
         "mlflow": MlflowRegistry(
             tracking_uri=settings.mlflow_uri(config),
             artifact_root=str(settings.home / "mlflow" / "artifacts"),
-            experiment=config.mlflow.get("experiment", "memkfac"),
+            experiment=config.mlflow.experiment,
         ),
         "dbt": DbtCliResource(
             project_dir=str(DBT_PROJECT_DIR), profiles_dir=str(DBT_PROJECT_DIR), dbt_executable=DBT_EXECUTABLE

@@ -32,8 +32,11 @@ class ArtifactStore(dg.ConfigurableResource):
         return self.root / "probes"
 
     def probe_set_dir(self, probe_set: str) -> Path:
-        """The validated copy of a probe set (what evaluations read)."""
         return self.root / "probe_sets" / safe_name(probe_set, "probe-set name")
+
+    def validated_probes(self, probe_set: str) -> Path:
+        """The validated copy of a probe set: what every step that reads the probe set reads."""
+        return self.probe_set_dir(probe_set) / "probes.jsonl"
 
     def injected_model_dir(self, model: str) -> Path:
         return self.root / "injected" / safe_name(model, "model name")

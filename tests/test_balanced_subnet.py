@@ -126,7 +126,7 @@ def test_objective_never_nan_and_bad_input_is_an_error(tiny_model_dir, tmp_path)
 def test_bsn_command_trains_on_the_sweep_split_and_writes_a_checkpoint(tiny_model_dir, tmp_path, capsys):
     from memkfac.checkpoint import load_manifest
     from memkfac.cli import main
-    from memkfac.corpora import build_corpus
+    from memkfac.corpora import CorpusArguments, build_corpus
     from memkfac.probes import Probe, write_probe_set
 
     _, tokenizer = load_model(tiny_model_dir)
@@ -134,7 +134,9 @@ def test_bsn_command_trains_on_the_sweep_split_and_writes_a_checkpoint(tiny_mode
     notes.write_text(
         "\n\n".join(f"Note {i}: the quick brown fox {i * 7} jumps over the lazy dog." for i in range(60))
     )
-    corpus = build_corpus(str(notes), tokenizer, tmp_path / "corpus", block_len=16, progress=False)
+    corpus = build_corpus(
+        CorpusArguments(str(notes), block_len=16), tokenizer, tmp_path / "corpus", progress=False
+    )
     probes = tmp_path / "probes.jsonl"
     write_probe_set(
         [

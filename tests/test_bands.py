@@ -142,7 +142,7 @@ def test_band_rows_and_plot_on_tiny_model(tmp_path):
 @pytest.mark.slow
 def test_bands_command_end_to_end(tiny_model_dir, memkfac_home, tmp_path, capsys):
     from memkfac.cli import main
-    from memkfac.corpora import build_corpus
+    from memkfac.corpora import CorpusArguments, build_corpus
     from memkfac.probes import Probe, write_probe_set
     from memkfac.tables import read_table
     from memkfac.tiny import build_tiny_model
@@ -152,7 +152,9 @@ def test_bands_command_end_to_end(tiny_model_dir, memkfac_home, tmp_path, capsys
     notes.write_text(
         "\n\n".join(f"Note {i}: the quick brown fox {i * 7} jumps over the lazy dog." for i in range(200))
     )
-    corpus = build_corpus(str(notes), tokenizer, tmp_path / "corpus", block_len=16, progress=False)
+    corpus = build_corpus(
+        CorpusArguments(str(notes), block_len=16), tokenizer, tmp_path / "corpus", progress=False
+    )
     factors = tmp_path / "factors"
     argv = ["factors", str(tiny_model_dir), "--corpus", str(corpus), "--layers", "2-3", "--proj", "gate,up"]
     assert (

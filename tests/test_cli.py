@@ -149,7 +149,7 @@ def test_a_bad_value_is_a_usage_error_before_any_work(argv, message, tmp_path, m
             ["--layers", "1", "--keep-mass-for", "2.gate=0.8"],
             "keep-mass override '2.gate' names no edited module",
         ),
-        (["--layers", "1", "--proj", "gate,mlp"], "unknown or no projection(s) ['mlp']"),
+        (["--layers", "1", "--proj", "gate,mlp"], "unknown or no projections: ['gate', 'mlp']"),
     ],
 )
 def test_a_value_the_model_cannot_take_is_a_usage_error(tiny_model_dir, tmp_path, capsys, extra, message):

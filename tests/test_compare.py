@@ -7,7 +7,7 @@ import torch
 
 from memkfac import compare as compare_module
 from memkfac.compare import CompareArguments, run_comparison
-from memkfac.corpora import build_corpus
+from memkfac.corpora import CorpusArguments, build_corpus
 from memkfac.generation import greedy_continuations
 from memkfac.models import load_model
 from memkfac.probes import Probe
@@ -38,7 +38,9 @@ def _probes(model, tok) -> list[Probe]:
 def test_comparison_on_tiny_model(tiny_model_dir, memkfac_home, tmp_path, monkeypatch):
     model, tok = load_model(tiny_model_dir)
     (tmp_path / "text.txt").write_text(TEXT)
-    corpus = build_corpus(str(tmp_path / "text.txt"), tok, tmp_path / "corpus", block_len=32, progress=False)
+    corpus = build_corpus(
+        CorpusArguments(str(tmp_path / "text.txt"), block_len=32), tok, tmp_path / "corpus", progress=False
+    )
     probes = _probes(model, tok)
     args = CompareArguments(
         layer_sets=((1, 2), (2, 3)),

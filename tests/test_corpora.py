@@ -11,6 +11,7 @@ import pytest
 
 from memkfac.corpora import (
     SPLITS,
+    CorpusArguments,
     build_corpus,
     corpus_fingerprint,
     iter_documents,
@@ -40,8 +41,8 @@ def _block_docs(blocks, tok) -> set[str]:
 def test_splits_are_disjoint_deterministic_and_packed(tmp_path, tok):
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(300)))
-    a = build_corpus(str(src), tok, tmp_path / "a", block_len=32, progress=False)
-    b = build_corpus(str(src), tok, tmp_path / "b", block_len=32, progress=False)
+    a = build_corpus(CorpusArguments(str(src), block_len=32), tok, tmp_path / "a", progress=False)
+    b = build_corpus(CorpusArguments(str(src), block_len=32), tok, tmp_path / "b", progress=False)
     seen = {}
     for split in SPLITS:
         blocks = load_split(a, split)
@@ -61,8 +62,8 @@ def test_adding_documents_keeps_old_assignments(tmp_path, tok):
     small, large = tmp_path / "small.txt", tmp_path / "large.txt"
     small.write_text("\n\n".join(_docs(100)))
     large.write_text("\n\n".join(_docs(200)))
-    a = build_corpus(str(small), tok, tmp_path / "a", block_len=16, progress=False)
-    b = build_corpus(str(large), tok, tmp_path / "b", block_len=16, progress=False)
+    a = build_corpus(CorpusArguments(str(small), block_len=16), tok, tmp_path / "a", progress=False)
+    b = build_corpus(CorpusArguments(str(large), block_len=16), tok, tmp_path / "b", progress=False)
     for split in SPLITS:
         old = _block_docs(load_split(a, split), tok)
         assert old <= _block_docs(load_split(b, split), tok)
@@ -73,18 +74,23 @@ def test_max_tokens_caps_each_split_and_parquet_dirs_load(tmp_path, tok):
     data.mkdir()
     pq.write_table(pa.table({"body": _docs(400)}), data / "part.parquet")
     out = build_corpus(
-        str(data), tok, tmp_path / "c", block_len=16, max_tokens=160, text_column="body", progress=False
+        CorpusArguments(str(data), block_len=16, max_tokens=160, text_column="body"),
+        tok,
+        tmp_path / "c",
+        progress=False,
     )
     for split in SPLITS:
         assert load_split(out, split).shape == (10, 16)
     with pytest.raises(MemkfacError, match="no column 'text'"):
-        build_corpus(str(data), tok, tmp_path / "d", progress=False)
+        build_corpus(CorpusArguments(str(data)), tok, tmp_path / "d", progress=False)
     assert not (tmp_path / "d").exists()
 
 
 def test_stdlib_corpus_needs_no_download(tmp_path, tok):
     assert list(islice(iter_documents("stdlib"), 50)) == list(islice(iter_documents("stdlib"), 50))
-    out = build_corpus("stdlib", tok, tmp_path / "s", block_len=64, max_tokens=640, progress=False)
+    out = build_corpus(
+        CorpusArguments("stdlib", block_len=64, max_tokens=640), tok, tmp_path / "s", progress=False
+    )
     assert all(load_split(out, s).shape == (10, 64) for s in SPLITS)
 
 
@@ -98,7 +104,9 @@ def test_bad_specs_and_inputs(tmp_path, tok):
     with pytest.raises(MemkfacError, match="bad.jsonl:2"):
         list(iter_documents(str(bad)))
     with pytest.raises(MemkfacError, match="bad split fractions"):
-        build_corpus("stdlib", tok, tmp_path / "x", fractions={"factor": 1.0}, progress=False)
+        build_corpus(
+            CorpusArguments("stdlib", fractions={"factor": 1.0}), tok, tmp_path / "x", progress=False
+        )
     with pytest.raises(MemkfacError, match="unknown corpus split"):
         load_split(tmp_path, "train")
     with pytest.raises(MemkfacError, match="not a built corpus"):

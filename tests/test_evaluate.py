@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from memkfac.cli import main
-from memkfac.corpora import build_corpus
+from memkfac.corpora import CorpusArguments, build_corpus
 from memkfac.evaluate import EvalArguments, HeldOut, evaluate_model, reference_topk, write_tables
 from memkfac.models import load_model
 from memkfac.probes import Probe, write_probe_set
@@ -25,7 +25,10 @@ def corpus_dir(tiny_model_dir, tmp_path_factory):
     (root / "text.txt").write_text(TEXT)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     return build_corpus(
-        str(root / "text.txt"), tok, root / "built", block_len=24, max_tokens=600, progress=False
+        CorpusArguments(str(root / "text.txt"), block_len=24, max_tokens=600),
+        tok,
+        root / "built",
+        progress=False,
     )
 
 

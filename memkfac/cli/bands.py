@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from memkfac.cli.values import add_model_argument, model_layers, name, name_list, positive_int, probe_set_name
+from memkfac.cli.values import (
+    add_model_argument,
+    model_layers,
+    name,
+    name_list,
+    positive_int,
+    probe_set_name,
+    usage_errors,
+)
 
 _DESCRIPTION = """\
 Measure how strongly memorized text, clean text and downstream tasks drive each curvature band of the
@@ -112,7 +120,7 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memkfac.bands import run_band_analysis
+    from memkfac.bands import BandArguments, run_band_analysis
     from memkfac.cli.edit import _eigenbasis_dir
     from memkfac.corpora import load_split
     from memkfac.models import resolve_model
@@ -121,19 +129,22 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.quiet
     probe_set = probe_set_name(args.probe_set, args.probes)
     model_dir = resolve_model(args.model, progress=progress)
-    layers = model_layers(args.layers, model_dir)
+    with usage_errors():
+        band_args = BandArguments(
+            layers=model_layers(args.layers, model_dir),
+            projections=args.proj,
+            tasks=args.tasks,
+            bases=args.basis,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
     table = run_band_analysis(
         model_dir,
-        _eigenbasis_dir(args.factors, progress) if "kfac" in args.basis else None,
-        layers,
+        _eigenbasis_dir(args.factors, progress) if "kfac" in band_args.bases else None,
         load_probe_set(args.probes),
         load_split(args.clean, "heldout"),
-        projections=args.proj,
-        tasks=args.tasks,
-        bases=args.basis,
-        max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
-        seed=args.seed,
+        band_args,
         variant=args.variant,
         probe_set=probe_set,
         plot_path=args.plot,

@@ -40,7 +40,7 @@ perplexity is measured on).
 def register(subparsers) -> None:
     from memkfac.arguments import BSNArguments
 
-    d = BSNArguments(layers=[])
+    d = BSNArguments(layers="all")  # for the defaults shown in --help
     p = subparsers.add_parser(
         "bsn",
         help="train the BalancedSubnet baseline and write the pruned model",
@@ -124,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
             retain_per_batch=args.retain_per_batch,
             seed=args.seed,
         )
-        config.check()
     probes = [
         p
         for p in load_probe_set(args.probes)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from memkfac.cli.values import add_model_argument, count, int_at_least
-from memkfac.corpora import DEFAULT_CORPUS, SPLITS, build_corpus, load_corpus_meta
+from memkfac.corpora import DEFAULT_CORPUS, SPLITS, CorpusArguments, build_corpus, load_corpus_meta
 from memkfac.models import DEFAULT_MODEL
 from memkfac.paths import memkfac_home, safe_name
 
@@ -48,15 +48,8 @@ def corpus_for(args: argparse.Namespace, tokenizer, out_dir: Path, rebuild: bool
         if {k: meta[k] for k in wanted} == wanted and meta["max_tokens"] == capped:
             print(f"reusing corpus {out_dir}")
             return out_dir
-    return build_corpus(
-        args.corpus,
-        tokenizer,
-        out_dir,
-        block_len=args.block_len,
-        max_tokens=caps,
-        text_column=args.text_column,
-        progress=not args.quiet,
-    )
+    corpus = CorpusArguments(args.corpus, args.block_len, caps, text_column=args.text_column)
+    return build_corpus(corpus, tokenizer, out_dir, progress=not args.quiet)
 
 
 def register(subparsers) -> None:

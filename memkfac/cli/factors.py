@@ -124,7 +124,7 @@ def register(subparsers) -> None:
 
 def _corpus_dir(spec: str, tokenizer, block_len: int, tokens: int, progress: bool) -> Path:
     """A built corpus directory for ``spec``: the spec itself if it is one, else built under the data root."""
-    from memkfac.corpora import SPLITS, build_corpus
+    from memkfac.corpora import SPLITS, CorpusArguments, build_corpus
     from memkfac.paths import memkfac_home
 
     if (Path(spec) / "meta.json").is_file():
@@ -136,7 +136,7 @@ def _corpus_dir(spec: str, tokenizer, block_len: int, tokens: int, progress: boo
     if not (out / "meta.json").is_file():
         blocks = -(-tokens // (block_len - 1))  # each block gives block_len - 1 contributing tokens
         caps = {s: blocks * block_len if s == "factor" else 0 for s in SPLITS}
-        build_corpus(spec, tokenizer, out, block_len=block_len, max_tokens=caps, progress=progress)
+        build_corpus(CorpusArguments(spec, block_len, caps), tokenizer, out, progress=progress)
     return out
 
 

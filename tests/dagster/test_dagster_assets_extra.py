@@ -4,13 +4,13 @@ the edited-model check's probe batch, and the MIA and positional-stress tables o
 from __future__ import annotations
 
 import json
+import re
 
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from memkfac.errors import MemkfacError
 from tests.dagster.conftest import TINY_CONFIG
 
 BASE = "tiny-llama__base"
@@ -77,40 +77,35 @@ def _checks(result) -> dict[str, bool]:
     return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
 
 
+def _failure(result) -> str:
+    (event,) = [e for e in result.all_events if e.is_step_failure]
+    return event.step_failure_data.error.to_string()
+
+
 @pytest.mark.parametrize(
-    ("section", "records", "message"),
+    ("records", "message"),
     [
-        ({"file": "inputs/none.jsonl"}, None, r"canaries\.file: probe set .*none\.jsonl does not exist"),
+        ([{"id": 1, "prefix": "a"}], r"(?s)canaries\.file: .*line 1: missing field 'suffix'"),
         (
-            {"file": "inputs/s.jsonl"},
-            [{"id": 1, "prefix": "a"}],
-            r"(?s)canaries\.file: .*line 1: missing field 'suffix'",
-        ),
-        (
-            {"file": "inputs/s.jsonl"},
             [r for r in _secrets() if r["kind"] != "control"],
             r"canaries\.file \(.*s\.jsonl\) has no probes of kind 'control'",
         ),
         (
-            {"file": "inputs/s.jsonl"},
             [r for r in _secrets() if r["split"] != "sweep"],
             r"has no probes of kind 'memorized' in split 'sweep'",
         ),
-        ({"file": "inputs/s.jsonl", "n_trained": 8}, _secrets(), r"canaries\.n_trained is set together"),
-        ({"file": 3}, None, r"canaries\.file has type int"),
-        ({"count": 3}, None, r"unknown key canaries\.count"),
     ],
 )
-def test_bad_canary_file_is_rejected_on_load_naming_the_key(section, records, message, tmp_path, monkeypatch):
-    from resources.config import parse_config
-
-    monkeypatch.setenv("MEMKFAC_HOME", str(tmp_path))
-    if records is not None:
-        _write_jsonl(tmp_path / section["file"], records)
-    raw = yaml.safe_load(TINY_CONFIG.read_text().replace("${MEMKFAC_HOME}", str(tmp_path)))
-    raw["canaries"] = section
-    with pytest.raises(MemkfacError, match=message):
-        parse_config(raw)
+def test_bad_canary_file_fails_the_canaries_asset_naming_the_key(
+    records, message, tiny_home, tmp_path, monkeypatch
+):
+    """The user's file is validated once, by the canaries asset; the config only resolves its path
+    (tests/dagster/test_dagster_config.py covers a missing file and clashing keys)."""
+    _write_jsonl(tiny_home / "inputs" / "s.jsonl", records)
+    _config(tmp_path, monkeypatch, lambda raw: raw.update(canaries={"file": "inputs/s.jsonl"}))
+    result = _execute(_definitions(), dg.DagsterInstance.ephemeral(), ["canaries"])
+    assert not result.success
+    assert re.search(message, _failure(result)), _failure(result)
 
 
 def test_canaries_code_version_follows_the_user_file(tiny_home, tmp_path, monkeypatch):
@@ -146,14 +141,15 @@ def test_user_canaries_are_injected_and_evaluated_with_mia_and_stress(tiny_home,
     assert _execute(defs, instance, ["canaries"]).success
     user = load_probe_set(user_file)
     assert [p.id for p in load_probe_set(store.probe_file("canaries"))] == [p.id for p in user]
+    instance.add_dynamic_partitions("probe_set", ["canaries"])
+    assert _execute(defs, instance, ["probe_sets"], "canaries").success
+    assert [p.id for p in load_probe_set(store.validated_probes("canaries"))] == [p.id for p in user]
 
     assert _execute(defs, instance, ["base_model", "corpus", "subject_model"], "tiny-llama").success
     manifest = load_manifest(store.injected_model_dir("tiny-llama"))
     assert (manifest["n_trained"], manifest["n_control"]) == (8, 4)
     assert manifest["canary_set_fingerprint"] == canary_set_fingerprint(user)
 
-    instance.add_dynamic_partitions("probe_set", ["canaries"])
-    assert _execute(defs, instance, ["probe_sets"], "canaries").success
     edited = _execute(defs, instance, ["edited_model"], BASE)
     assert _checks(edited) == {"edited_model_valid": True}
 
@@ -187,6 +183,8 @@ def test_edited_model_check_fails_on_nonfinite_logits_of_a_probe_batch(tiny_home
     _config(tmp_path, monkeypatch, change)
     defs, instance = _definitions(), dg.DagsterInstance.ephemeral()
     assert _execute(defs, instance, ["canaries"]).success
+    instance.add_dynamic_partitions("probe_set", ["canaries"])
+    assert _execute(defs, instance, ["probe_sets"], "canaries").success
     healthy = _execute(defs, instance, ["edited_model"], BASE)
     assert _checks(healthy) == {"edited_model_valid": True}
     (evaluation,) = healthy.get_asset_check_evaluations()

@@ -160,13 +160,28 @@ def test_unchanged_observation_requests_nothing(two_model_defs):
 
 def test_probe_file_change_evaluates_every_variant_on_it(two_model_defs):
     defs, config, instance = two_model_defs
+    instance.add_dynamic_partitions("probe_set", ["pii"])
+    _observe(instance, "probe_set_files", "pii", "pii-v1")
+    cursor = _settled(defs, instance)
+    _observe(instance, "probe_set_files", "pii", "pii-v2")
+    requested = _cascade(defs, instance, cursor, T0 + dt.timedelta(minutes=10))
+    assert requested["probe_sets"] == {"pii"}
+    cells = requested["memorization_eval"]
+    assert cells == {f"pii|{v}" for v in config.variants}
+    assert "edited_model" not in requested and "kfac_factors" not in requested
+
+
+def test_canary_probe_set_change_reinjects_what_reads_the_validated_copy(two_model_defs):
+    """Injection, edits (forget sets), band analysis and resurgence read the validated canaries."""
+    defs, config, instance = two_model_defs
     cursor = _settled(defs, instance)
     _observe(instance, "probe_set_files", "canaries", "probes-v2")
     requested = _cascade(defs, instance, cursor, T0 + dt.timedelta(minutes=10))
     assert requested["probe_sets"] == {"canaries"}
-    cells = requested["memorization_eval"]
-    assert cells == {f"canaries|{v}" for v in config.variants}
-    assert "edited_model" not in requested and "kfac_factors" not in requested
+    assert requested["subject_model"] == set(MODELS) and requested["band_analysis"] == set(MODELS)
+    assert requested["edited_model"] == set(config.variants)
+    assert requested["resurgence"] == set(config.resurgence_variants)
+    assert "base_model" not in requested and "corpus" not in requested
 
 
 def test_new_probe_set_file_evaluates_every_variant(two_model_defs):

@@ -1,72 +1,288 @@
-"""The pipeline YAML: the shipped configs load, and bad input is rejected naming the key."""
+"""The pipeline YAML: the shipped configs load, and bad input is rejected on load naming the key path.
+
+Every section gets a misspelled key at each depth, a wrong type and an out-of-range value; the
+problems of one file are reported together; the published JSON Schema is the models' current one.
+"""
 
 from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from memkfac.errors import MemkfacError
-from resources.config import default_config_path, load_config, parse_config
-from tests.dagster.conftest import TINY_CONFIG
+from resources.config import (
+    SCHEMA_PATH,
+    ConfigError,
+    default_config_path,
+    json_schema,
+    load_config,
+    parse_config,
+)
+from tests.dagster.conftest import PROJECT, TINY_CONFIG
 
 
 def _tiny_raw() -> dict:
     return yaml.safe_load(TINY_CONFIG.read_text().replace("${MEMKFAC_HOME}", "/data"))
 
 
-def test_default_config_loads_with_variants():
-    config = load_config(default_config_path())
-    assert list(config.models) == ["smollm2-135m"]
-    assert config.variants[0] == "smollm2-135m__base"
-    assert "smollm2-135m__kfac-r0.95" in config.variants
-    assert config.resurgence_variants == ["smollm2-135m__base", "smollm2-135m__kfac-r0.95"]
-    assert config.resurgence.steps == (10, 50, 200)
+def _problems(change) -> dict[str, str]:
+    """``{key path: problem and fix}`` of the tiny config after ``change(raw)``."""
+    raw = _tiny_raw()
+    change(raw)
+    with pytest.raises(ConfigError) as error:
+        parse_config(raw)
+    return {p.key: f"{p.problem}; {p.fix}" for p in error.value.problems}
 
 
-def test_env_references_expand(tiny_home):
-    config = load_config(TINY_CONFIG)
-    assert config.models["tiny-llama"].source == f"{tiny_home}/inputs/tiny-llama"
+def _set(*path, value):
+    """A change setting ``raw[path[0]]...[path[-1]] = value`` (creating mappings on the way)."""
+
+    def change(raw):
+        node = raw
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+
+    return change
 
 
-def test_unset_env_reference_names_key(monkeypatch, tmp_path):
-    monkeypatch.delenv("MEMKFAC_HOME", raising=False)
-    with pytest.raises(MemkfacError, match=r"models.tiny-llama.source references \$\{MEMKFAC_HOME\}"):
-        load_config(TINY_CONFIG)
+# (change, key path, words of its problem or fix)
+MISSPELLED = [
+    (_set("modells", value={}), "modells", "did you mean 'models'"),
+    (_set("models", "tiny-llama", "sorce", value="x"), "models.tiny-llama.sorce", "did you mean 'source'"),
+    (_set("corpus", "blok_len", value=32), "corpus.blok_len", "did you mean 'block_len'"),
+    (_set("corpus", "max_tokens", "factr", value=64), "corpus.max_tokens.factr", "did you mean 'factor'"),
+    (
+        _set("corpus", "fractions", value={"factor": 0.8, "fintune": 0.2}),
+        "corpus.fractions.fintune",
+        "finetune",
+    ),
+    (_set("canaries", "n_trainde", value=8), "canaries.n_trainde", "did you mean 'n_trained'"),
+    (_set("injection", "canaries_per_bach", value=4), "injection.canaries_per_bach", "'canaries_per_batch'"),
+    (_set("injection", "finetune", "epochz", value=3), "injection.finetune.epochz", "did you mean 'epochs'"),
+    (_set("factors", "max_tokenz", value=5), "factors.max_tokenz", "did you mean 'max_tokens'"),
+    (
+        _set("edits", "kfac-r0.9", "keep_mas", value=0.9),
+        "edits.kfac-r0.9.keep_mas",
+        "did you mean 'keep_mass'",
+    ),
+    (_set("edits", "balanced-subnet", "epoch", value=2), "edits.balanced-subnet.epoch", "'epochs'"),
+    (_set("edits", "balanced-subnet", "keep_mass", value=0.5), "edits.balanced-subnet.keep_mass", "ratio"),
+    (_set("edits", "kfac-r0.9", "method", value="kfc"), "edits.kfac-r0.9.method", "did you mean 'kfac'"),
+    (_set("evaluation", "stres", value=True), "evaluation.stres", "did you mean 'stress'"),
+    (_set("downstream", "n_itemz", value=10), "downstream.n_itemz", "did you mean 'n_items'"),
+    (_set("bands", "taks", value=["copying"]), "bands.taks", "did you mean 'tasks'"),
+    (_set("resurgence", "stepz", value=[1]), "resurgence.stepz", "did you mean 'steps'"),
+    (_set("resurgence", "recipes", value=["genral"]), "resurgence.recipes[0]", "did you mean 'general'"),
+    (_set("mlflow", "experimnt", value="x"), "mlflow.experimnt", "did you mean 'experiment'"),
+]
+WRONG_TYPE = [
+    (_set("models", "tiny-llama", "source", value=3), "models.tiny-llama.source", "give a string"),
+    (
+        _set("models", "tiny-llama", "inject_canaries", value="yes"),
+        "models.tiny-llama.inject_canaries",
+        "true",
+    ),
+    (_set("corpus", "block_len", value="32"), "corpus.block_len", "whole number"),
+    (_set("corpus", "max_tokens", "factor", value=1.5), "corpus.max_tokens.factor", "whole number"),
+    (_set("canaries", "seed", value=0.5), "canaries.seed", "whole number"),
+    (_set("canaries", value={"file": 3}), "canaries.file", "give a string"),
+    (_set("injection", value=5), "injection", "mapping"),
+    (_set("injection", "finetune", "lr", value="fast"), "injection.finetune.lr", "give a number"),
+    (_set("factors", "layers", value=3.5), "factors.layers", "a list or a string"),
+    (_set("factors", "projections", value="gate"), "factors.projections", "list"),
+    (
+        _set("edits", "kfac-r0.9", "overrides", value={"2.gate": "high"}),
+        "edits.kfac-r0.9.overrides.2.gate",
+        "number",
+    ),
+    (_set("edits", "svd-drop25", "layers", value=[2, "x"]), "edits.svd-drop25.layers[1]", "whole number"),
+    (_set("evaluation", "mia", value="yes"), "evaluation.mia", "true or false"),
+    (_set("evaluation", "stress_t", value=True), "evaluation.stress_t", "whole number"),
+    (
+        _set("evaluation", "max_perplexity_increase", value="10%"),
+        "evaluation.max_perplexity_increase",
+        "number",
+    ),
+    (_set("downstream", "tasks", value="copying"), "downstream.tasks", "list"),
+    (_set("bands", "max_tokens", value=[500]), "bands.max_tokens", "whole number"),
+    (_set("resurgence", "edits", value="kfac-r0.9"), "resurgence.edits", "list"),
+    (_set("mlflow", "tracking_uri", value=5), "mlflow.tracking_uri", "string"),
+]
+OUT_OF_RANGE = [
+    (_set("models", value={}), "models", "is empty"),
+    (_set("corpus", "block_len", value=1), "corpus.block_len", "below 2"),
+    (
+        _set("corpus", "fractions", value={"factor": 0.5, "finetune": 0.1, "heldout": 0.1}),
+        "corpus.fractions",
+        "1",
+    ),
+    (_set("canaries", "n_trained", value=1), "canaries.n_trained", "sweep and a holdout"),
+    (_set("injection", "heldout_blocks", value=0), "injection.heldout_blocks", "below 1"),
+    (_set("injection", "finetune", "decay", value="cosine"), "injection.finetune.decay", "constant"),
+    (_set("injection", "finetune", "epochs", value=0), "injection.finetune.epochs", "below 1"),
+    (_set("factors", "batch_size", value=0), "factors.batch_size", "must be positive"),
+    (_set("factors", "layers", value="3-1"), "factors.layers", "names no layers"),
+    (_set("edits", "kfac-r0.9", "keep_mass", value=0), "edits.kfac-r0.9.keep_mass", "outside (0, 1]"),
+    (_set("edits", "kfac-r0.9", "keep_mass", value=1.5), "edits.kfac-r0.9.keep_mass", "outside (0, 1]"),
+    (
+        _set("edits", "kfac-r0.9", "overrides", value={"2.gate": 0}),
+        "edits.kfac-r0.9.overrides",
+        "outside (0, 1]",
+    ),
+    (_set("edits", "svd-drop25", "svd_drop", value=1.0), "edits.svd-drop25.svd_drop", "outside [0, 1)"),
+    (_set("edits", "balanced-subnet", "ratio", value=1.5), "edits.balanced-subnet.ratio", "(0, 1)"),
+    (_set("evaluation", "batch_size", value=0), "evaluation.batch_size", "below 1"),
+    (_set("evaluation", "max_perplexity_increase", value=-0.1), "evaluation.max_perplexity_increase", "0"),
+    (_set("downstream", "n_items", value=10), "downstream.n_items", "below 200"),
+    (_set("bands", "bases", value=["kfac", "pca"]), "bands.bases[1]", "use one of kfac, svd"),
+    (_set("bands", "tasks", value=["no_such_task"]), "bands.tasks", "unknown generated task"),
+    (_set("resurgence", "steps", value=[50, 10]), "resurgence.steps", "increasing and positive"),
+    (_set("resurgence", "general_len", value=64), "resurgence.general_len", "corpus.block_len (32)"),
+    (_set("resurgence", "edits", value=["nope"]), "resurgence.edits[0]", "not under edits"),
+    (_set("resurgence", "cron", value="weekly"), "resurgence.cron", "five fields"),
+]
 
 
 @pytest.mark.parametrize(
-    ("edit", "message"),
+    ("change", "key", "words"),
     [
-        (
-            lambda c: c["models"].update({"../evil": {"source": "x"}}),
-            r"models\.\.\./evil: invalid model name",
-        ),
-        (lambda c: c["models"].update({"a__b": {"source": "x"}}), r"models\.a__b: .* contains '__'"),
-        (
-            lambda c: c["edits"].update({"base": {"method": "kfac", "layers": "1"}}),
-            r"edits\.base: 'base' is reserved",
-        ),
-        (lambda c: c["edits"]["kfac-r0.9"].update(keep_mass=1.5), r"edits\.kfac-r0\.9\.keep_mass is 1\.5"),
-        (lambda c: c["edits"]["kfac-r0.9"].update(method="magic"), r"edits\.kfac-r0\.9\.method is 'magic'"),
-        (lambda c: c["edits"]["kfac-r0.9"].pop("layers"), r"edits\.kfac-r0\.9\.layers is missing"),
-        (lambda c: c["edits"]["kfac-r0.9"].update(rho=0.5), r"unknown key edits\.kfac-r0\.9\.rho"),
-        (lambda c: c.update(probe_sets=["/etc/passwd"]), r"probe_sets\[0\]: invalid probe-set name"),
-        (lambda c: c["resurgence"].update(steps=[50, 10]), r"resurgence\.steps is \[50, 10\]"),
-        (lambda c: c["resurgence"].update(edits=["nope"]), r"resurgence\.edits names 'nope'"),
-        (lambda c: c["resurgence"].update(general_len=64), r"general_len is 64; the corpus blocks"),
-        (lambda c: c["resurgence"].update(general_len=0), r"resurgence\.general_len is 0"),
-        (lambda c: c.update(modells={}), r"unknown key modells"),
-        (lambda c: c["models"]["tiny-llama"].update(source=3), r"models\.tiny-llama\.source has type int"),
-        (lambda c: c["evaluation"].update(stres=True), r"unknown key evaluation\.stres"),
-        (lambda c: c["evaluation"].update(mia="yes"), r"evaluation\.mia has type str"),
-        (lambda c: c["evaluation"].update(stress_t=True), r"evaluation\.stress_t is a boolean"),
+        pytest.param(*case, id=f"{kind}-{case[1]}")
+        for kind, cases in (("misspelled", MISSPELLED), ("type", WRONG_TYPE), ("range", OUT_OF_RANGE))
+        for case in cases
     ],
 )
-def test_bad_config_names_the_key(edit, message):
+def test_bad_key_fails_on_load_naming_its_path(change, key, words):
+    problems = _problems(change)
+    assert key in problems, problems
+    assert words in problems[key], problems[key]
+
+
+def test_every_section_is_covered():
+    """Each top-level section is broken in all three ways above (mlflow holds two free strings: no range)."""
+    sections = set(json_schema()["properties"])
+    for cases, exempt in ((MISSPELLED, set()), (WRONG_TYPE, set()), (OUT_OF_RANGE, {"mlflow"})):
+        covered = {re.split(r"[.\[]", key)[0] for _, key, _ in cases}
+        assert sections - exempt <= covered, sections - exempt - covered
+
+
+def test_all_problems_are_reported_at_once():
+    def change(raw):
+        raw["injection"]["finetune"]["epochz"] = 3
+        raw["corpus"]["max_tokens"]["factr"] = 4
+        raw["edits"]["kfac-r0.9"]["keep_mass"] = 0
+        raw["evaluation"]["mia"] = "yes"
+        raw["modells"] = {}
+
+    problems = _problems(change)
+    assert set(problems) == {
+        "injection.finetune.epochz",
+        "corpus.max_tokens.factr",
+        "edits.kfac-r0.9.keep_mass",
+        "evaluation.mia",
+        "modells",
+    }
+
+
+def test_config_error_message_lists_every_key_and_the_fix():
     raw = _tiny_raw()
-    edit(raw)
-    with pytest.raises(MemkfacError, match=message):
-        parse_config(raw)
+    raw["factors"]["fisher"] = "true"
+    raw["downstream"]["n_itemz"] = 10
+    with pytest.raises(MemkfacError) as error:
+        parse_config(raw, "my.yaml")
+    text = str(error.value)
+    assert "pipeline config my.yaml has 2 errors" in text
+    assert "factors.fisher: is 'true'; use one of sampled, empirical" in text
+    assert "downstream.n_itemz: is not a known key; did you mean 'n_items'?" in text
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        (lambda c: c["models"].update({"../evil": {"source": "x"}}), "models.../evil", "invalid model name"),
+        (lambda c: c["models"].update({"a__b": {"source": "x"}}), "models.a__b", "contains '__'"),
+        (lambda c: c["edits"].update({"base": {"layers": "1"}}), "edits.base", "reserved"),
+        (lambda c: c["edits"].update({"x/y": {"layers": "1"}}), "edits.x/y", "invalid edit name"),
+        (lambda c: c["edits"]["kfac-r0.9"].pop("layers"), "edits.kfac-r0.9.layers", "is missing"),
+        (lambda c: c["models"]["tiny-llama"].pop("source"), "models.tiny-llama.source", "is missing"),
+        (lambda c: c.update(canaries={"file": "inputs/none.jsonl"}), "canaries.file", "does not exist"),
+        (
+            lambda c: c.update(canaries={"file": "/etc/hostname", "n_trained": 8}),
+            "canaries.n_trained",
+            "set together with canaries.file",
+        ),
+    ],
+)
+def test_names_and_canary_file_are_checked(change, key, words, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMKFAC_HOME", str(tmp_path))
+    problems = _problems(change)
+    assert words in problems[key], problems
+
+
+def test_default_and_tiny_configs_load_into_engine_arguments(monkeypatch, tmp_path):
+    from memkfac.balanced_subnet import BSNArguments
+    from memkfac.canaries import CanaryArguments
+    from memkfac.editing import EditArguments
+    from memkfac.finetune import FinetuneArguments
+
+    default = load_config(default_config_path())
+    assert list(default.models) == ["smollm2-135m"]
+    assert default.variants[0] == "smollm2-135m__base"
+    assert default.resurgence_variants == ["smollm2-135m__base", "smollm2-135m__kfac-r0.95"]
+    assert default.resurgence.arguments.steps == (10, 50, 200)
+    assert default.resurgence.arguments.eval_batch_size == default.evaluation.arguments.batch_size == 64
+    assert default.corpus.max_tokens == {"factor": 102400, "finetune": 65536, "heldout": 16384}
+    assert default.injection.finetune == FinetuneArguments(
+        epochs=14, lr=6e-4, warmup_steps=12, decay="linear", train_layers="14-29", train_embeddings=False
+    )
+    assert default.edits["kfac-r0.95"] == EditArguments(layers="22-24", keep_mass=0.95)
+    assert default.edits["balanced-subnet"] == BSNArguments(layers="22-24", epochs=5)
+    assert default.edit_of("smollm2-135m__svd-drop25").method == "svd"
+    assert default.edit_of("smollm2-135m__base") is None
+
+    monkeypatch.setenv("MEMKFAC_HOME", str(tmp_path))
+    tiny = load_config(TINY_CONFIG)
+    assert tiny.models["tiny-llama"].source == f"{tmp_path}/inputs/tiny-llama"
+    assert tiny.canaries == CanaryArguments(n_trained=8, n_control=4, seed=0)
+    assert tiny.canary_file is None and tiny.canary_source == tiny.canaries
+    assert tiny.factors.layers == "all" and tiny.downstream.tasks == ("copying",)
+
+
+def test_left_out_sections_take_the_engine_defaults():
+    from memkfac.bands import BandArguments
+    from memkfac.inject import InjectArguments
+
+    config = parse_config({"models": {"m": {"source": "smollm2-135m"}}, "bands": None})
+    assert config.injection == InjectArguments() and config.bands == BandArguments()
+    assert config.downstream is None and config.edits == {} and config.variants == ["m__base"]
+
+
+def test_yaml_floats_without_a_dot_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("models: {m: {source: x}}\ninjection: {finetune: {lr: 6e-4}}\n")
+    assert load_config(path).injection.finetune.lr == 6e-4
+
+
+def test_env_references_expand_and_unset_ones_name_the_key(tiny_home, monkeypatch):
+    assert load_config(TINY_CONFIG).models["tiny-llama"].source == f"{tiny_home}/inputs/tiny-llama"
+    monkeypatch.delenv("MEMKFAC_HOME")
+    with pytest.raises(ConfigError, match=r"models.tiny-llama.source: references \$\{MEMKFAC_HOME\}"):
+        load_config(TINY_CONFIG)
+
+
+def test_relative_canary_file_is_resolved_against_the_data_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMKFAC_HOME", str(tmp_path))
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "inputs" / "s.jsonl").write_text("{}\n")  # its content is checked by the canaries asset
+    raw = _tiny_raw()
+    raw["canaries"] = {"file": "inputs/s.jsonl"}
+    config = parse_config(raw)
+    assert config.canary_file == tmp_path / "inputs" / "s.jsonl" == config.canary_source
 
 
 def test_bad_yaml_and_missing_file(tmp_path):
@@ -78,58 +294,33 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("path", [default_config_path(), TINY_CONFIG])
-def test_config_sections_fit_the_engine_arguments(path, monkeypatch, tmp_path):
-    """Every engine section of the shipped configs builds its memkfac arguments object (no typos)."""
+def test_published_schema_is_current_and_the_configs_name_it():
+    """Regenerate with: python -m resources.config --schema > configs/pipeline.schema.json"""
+    assert json.loads(SCHEMA_PATH.read_text()) == json_schema()
+    for config in sorted((PROJECT / "configs").glob("*.yaml")):
+        assert config.read_text().startswith("# yaml-language-server: $schema=pipeline.schema.json\n"), config
 
-    from memkfac.balanced_subnet import BSNArguments
-    from memkfac.canaries import CanaryArguments
-    from memkfac.editing import EditArguments
-    from memkfac.factors import FactorArguments
-    from memkfac.finetune import FinetuneArguments
-    from memkfac.inject import InjectArguments
-    from memkfac.resurgence import ResurgenceArguments
-    from memkfac.targets import parse_layers
-    from memkfac.tiny import tiny_config
 
-    monkeypatch.setenv("MEMKFAC_HOME", str(tmp_path))
-    config = load_config(path)
-    n_layers = 30 if path == default_config_path() else tiny_config().num_hidden_layers
-    CanaryArguments(**config.canaries)
-    injection = dict(config.injection)
-    finetune = FinetuneArguments(**injection.pop("finetune", {}))
-    InjectArguments(**injection, finetune=finetune)
-    factors = dict(config.factors)
-    FactorArguments(layers=parse_layers(str(factors.pop("layers")), n_layers), **factors)
-    for spec in config.edits.values():
-        layers = parse_layers(spec.layers, n_layers)
-        if spec.method == "balanced_subnet":
-            BSNArguments(layers=layers, projections=spec.projections, seed=spec.seed, **spec.options).check()
-        else:
-            EditArguments(
-                layers=layers,
-                projections=spec.projections,
-                keep_mass=spec.keep_mass,
-                method=spec.method,
-                svd_drop=spec.svd_drop,
-                seed=spec.seed,
-                **spec.options,
-            )
-    r = config.resurgence
-    ResurgenceArguments(
-        steps=r.steps,
-        recipes=r.recipes,
-        lr=r.lr,
-        batch_size=r.batch_size,
-        general_len=r.general_len,
-        train_layers=r.train_layers,
-        seed=r.seed,
+def test_schema_describes_every_section_and_forbids_unknown_keys():
+    schema = json_schema()
+    defs = schema["$defs"]
+    assert schema["additionalProperties"] is False and schema["required"] == ["models"]
+    assert defs["InjectArguments"]["properties"]["finetune"] == {"$ref": "#/$defs/FinetuneArguments"}
+    assert all(d.get("additionalProperties") is False for d in defs.values() if "properties" in d)
+    assert defs["FinetuneArguments"]["properties"]["decay"]["enum"] == ["constant", "linear"]
+    edit = schema["properties"]["edits"]["additionalProperties"]["anyOf"]
+    assert {e["$ref"].rsplit("/", 1)[-1] for e in edit} == {"EditArguments", "BSNArguments"}
+    resurgence = defs["ResurgenceSection"]["properties"]
+    assert {"steps", "lr", "edits", "cron"} <= set(resurgence) and "arguments" not in resurgence
+
+
+def test_check_command_exit_status(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: {m: {source: x}}\nfactors: {fisher: true}\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "resources.config", str(bad)], cwd=PROJECT, capture_output=True, text=True
     )
-    from assets.analysis import _downstream_args
-    from assets.evaluation import eval_arguments
-
-    _downstream_args(config)
-    eval_arguments(config)
+    assert run.returncode == 2 and "factors.fisher: is True" in run.stderr
 
 
 @pytest.mark.parametrize("bad", ["../x", "/etc", "a/b", "..", ""])

@@ -63,7 +63,7 @@ def test_tables_and_reports(pipeline):
     store, config = pipeline["store"], pipeline["config"]
     for variant in config.variants:
         table = pq.read_table(store.eval_table("memorization", variant, "canaries"))
-        assert table.num_rows == config.canaries["n_trained"] + config.canaries["n_control"]
+        assert table.num_rows == config.canaries.n_trained + config.canaries.n_control
     with duckdb.connect(str(store.duckdb_path), read_only=True) as con:
         rows = con.execute(
             "select variant from main_reports.recall_vs_perplexity order by variant"
@@ -74,7 +74,7 @@ def test_tables_and_reports(pipeline):
         steps = con.execute(
             "select distinct steps from main_reports.resurgence_curves order by steps"
         ).fetchall()
-        assert [s[0] for s in steps] == [0, *config.resurgence.steps]
+        assert [s[0] for s in steps] == [0, *config.resurgence.arguments.steps]
         auc = con.execute(
             "select variant, count(*), count(base_auc), max(abs(base_auc - auc - auc_drop)) "
             "from main_reports.mia_auc_by_variant group by variant order by variant"

@@ -84,7 +84,7 @@ def test_editing_the_user_canary_file_rebuilds_canaries_and_everything_after(
     store = ArtifactStore(home=str(tiny_home))
     graph = defs.resolve_asset_graph()
     assert graph.get(dg.AssetKey("canaries")).parent_keys == {dg.AssetKey("canary_file")}
-    instance.add_dynamic_partitions("probe_set", ["canaries"])
+    _write_jsonl(store.probe_file("canaries"), _secrets())  # what the canaries asset writes
 
     def observe(cursor):
         result = _tick(defs, instance, store, cursor)
@@ -94,6 +94,7 @@ def test_editing_the_user_canary_file_rebuilds_canaries_and_everything_after(
 
     first = observe(None)
     assert _events(first)[("canary_file", None)] == sha256_file(user_file)
+    assert instance.get_dynamic_partitions("probe_set") == ["canaries"]
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, evaluation_time=T0)
     _materialize_everything(defs, instance)
     for minute in range(1, 4):
@@ -112,7 +113,8 @@ def test_editing_the_user_canary_file_rebuilds_canaries_and_everything_after(
     assert _events(observe(first.cursor)) == {("canary_file", None): sha256_file(user_file)}
     requested = _cascade(defs, instance, result.cursor, T0 + dt.timedelta(minutes=10))
     variants = set(graph.get(dg.AssetKey("edited_model")).partitions_def.get_partition_keys())
-    assert requested["canaries"] == {"None"} and requested["subject_model"] == {"tiny-llama"}
+    assert requested["canaries"] == {"None"} and requested["probe_sets"] == {"canaries"}
+    assert requested["subject_model"] == {"tiny-llama"}
     assert requested["edited_model"] == variants
     assert requested["memorization_eval"] == {f"canaries|{v}" for v in variants}
     assert "reports/forgetting_by_variant" in requested
