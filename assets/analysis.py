@@ -157,6 +157,7 @@ def _band_analysis(config: PipelineConfig, parts: Partitions):
             plot_path=plot,
             root=store.root,
             progress=False,
+            overwrite=True,
             **settings,
         )
         rows = table.to_pylist()

@@ -49,7 +49,7 @@ def _edit(config: PipelineConfig, store: ArtifactStore, variant: str) -> dict:
         args = BSNArguments(layers=layers, projections=spec.projections, seed=spec.seed, **spec.options)
         retain = load_split(store.corpus_dir(model), "finetune").tolist()
         return train_balanced_subnet(
-            subject, _forget_sequences(store, subject), retain, args, out, progress=False
+            subject, _forget_sequences(store, subject), retain, args, out, progress=False, overwrite=True
         )
     from memkfac.editing import EditArguments, edit_model
 
@@ -63,7 +63,7 @@ def _edit(config: PipelineConfig, store: ArtifactStore, variant: str) -> dict:
         **spec.options,
     )
     eig = None if spec.method == "svd" else store.eigen_dir(model)
-    return edit_model(subject, eig, edit, out, progress=False)
+    return edit_model(subject, eig, edit, out, progress=False, overwrite=True)
 
 
 def _canary_sequences(store: ArtifactStore, tokenizer, keep=lambda probe: True) -> list[list[int]]:

@@ -21,7 +21,7 @@ def factor_health(factor_dir) -> dict:
     """Worst-case finiteness, asymmetry and negative curvature over all modules, and the token count."""
     import torch
 
-    from memkfac.factors import load_factors
+    from memkfac.factor_store import load_factors
 
     modules = load_factors(factor_dir)
     worst = {"finite": True, "asymmetry": 0.0, "negativity": 0.0}
@@ -113,7 +113,9 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         from memkfac.fingerprint import sha256_file
 
         model = context.partition_key
-        out = compute_eigenbasis(store.factor_dir(model), store.eigen_dir(model), progress=False)
+        out = compute_eigenbasis(
+            store.factor_dir(model), store.eigen_dir(model), progress=False, overwrite=True
+        )
         modules, meta = load_eigenbasis(out)
         spectra = {
             name: {

@@ -81,7 +81,9 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         spec = dict(config.corpus)
         source = spec.pop("source")
         tokenizer = AutoTokenizer.from_pretrained(base_model_dir(config, context.partition_key))
-        out = build_corpus(source, tokenizer, store.corpus_dir(context.partition_key), progress=False, **spec)
+        out = build_corpus(
+            source, tokenizer, store.corpus_dir(context.partition_key), progress=False, overwrite=True, **spec
+        )
         meta = load_corpus_meta(out)
         splits = meta["splits"]
         return dg.MaterializeResult(
@@ -117,7 +119,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
             probes = trained + control
         else:
             probes = load_canary_file(Path(source))
-        path = write_probe_set(probes, store.probe_file(CANARY_PROBE_SET))
+        path = write_probe_set(probes, store.probe_file(CANARY_PROBE_SET), overwrite=True)
         trained = [p for p in probes if p.kind == "memorized"]
         return dg.MaterializeResult(
             metadata={
@@ -173,6 +175,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
             store.injected_model_dir(model),
             general_fingerprint=corpus_fingerprint(corpus_dir, "finetune"),
             progress=False,
+            overwrite=True,
         )
         recall = manifest["recall"]
         return dg.MaterializeResult(

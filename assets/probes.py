@@ -29,7 +29,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
 
         name = context.partition_key
         probes = load_probe_set(store.probe_file(name))
-        out = write_probe_set(probes, store.probe_set_dir(name) / PROBES_FILE)
+        out = write_probe_set(probes, store.probe_set_dir(name) / PROBES_FILE, overwrite=True)
         by_kind = Counter(p.kind for p in probes)
         by_split = Counter(f"{p.kind}/{p.split}" for p in probes)
         return dg.MaterializeResult(

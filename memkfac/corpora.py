@@ -26,11 +26,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from memkfac.errors import MemkfacError
-from memkfac.paths import atomic_dir
+from memkfac.paths import ArtifactKind, atomic_dir, claim_output, read_json_object, read_safetensors
 
 DEFAULT_CORPUS = "stdlib"
 SPLITS = ("factor", "finetune", "heldout")
@@ -39,6 +39,8 @@ _LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 _TOKENIZE_BATCH = 64  # documents per tokenizer call
 _STDLIB_DOC_CHARS = 4000
+CORPUS = ArtifactKind("corpus", "a corpus (written by `memkfac corpus build`)", signature="meta.json")
+_REBUILD = "rebuild it with `memkfac corpus build --out DIR --overwrite`"
 
 
 def iter_documents(spec: str, text_column: str = "text") -> Iterator[str]:
@@ -174,13 +176,34 @@ def build_corpus(
     fractions: dict[str, float] | None = None,
     text_column: str = "text",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Tokenize ``spec`` into disjoint, packed splits under ``out_dir``; return ``out_dir``.
 
     ``max_tokens`` caps the tokens of each split (one number for all, or per split); reading stops
     once every split is full. ``fractions`` (default factor 0.8, finetune 0.1, heldout 0.1) are the
-    expected shares of documents per split.
+    expected shares of documents per split. ``out_dir`` must be new, empty or, with ``overwrite``, an
+    earlier corpus, and may not overlap a local source; it is locked while the corpus is built.
     """
+    source = None if spec == "stdlib" or spec.startswith("hf:") else spec
+    with claim_output(out_dir, CORPUS, overwrite=overwrite, inputs=[source]):
+        return _build_corpus(
+            spec, tokenizer, out_dir, block_len, max_tokens, fractions, text_column, progress, overwrite
+        )
+
+
+def _build_corpus(
+    spec: str,
+    tokenizer,
+    out_dir: Path,
+    block_len: int,
+    max_tokens: int | dict[str, int] | None,
+    fractions: dict[str, float] | None,
+    text_column: str,
+    progress: bool,
+    overwrite: bool,
+) -> Path:
+    """The body of ``build_corpus``, run holding the output's claim."""
     fractions = dict(fractions or DEFAULT_FRACTIONS)
     if (
         set(fractions) != set(SPLITS)
@@ -249,7 +272,8 @@ def build_corpus(
         "eos_token_id": eos,
         "splits": {},
     }
-    with atomic_dir(out_dir) as tmp:
+    source = None if spec == "stdlib" or spec.startswith("hf:") else spec
+    with atomic_dir(out_dir, CORPUS, overwrite=overwrite, inputs=[source]) as tmp:
         for split in SPLITS:
             ids = tokens[split]
             n_blocks = len(ids) // block_len
@@ -277,7 +301,10 @@ def load_corpus_meta(corpus_dir: Path) -> dict:
         raise MemkfacError(
             f"{corpus_dir} is not a built corpus (no meta.json)", "build it with `memkfac corpus build`"
         )
-    return json.loads(path.read_text())
+    meta = read_json_object(path, _REBUILD, "corpus meta", ("splits", "block_len"))
+    if not isinstance(meta["splits"], dict):
+        raise MemkfacError(f"corpus meta {path}: 'splits' is not an object", _REBUILD)
+    return meta
 
 
 def load_split(corpus_dir: Path, split: str) -> torch.LongTensor:
@@ -285,12 +312,20 @@ def load_split(corpus_dir: Path, split: str) -> torch.LongTensor:
     if split not in SPLITS:
         raise MemkfacError(f"unknown corpus split {split!r}", f"use one of {SPLITS}")
     load_corpus_meta(corpus_dir)
-    return load_file(str(Path(corpus_dir) / f"{split}.safetensors"))["blocks"].long()
+    path = Path(corpus_dir) / f"{split}.safetensors"
+    if not path.is_file():
+        raise MemkfacError(f"the corpus {corpus_dir} has no {split} split ({path.name} is missing)", _REBUILD)
+    blocks = read_safetensors(path, _REBUILD, f"corpus split {split}").get("blocks")
+    if blocks is None or blocks.ndim != 2 or blocks.is_floating_point():
+        raise MemkfacError(f"corpus split {path} holds no (n_blocks, block_len) integer 'blocks'", _REBUILD)
+    return blocks.long()
 
 
 def corpus_fingerprint(corpus_dir: Path, split: str) -> str:
     """The fingerprint of one split: sha256 over the spec, the split name and its tokens."""
     splits = load_corpus_meta(corpus_dir)["splits"]
-    if split not in splits:
+    if split not in SPLITS:
         raise MemkfacError(f"unknown corpus split {split!r}", f"use one of {SPLITS}")
+    if not isinstance(splits.get(split), dict) or "fingerprint" not in splits[split]:
+        raise MemkfacError(f"the corpus {corpus_dir} has no {split} split in its meta.json", _REBUILD)
     return splits[split]["fingerprint"]

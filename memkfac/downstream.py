@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
-from memkfac.paths import atomic_dir, memkfac_home, safe_name, write_json
+from memkfac.paths import ArtifactKind, atomic_dir, memkfac_home, safe_name, write_json
 from memkfac.tasks import GENERATORS, generate_items
 
 TASK_PREFIX = "memkfac_"
@@ -98,6 +98,9 @@ class Retention:
     confidence: float
 
 
+TASK_SUITE = ArtifactKind("task_suite", "a generated downstream task suite", signature="suite.json")
+
+
 def default_task_dir(n_items: int, seed: int, root: Path | None = None) -> Path:
     """Where a generated suite lives by default: ``<root or MEMKFAC_HOME>/tasks/seed=<s>-n=<n>``."""
     return (memkfac_home() if root is None else Path(root)) / "tasks" / f"seed={seed}-n={n_items}"
@@ -108,7 +111,8 @@ def write_task_suite(out_dir: Path, n_items: int = MIN_ITEMS, seed: int = 0) -> 
 
     Writes ``<task>.jsonl`` and ``<task>.yaml`` per task (lm-eval name ``memkfac_<task>``) and
     ``suite.json`` (seed, items, sha256 of each JSONL). Generation takes milliseconds, so the items are
-    always regenerated; a directory that already holds exactly these files is left untouched.
+    always regenerated; a directory that already holds exactly these files is left untouched, an
+    earlier suite is replaced, and a directory holding anything else is refused.
     """
     if n_items < MIN_ITEMS:
         raise MemkfacError(
@@ -145,7 +149,7 @@ def write_task_suite(out_dir: Path, n_items: int = MIN_ITEMS, seed: int = 0) -> 
         (out_dir / name).is_file() and (out_dir / name).read_text() == text for name, text in files.items()
     ):
         return out_dir
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, TASK_SUITE, overwrite=True) as tmp:
         for name, text in files.items():
             (tmp / name).write_text(text)
     return out_dir

@@ -38,6 +38,7 @@ def main() -> None:
             model_fingerprint=model_fingerprint(model_dir),
             corpus_fingerprint=corpus_fingerprint(corpus_dir, "factor"),
             progress=True,
+            inputs=[model_dir, corpus_dir],
         )
 
         meta = json.loads(index.read_text())

@@ -126,7 +126,7 @@ def test_cli_inject_on_a_tiny_model(tmp_path, memkfac_home, capsys):
     assert manifest["n_trained"] == 4 and manifest["finetune"]["steps"] == 2
     assert (memkfac_home / "probes" / "canaries.jsonl").is_file()
     assert (memkfac_home / "corpora" / "tiny" / "meta.json").is_file()
-    assert main(argv + ["--train-layers", "9"]) == 1  # a bad layer spec is a user error, not a traceback
+    assert main(argv + ["--train-layers", "9", "--overwrite"]) == 1  # a user error, not a traceback
     assert "outside the model" in capsys.readouterr().err
 
 

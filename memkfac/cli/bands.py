@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from memkfac.bands import run_band_analysis
-    from memkfac.cli.edit import _eigenbasis_dir
     from memkfac.corpora import load_split
+    from memkfac.eigen import eigenbasis_for
     from memkfac.models import resolve_model
     from memkfac.paths import safe_name
     from memkfac.probes import load_probe_set
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     bases = tuple(b.strip() for b in args.basis.split(",") if b.strip())
     table = run_band_analysis(
         model_dir,
-        _eigenbasis_dir(args.factors, progress) if "kfac" in bases else None,
+        eigenbasis_for(args.factors, progress) if "kfac" in bases else None,
         parse_layers(args.layers, AutoConfig.from_pretrained(model_dir).num_hidden_layers),
         load_probe_set(args.probes),
         load_split(args.clean, "heldout"),
