@@ -379,7 +379,7 @@ def run_comparison(
     c = Comparison(model_dir, probes, corpus_dir, args, progress)
     for path in (report_path, report_path.with_suffix(".json")):
         check_output_file(path, inputs=[model_dir, corpus_dir], owns=_is_report)
-    with DirectoryLock(c.cache, "the comparison cache"):  # one comparison writes the cache at a time
+    with DirectoryLock(c.cache):  # one comparison writes the cache at a time
         return _run(c, probes, args, probe_set, report_path, progress, log)
 
 

@@ -367,7 +367,7 @@ def collect_factors(
         "shard_tokens": shard_tokens,
     }
     rank, world = _dist_info()
-    lock = DirectoryLock(out_dir, FACTORS.what)
+    lock = DirectoryLock(out_dir)
     error = None
     if rank == 0:  # the ranks of one run are one writer: rank 0 claims the directory for all
         try:

@@ -130,11 +130,11 @@ def _inject_canaries(
             "build the corpus with --block-len at least general_len, or lower general_len",
         )
     model, tokenizer = load_model(base_dir)
+    # every probe, the controls measured only after training included, is checked before anything runs
+    canary_ids = probes_token_ids(trained + control, tokenizer, model_vocab_size(model))[: len(trained)]
     heldout = heldout_blocks[: recipe.heldout_blocks]
     base_ppl = perplexity(model, heldout, progress=progress)
 
-    # every probe, the controls measured only after training included, is checked before training
-    canary_ids = probes_token_ids(trained + control, tokenizer, model_vocab_size(model))[: len(trained)]
     canary_seqs = [prefix + suffix + [tokenizer.eos_token_id] for prefix, suffix in canary_ids]
     loss_starts = [0 if recipe.train_on_cue else len(prefix) for prefix, _ in canary_ids]
     chunks = general_blocks[:, : n_chunk * recipe.general_len].reshape(-1, recipe.general_len).tolist()

@@ -100,17 +100,14 @@ def _read(fd: int) -> dict:
 class DirectoryLock:
     """Exclusive claim on ``target`` (a directory or file that one run writes), as a context manager."""
 
-    def __init__(self, target: str | os.PathLike, what: str = "output"):
-        target = Path(target)
-        self.target = target
-        self.what = what
-        self.path = target.parent / f".{target.name}.memkfac-lock"
+    def __init__(self, target: str | os.PathLike):
+        self.target = Path(target)
+        self.path = self.target.parent / f".{self.target.name}.memkfac-lock"
 
     def _refuse(self, info: dict) -> MemkfacError:
         return MemkfacError(
             f"{self.target} is being written by another run ({describe(info)})",
-            f"wait for that run to finish or write {self.what} elsewhere; if that run is gone, delete "
-            f"{self.path}",
+            f"wait for that run to finish, or write elsewhere; if that run is gone, delete {self.path}",
         )
 
     def acquire(self) -> DirectoryLock:

@@ -124,17 +124,31 @@ def load_config(model_dir: Path):
         ) from None
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "tiktoken.model",
+    "tokenizer_config.json",
+)
+
+
 def load_tokenizer(model_dir: Path):
     """The tokenizer saved with the model, with a pad token (EOS when it has none)."""
     from transformers import AutoTokenizer
 
+    fix = (
+        "save the tokenizer next to the weights (tokenizer.save_pretrained(DIR)), or copy its files "
+        "from the model's source"
+    )
+    if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
+        raise MemkfacError(f"{model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})", fix)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:  # missing or damaged tokenizer files
+        reason = " ".join(str(e).split())[:300]
         raise MemkfacError(
-            f"the tokenizer of {model_dir} cannot be loaded ({type(e).__name__}: {str(e)[:300]})",
-            "save the tokenizer next to the weights (tokenizer.save_pretrained(DIR): tokenizer.json, "
-            "tokenizer_config.json), or copy those files from the model's source",
+            f"the tokenizer of {model_dir} cannot be loaded ({type(e).__name__}: {reason})", fix
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

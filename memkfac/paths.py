@@ -161,9 +161,9 @@ def check_output_dir(
     names = foreign_files(final, marker) if marker is not None else _files(final)
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     raise MemkfacError(
-        f"the output {final} holds files memkfac did not write ({shown or 'subdirectories'}); "
-        "they would be deleted",
-        f"{NEW_OUTPUT_FIX}; memkfac never replaces a directory it did not write",
+        f"the output {final} holds files that are not part of {kind.what} ({shown or 'subdirectories'}); "
+        "replacing it would delete them",
+        f"{NEW_OUTPUT_FIX}; memkfac replaces only an earlier artifact of the same kind, whole",
     )
 
 
@@ -184,7 +184,7 @@ def claim_output(
 
     final = Path(final)
     inputs = list(inputs)
-    with DirectoryLock(final, kind.what):
+    with DirectoryLock(final):
         check_output_dir(final, kind, overwrite=overwrite, inputs=inputs)
         yield final
 
