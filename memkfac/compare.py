@@ -362,14 +362,15 @@ def run_comparison(
     report_path: Path | None = None,
     progress: bool = True,
     log=print,
+    overwrite: bool = False,
 ) -> list[MethodResult]:
     """Run the whole comparison; write its tables and a Markdown report; return one row per method.
 
     Tables go to MEMKFAC_HOME/evals (memorization, memorization_summary, mia, mia_auc, perplexity,
     ndcg and downstream per variant; ``comparison`` for the rows); the Markdown report to
     ``report_path`` (default MEMKFAC_HOME/reports/comparison-<probe_set>.md), which may replace an
-    earlier report but no other file. The cache is locked for the whole run: a second comparison
-    in the same MEMKFAC_HOME is refused at once.
+    earlier report but no other file unless ``overwrite``. The cache is locked for the whole run: a
+    second comparison in the same MEMKFAC_HOME is refused at once.
     """
     args = args or CompareArguments()
     probe_set = safe_name(probe_set, "probe set name")
@@ -378,7 +379,7 @@ def run_comparison(
     )
     c = Comparison(model_dir, probes, corpus_dir, args, progress)
     for path in (report_path, report_path.with_suffix(".json")):
-        check_output_file(path, inputs=[model_dir, corpus_dir], owns=_is_report)
+        check_output_file(path, overwrite=overwrite, inputs=[model_dir, corpus_dir], owns=_is_report)
     with DirectoryLock(c.cache):  # one comparison writes the cache at a time
         return _run(c, probes, args, probe_set, report_path, progress, log)
 

@@ -183,13 +183,20 @@ def build_corpus(
     ``max_tokens`` caps the tokens of each split (one number for all, or per split); reading stops
     once every split is full. ``fractions`` (default factor 0.8, finetune 0.1, heldout 0.1) are the
     expected shares of documents per split. ``out_dir`` must be new, empty or, with ``overwrite``, an
-    earlier corpus, and may not overlap a local source; it is locked while the corpus is built.
+    earlier corpus, and may not overlap a local source or the tokenizer's directory; it is locked while
+    the corpus is built.
     """
-    source = None if spec == "stdlib" or spec.startswith("hf:") else spec
-    with claim_output(out_dir, CORPUS, overwrite=overwrite, inputs=[source]):
+    with claim_output(out_dir, CORPUS, overwrite=overwrite, inputs=_inputs(spec, tokenizer)):
         return _build_corpus(
             spec, tokenizer, out_dir, block_len, max_tokens, fractions, text_column, progress, overwrite
         )
+
+
+def _inputs(spec: str, tokenizer) -> list[Path]:
+    """What a corpus is built from on disk: a local source, the tokenizer's model directory."""
+    paths = [] if spec == "stdlib" or spec.startswith("hf:") else [Path(spec)]
+    tokenizer_dir = Path(getattr(tokenizer, "name_or_path", "") or "\0")
+    return paths + ([tokenizer_dir] if tokenizer_dir.is_dir() else [])
 
 
 def _build_corpus(
@@ -272,8 +279,7 @@ def _build_corpus(
         "eos_token_id": eos,
         "splits": {},
     }
-    source = None if spec == "stdlib" or spec.startswith("hf:") else spec
-    with atomic_dir(out_dir, CORPUS, overwrite=overwrite, inputs=[source]) as tmp:
+    with atomic_dir(out_dir, CORPUS, overwrite=overwrite, inputs=_inputs(spec, tokenizer)) as tmp:
         for split in SPLITS:
             ids = tokens[split]
             n_blocks = len(ids) // block_len

@@ -86,6 +86,7 @@ def compute_eigenbasis(
     be new, empty or (with ``overwrite``) an earlier eigenbasis, and may not hold the factors.
     """
     factor_dir = Path(factor_dir)
+    factor_index_sha256(factor_dir)  # not a factor directory: said before anything is created
     inputs = [factor_dir / INDEX_FILE, *factor_dir.glob("shard-*.safetensors")]
     with claim_output(out_dir, EIGENBASIS, overwrite=overwrite, inputs=inputs):
         sums, index = load_factor_sums(factor_dir)

@@ -198,11 +198,23 @@ def completed_shards(out_dir: Path, identity: dict, plan: list[tuple[int, int]])
     return done
 
 
-def discard_other_collection(out_dir: Path, identity: dict, plan: list[tuple[int, int]]) -> None:
-    """Delete the shards and index in ``out_dir`` unless they all belong to this collection."""
+def holds_other_collection(out_dir: Path, identity: dict, plan: list[tuple[int, int]]) -> bool:
+    """Whether ``out_dir`` holds shards or an index that are not all of this collection."""
     try:
         completed_shards(out_dir, identity, plan)
     except MemkfacError:
+        return True
+    return False
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """Where a collection that replaces another is built, so the other stays whole until it is done."""
+    return out_dir.parent / f".{out_dir.name}.replacing"
+
+
+def discard_other_collection(out_dir: Path, identity: dict, plan: list[tuple[int, int]]) -> None:
+    """Delete the shards and index in ``out_dir`` (a staging directory) unless they are this collection's."""
+    if holds_other_collection(out_dir, identity, plan):
         for path in [*out_dir.glob("shard-*.safetensors"), out_dir / INDEX_FILE]:
             path.unlink(missing_ok=True)
 

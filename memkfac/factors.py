@@ -52,12 +52,14 @@ from memkfac.factor_store import (
     FactorSums,
     completed_shards,
     discard_other_collection,
+    holds_other_collection,
     is_factor_dir,
+    staging_dir,
     write_index,
     write_shard,
 )
 from memkfac.locks import DirectoryLock
-from memkfac.paths import check_output_dir
+from memkfac.paths import check_output_dir, replace_dir
 from memkfac.targets import Target, find_targets
 
 FISHER_TYPES = ("sampled", "empirical")
@@ -341,7 +343,8 @@ def collect_factors(
 
     ``attention_mask`` (n_blocks, seq_len), 1 for real tokens, is for padded sequences; packed blocks
     need none. Resumes from completed shards of the same collection; refuses shards of another model,
-    corpus or arguments, unless ``overwrite`` (then they are deleted first). ``out_dir`` must be new,
+    corpus or arguments, unless ``overwrite``: then the new collection is built in a staging sibling
+    and replaces the earlier one only when complete (a rerun resumes it there). ``out_dir`` must be new,
     empty or a factor directory, and may not overlap ``inputs`` (the model and corpus directories read).
     The directory is locked for the whole run. Under torch.distributed every rank calls this with the
     same inputs and ``out_dir`` (a shared file system). Returns the path of ``index.json``.
@@ -368,26 +371,34 @@ def collect_factors(
     }
     rank, world = _dist_info()
     lock = DirectoryLock(out_dir)
-    error = None
+    error, work = None, out_dir
     if rank == 0:  # the ranks of one run are one writer: rank 0 claims the directory for all
         try:
             lock.acquire()
             check_output_dir(out_dir, FACTORS, overwrite=True, inputs=inputs, owns=is_factor_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            if overwrite:
-                discard_other_collection(out_dir, identity, plan)
-            completed_shards(out_dir, identity, plan)  # another collection is refused before any work
+            if overwrite and out_dir.is_dir() and holds_other_collection(out_dir, identity, plan):
+                work = staging_dir(out_dir)  # the earlier collection stays whole until this one is
+                check_output_dir(work, FACTORS, overwrite=True, inputs=inputs, owns=is_factor_dir)
+                work.mkdir(parents=True, exist_ok=True)
+                discard_other_collection(work, identity, plan)
+            work.mkdir(parents=True, exist_ok=True)
+            completed_shards(work, identity, plan)  # another collection is refused before any work
         except MemkfacError as e:
             lock.release()
             error = e
     if world > 1:
-        box = [error]
+        box = [error, work]
         dist.broadcast_object_list(box, src=0)
-        error = box[0]
+        error, work = box
     if error is not None:
         raise error
     try:
-        _compute_shards(model, blocks, out_dir, args, attention_mask, progress, identity, header, valid, plan)
+        _compute_shards(model, blocks, work, args, attention_mask, progress, identity, header, valid, plan)
+        if work != out_dir:
+            if rank == 0:
+                replace_dir(work, out_dir)
+            if world > 1:
+                dist.barrier()
     finally:
         if rank == 0:
             lock.release()

@@ -115,9 +115,15 @@ class DirectoryLock:
         if key in _HELD:
             _HELD[key][1] += 1
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise MemkfacError(
+                    f"cannot create the lock file {self.path} for {self.target} ({e.strerror})",
+                    "write the output to a directory you can write to",
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

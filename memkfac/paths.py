@@ -184,8 +184,9 @@ def claim_output(
 
     final = Path(final)
     inputs = list(inputs)
+    check_output_dir(final, kind, overwrite=overwrite, inputs=inputs)  # before creating anything
     with DirectoryLock(final):
-        check_output_dir(final, kind, overwrite=overwrite, inputs=inputs)
+        check_output_dir(final, kind, overwrite=overwrite, inputs=inputs)  # no other run changes it now
         yield final
 
 
@@ -224,13 +225,18 @@ def atomic_dir(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        old = None
-        if final.exists():
-            old = _tmp_sibling(final)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Put the directory ``new`` in place of ``final`` by renames; the old one is deleted only after."""
+    old = None
+    if final.exists():
+        old = _tmp_sibling(final)
+        os.replace(final, old)
+    os.replace(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_output_file(

@@ -237,7 +237,8 @@ def load_probe_set(
     """Load and validate a JSONL probe set (native or official formats); all or nothing."""
     path = Path(path)
     if not path.is_file():
-        raise MemkfacError(f"probe set {path} does not exist", "pass the path of a .jsonl probe-set file")
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise MemkfacError(f"probe set {path} {state}", "pass the path of a .jsonl probe-set file")
     return parse_probes(
         _read_jsonl(path, max_line_bytes),
         str(path),

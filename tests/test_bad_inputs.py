@@ -394,6 +394,16 @@ def _bsn(w, tmp, probes):
     ]
 
 
+def _bands(w, probes, plot):
+    return ["bands", str(w.model), "--factors", str(w.factors), "--layers", "1", "--probes", str(probes)] + [
+        "--clean",
+        str(w.corpus),
+        "--plot",
+        str(plot),
+        "--quiet",
+    ]
+
+
 def _lock_held(w, tmp):
     out = tmp / "eig"
     proc = lock_holder(out)
@@ -495,6 +505,51 @@ CASES = [
         "canaries-out-a-directory", lambda w, t: ["canaries", "--out", str(t)], RUNTIME, ("is a directory",)
     ),
     Case("mine-out-is-its-input", _mine_onto_its_input, RUNTIME, ("is the input",)),
+    Case(
+        "bands-plot-onto-model-weights",
+        lambda w, t: _bands(w, w.probes, w.model / "model.safetensors"),
+        RUNTIME,
+        ("lies inside",),
+    ),
+    Case(
+        "compare-report-onto-model-config",
+        lambda w, t: [
+            *_compare(w, w.probes),
+            "--sweep-blocks",
+            "4",
+            "--report",
+            str(w.model / "config.json"),
+        ],
+        RUNTIME,
+        ("lies inside",),
+    ),
+    Case(
+        "corpus-out-inside-tokenizer-model",
+        lambda w, t: _corpus_argv(w, w.model / "corpus"),
+        RUNTIME,
+        ("lies inside",),
+    ),
+    Case(
+        "bsn-out-inside-retain-corpus",
+        lambda w, t: [*_bsn(w, t, w.probes)[:-3], "--out", str(w.corpus / "bsn"), "--quiet"],
+        RUNTIME,
+        ("lies inside",),
+    ),
+    Case(
+        "downstream-task-dir-inside-model",
+        lambda w, t: (
+            ["downstream", str(w.model), "--variant", "v", "--tasks", "copying"]
+            + ["--task-dir", str(w.model / "tasks"), "--quiet"]
+        ),
+        RUNTIME,
+        ("lies inside",),
+    ),
+    Case(
+        "eigen-of-a-missing-directory",
+        lambda w, t: ["eigen", str(t / "no-factors"), "--quiet"],
+        RUNTIME,
+        ("not a factor directory",),
+    ),
     Case(
         "bsn-out-user-dir",
         lambda w, t: [*_bsn(w, t, w.probes)[:-3], "--out", str(user_dir(t / "b")), "--quiet"],
@@ -654,10 +709,7 @@ CASES = [
     ),
     Case(
         "bands-probe-ids-outside-vocab",
-        lambda w, t: (
-            ["bands", str(w.model), "--factors", str(w.factors), "--layers", "1", "--probes"]
-            + [str(oov_probes(t)), "--clean", str(w.corpus), "--plot", str(t / "p.png"), "--quiet"]
-        ),
+        lambda w, t: _bands(w, oov_probes(t), t / "p.png"),
         RUNTIME,
         OOV_MESSAGE,
     ),
@@ -688,6 +740,7 @@ CASES = [
     Case(
         "probe-file-missing", lambda w, t: eval_argv(w.model, t / "nope.jsonl"), RUNTIME, ("does not exist",)
     ),
+    Case("probe-file-is-a-directory", lambda w, t: eval_argv(w.model, t), RUNTIME, ("is a directory",)),
     Case(
         "probe-duplicate-ids",
         lambda w, t: eval_argv(w.model, _with_text(t / "p.jsonl", w.probes.read_text() * 2)),
@@ -809,6 +862,52 @@ def test_a_stale_lock_is_taken_over(setup, world, tmp_path, memkfac_home, capsys
     case = Case(setup.__name__, setup, 0, ("taking over the stale lock",))
     check_case(case, world, tmp_path, memkfac_home, capsys)
     assert (tmp_path / "eig" / "eigenbasis.safetensors").is_file()
+
+
+def test_a_failed_factor_overwrite_keeps_the_earlier_collection(
+    world, tmp_path, memkfac_home, capsys, monkeypatch
+):
+    """--overwrite of another collection builds the new one aside; killed part-way, the earlier one is
+    whole and still loads; the same command again resumes and replaces it."""
+    import memkfac.factors
+    from memkfac.factor_store import load_factor_sums
+
+    out = tmp_path / "factors"
+    shutil.copytree(world.factors, out)
+    before = tree_hashes(out)
+    write_shard = memkfac.factors.write_shard
+    calls = []
+
+    def dies_after_one_shard(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # as Ctrl-C or a kill between shards
+        calls.append(1)
+        return write_shard(*args, **kwargs)
+
+    monkeypatch.setattr(memkfac.factors, "write_shard", dies_after_one_shard)
+    argv = [*_factors_argv(world, out), "--tokens", "240", "--overwrite", "--no-eigen"]  # four shards
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(argv, capsys)
+    assert tree_hashes(out) == before and load_factor_sums(out)[1]["fisher"] == "empirical"
+    monkeypatch.setattr(memkfac.factors, "write_shard", write_shard)
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err
+    _, index = load_factor_sums(out)
+    assert index["fisher"] == "sampled" and index["arguments"]["layers"] == [1]
+    assert not (out / "eigenbasis").exists()  # the old collection's eigenbasis went with it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["factors"]  # no staging directory or lock left
+
+
+def test_damaged_downstream_scores_name_the_file(tmp_path):
+    from memkfac.downstream import load_item_scores
+    from memkfac.errors import MemkfacError
+
+    path = tmp_path / "base.json"
+    for text, message in [("{", "not valid JSON"), ('{"tasks": {"copying": {}}}', "malformed")]:
+        path.write_text(text)
+        with pytest.raises(MemkfacError, match=message) as e:
+            load_item_scores(path)
+        assert str(path) in str(e.value) and "fix:" in str(e.value)
 
 
 def test_overwrite_replaces_an_earlier_artifact_of_the_same_kind_atomically(world, tmp_path, capsys):

@@ -71,6 +71,11 @@ def register(subparsers) -> None:
         "--seed", type=int, default=0, help="seed of token subsampling and task items (default: 0)"
     )
     p.add_argument("--plot", type=Path, metavar="PNG", help="where to write the plot")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --plot file that is not an earlier band plot",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -123,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         probe_set=safe_name(args.probe_set or args.probes.stem, "probe set name"),
         plot_path=args.plot,
         progress=progress,
+        overwrite=args.overwrite,
     )
     print(format_rows(table.to_pylist()))
     return 0

@@ -105,16 +105,19 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memkfac.balanced_subnet import BSNArguments, train_balanced_subnet
+    from memkfac.balanced_subnet import BSN_CHECKPOINT, BSNArguments, train_balanced_subnet
     from memkfac.corpora import load_split
     from memkfac.errors import MemkfacError
     from memkfac.generation import probes_token_ids
     from memkfac.models import load_config, load_tokenizer, resolve_model
+    from memkfac.paths import check_output_dir
     from memkfac.probes import load_probe_set
     from memkfac.targets import parse_layers
 
     progress = not args.quiet
     model_dir = resolve_model(args.model, progress=progress)
+    inputs = [model_dir, args.probes, args.retain]
+    check_output_dir(args.out, BSN_CHECKPOINT, overwrite=args.overwrite, inputs=inputs)  # before training
     probes = [
         p
         for p in load_probe_set(args.probes)

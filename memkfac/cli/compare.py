@@ -129,6 +129,11 @@ def register(subparsers) -> None:
         "--items", type=int, default=d.downstream_items, metavar="N", help="items per generated task (>= 200)"
     )
     p.add_argument("--report", type=Path, metavar="FILE", help="Markdown report path")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --report file that is not an earlier report",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_compare)
 
@@ -180,5 +185,6 @@ def run_compare(args: argparse.Namespace) -> int:
         probe_set=safe_name(args.probe_set or args.probes.stem, "probe set name"),
         report_path=args.report,
         progress=progress,
+        overwrite=args.overwrite,
     )
     return 0
