@@ -12,6 +12,7 @@ A spec is one of:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import subprocess
@@ -177,9 +178,9 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu"):
 
 def _resolve_builtin(name: str, source: WheelModel, home: Path, progress: bool) -> Path:
     out = Path(home) / "models" / safe_name(name, "model name")
-    marker = out / SOURCE_MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("sha256") == source.sha256:
-        return out
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # a damaged marker: convert again
+        if json.loads((out / SOURCE_MARKER).read_text()).get("sha256") == source.sha256:
+            return out
     try:
         with tempfile.TemporaryDirectory(prefix="memkfac-wheel-") as tmp:
             gguf = _fetch_wheel_member(source, Path(tmp), progress)

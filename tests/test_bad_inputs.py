@@ -898,6 +898,23 @@ def test_a_failed_factor_overwrite_keeps_the_earlier_collection(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["factors"]  # no staging directory or lock left
 
 
+def test_resurgence_refuses_foreign_probe_ids_before_training(world, tmp_path, monkeypatch):
+    """The resurgence asset's engine call: every canary is checked before any fine-tuning step."""
+    import torch
+
+    import memkfac.resurgence
+    from memkfac.errors import MemkfacError
+    from memkfac.probes import load_probe_set
+    from memkfac.resurgence import ResurgenceArguments, resurgence_rows
+
+    monkeypatch.setattr(memkfac.resurgence, "finetune", lambda *a, **k: pytest.fail("trained on bad probes"))
+    probes = load_probe_set(oov_probes(tmp_path))
+    args = ResurgenceArguments(steps=(1,), batch_size=2, general_len=8)
+    with pytest.raises(MemkfacError, match="foreign-2") as e:
+        resurgence_rows(world.model, world.model, probes, torch.zeros(4, 16, dtype=torch.long), args, False)
+    assert "line 2" in str(e.value)
+
+
 def test_damaged_downstream_scores_name_the_file(tmp_path):
     from memkfac.downstream import load_item_scores
     from memkfac.errors import MemkfacError
