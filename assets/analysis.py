@@ -141,6 +141,7 @@ def _band_analysis(config: PipelineConfig, parts: Partitions):
             plot_path=plot,
             root=store.root,
             progress=False,
+            overwrite=True,
         )
         rows = table.to_pylist()
         bottom = [r["ratio_to_clean"] for r in rows if r["band"] == "bottom50" and r["source"] == "memorized"]

@@ -78,7 +78,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
             probes=_canaries(store),
             retain=load_split(store.corpus_dir(model), "finetune"),
         )
-        manifest = apply_edit(args, inputs, store.edit_dir(variant), progress=False)
+        manifest = apply_edit(args, inputs, store.edit_dir(variant), progress=False, overwrite=True)
         return dg.MaterializeResult(
             metadata={
                 "path": dg.MetadataValue.path(str(store.edit_dir(variant))),

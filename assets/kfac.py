@@ -71,7 +71,9 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         from memkfac.fingerprint import sha256_file
 
         model = context.partition_key
-        out = compute_eigenbasis(store.factor_dir(model), store.eigen_dir(model), progress=False)
+        out = compute_eigenbasis(
+            store.factor_dir(model), store.eigen_dir(model), progress=False, overwrite=True
+        )
         modules, meta = load_eigenbasis(out)
         spectra = {
             name: {

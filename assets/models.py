@@ -71,7 +71,9 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         from memkfac.corpora import build_corpus, load_corpus_meta
 
         tokenizer = AutoTokenizer.from_pretrained(base_model_dir(config, context.partition_key))
-        out = build_corpus(config.corpus, tokenizer, store.corpus_dir(context.partition_key), progress=False)
+        out = build_corpus(
+            config.corpus, tokenizer, store.corpus_dir(context.partition_key), progress=False, overwrite=True
+        )
         meta = load_corpus_meta(out)
         splits = meta["splits"]
         return dg.MaterializeResult(
@@ -103,7 +105,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         from memkfac.probes import write_probe_set
 
         probes = canary_probes(config.canary_source, "canaries.file")
-        path = write_probe_set(probes, store.probe_file(CANARY_PROBE_SET))
+        path = write_probe_set(probes, store.probe_file(CANARY_PROBE_SET), overwrite=True)
         trained = [p for p in probes if p.kind == "memorized"]
         return dg.MaterializeResult(
             metadata={
@@ -148,6 +150,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
             store.injected_model_dir(model),
             general_fingerprint=corpus_fingerprint(corpus_dir, "finetune"),
             progress=False,
+            overwrite=True,
         )
         recall = manifest["recall"]
         return _model_result(

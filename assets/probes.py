@@ -33,7 +33,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
 
         name = context.partition_key
         probes = load_probe_set(store.probe_file(name))
-        out = write_probe_set(probes, store.validated_probes(name))
+        out = write_probe_set(probes, store.validated_probes(name), overwrite=True)
         by_kind = Counter(p.kind for p in probes)
         by_split = Counter(f"{p.kind}/{p.split}" for p in probes)
         return dg.MaterializeResult(

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from memkfac.factor_store import FactorSums
 from memkfac.factors import (
     FactorArguments,
-    FactorSums,
     KFACHooks,
     accumulate_batch,
     contributing_positions,

@@ -38,15 +38,17 @@ from tqdm.auto import tqdm
 
 import memkfac
 from memkfac.arguments import BSNArguments
-from memkfac.checkpoint import load_manifest, save_checkpoint
+from memkfac.checkpoint import checkpoint_kind, load_manifest, save_checkpoint
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
 from memkfac.models import load_model
+from memkfac.paths import claim_output
 from memkfac.targets import find_targets, resolve_layers
 
 # The before/after retain CE in the manifest is a diagnostic, so it is measured on the first this many
 # retain blocks: over a whole finetune split (512 blocks) it took half of a CPU run.
 RETAIN_LOSS_BLOCKS = 64
+BSN_CHECKPOINT = checkpoint_kind("balanced_subnet")
 
 
 class _ScoreMask(nn.Module):
@@ -120,18 +122,31 @@ def train_balanced_subnet(
     args: BSNArguments,
     out_dir: Path,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Train a BalancedSubnet mask on ``model_dir``, bake it in, save to ``out_dir``; return the manifest.
 
     forget: token ids of the memorized sequences to unlearn (prefix + suffix); retain: token ids of
-    general text blocks. Scores are fp32 and the only trainable tensors.
+    general text blocks. Scores are fp32 and the only trainable tensors. ``out_dir`` must be new, empty
+    or, with ``overwrite``, an earlier BalancedSubnet checkpoint, and may not overlap ``model_dir``; it
+    is locked from the first step.
     """
+    with claim_output(out_dir, BSN_CHECKPOINT, overwrite=overwrite, inputs=[model_dir]):
+        return _train_balanced_subnet(model_dir, forget, retain, args, out_dir, progress, overwrite)
+
+
+def _train_balanced_subnet(
+    model_dir: Path,
+    forget: list[list[int]],
+    retain: list[list[int]],
+    args: BSNArguments,
+    out_dir: Path,
+    progress: bool,
+    overwrite: bool,
+) -> dict:
+    """The body of ``train_balanced_subnet``, run holding the output's claim."""
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if out_dir.resolve() == model_dir.resolve():
-        raise MemkfacError(
-            f"the output {out_dir} is the base model itself", "write the result to another directory"
-        )
     if not forget or not retain or min(map(len, forget + retain)) < 2:
         raise MemkfacError(
             f"BalancedSubnet needs forget and retain sequences of >= 2 tokens (got {len(forget)} "
@@ -235,5 +250,5 @@ def train_balanced_subnet(
         "history": history,
         "train_seconds": round(time.perf_counter() - start, 3),
     }
-    save_checkpoint(model, tokenizer, out_dir, manifest)
+    save_checkpoint(model, tokenizer, out_dir, manifest, overwrite=overwrite, inputs=[model_dir])
     return load_manifest(out_dir)

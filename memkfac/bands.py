@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from memkfac.arguments import Checks
 from memkfac.errors import MemkfacError
-from memkfac.paths import atomic_file, memkfac_home, safe_name
+from memkfac.paths import atomic_file, check_output_file, memkfac_home, safe_name
 from memkfac.targets import PROJECTIONS, LayerSpec, Projection, check_layers, resolve_layers
 
 BAND_EDGES = (0.10, 0.25, 0.50)  # cumulative fractions of components, by descending mass rank
@@ -89,13 +89,12 @@ class TokenSource:
     positions: list[list[int]]
 
 
-def probe_source(probes, tokenizer) -> TokenSource:
+def probe_source(probes, tokenizer, vocab_size: int) -> TokenSource:
     """Memorized text: prefix + suffix, measured at the positions that predict the suffix tokens."""
-    from memkfac.generation import probe_token_ids
+    from memkfac.generation import probes_token_ids
 
     sequences, positions = [], []
-    for probe in probes:
-        prompt, gold = probe_token_ids(probe, tokenizer)
+    for prompt, gold in probes_token_ids(probes, tokenizer, vocab_size):
         sequences.append(prompt + gold)
         positions.append(list(range(len(prompt) - 1, len(prompt) + len(gold) - 1)))
     return TokenSource(sequences, positions)
@@ -242,8 +241,24 @@ def band_activation_rows(
     return rows
 
 
-def plot_band_ratios(rows: list[dict], out_path: Path) -> Path:
-    """A PNG with one panel per (layer, proj, basis): bars of ratio_to_clean per band, one bar per source."""
+PLOT_SOFTWARE = "memkfac bands"  # in the PNG's metadata: marks the plots this module may replace
+
+
+def is_band_plot(path: Path) -> bool:
+    """Whether ``path`` is a plot written by ``plot_band_ratios`` (PNG text chunks precede the image)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return head.startswith(b"\x89PNG") and PLOT_SOFTWARE.encode() in head
+
+
+def plot_band_ratios(
+    rows: list[dict], out_path: Path, inputs: Sequence[Path | None] = (), overwrite: bool = False
+) -> Path:
+    """A PNG with one panel per (layer, proj, basis): bars of ratio_to_clean per band, one bar per source.
+
+    An existing ``out_path`` is replaced only if it is an earlier band plot (or with ``overwrite``),
+    never if it is one of ``inputs``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,8 +295,9 @@ def plot_band_ratios(rows: list[dict], out_path: Path) -> Path:
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     out_path = Path(out_path)
+    check_output_file(out_path, overwrite=overwrite, inputs=inputs, owns=is_band_plot)
     with atomic_file(out_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120, metadata={"Software": PLOT_SOFTWARE})
     plt.close(fig)
     return out_path
 
@@ -352,6 +368,7 @@ def run_band_analysis(
     plot_path: Path | None = None,
     root: Path | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> pa.Table:
     """Band analysis of ``model_dir``'s MLP maps; writes the table and the plot.
 
@@ -360,17 +377,23 @@ def run_band_analysis(
     ("memorized", "control", ...), measured where the suffix is predicted; "clean" = ``clean_blocks``
     (n_blocks, block_len), general held-out text; one per generated downstream task in ``args.tasks``
     (query + gold answer). ``eig_dir`` must hold the eigenbasis of factors collected on this very
-    model. The plot goes to ``plot_path`` (default ``MEMKFAC_HOME/plots/bands-<variant>-<probe_set>.png``).
+    model. The plot goes to ``plot_path`` (default ``MEMKFAC_HOME/plots/bands-<variant>-<probe_set>.png``);
+    an existing file there is replaced only if it is an earlier band plot, or with ``overwrite``.
     Returns the ``band_activation`` table.
     """
     from memkfac.eigen import load_eigenbasis
     from memkfac.fingerprint import model_fingerprint
+    from memkfac.generation import model_vocab_size
     from memkfac.models import load_model
     from memkfac.tables import make_table, new_run_id, write_table
     from memkfac.targets import find_targets
     from memkfac.tasks import generate_items
 
     bases = args.bases
+    root = memkfac_home() if root is None else Path(root)
+    plot_path = plot_path or root / "plots" / f"bands-{safe_name(variant)}-{safe_name(probe_set)}.png"
+    inputs = [Path(model_dir), None if eig_dir is None else Path(eig_dir)]
+    check_output_file(plot_path, overwrite=overwrite, inputs=inputs, owns=is_band_plot)  # before measuring
     eigen, meta = load_eigenbasis(Path(eig_dir)) if "kfac" in bases else ({}, None)
     if meta is not None and meta["model_fingerprint"] != model_fingerprint(model_dir):
         raise MemkfacError(
@@ -403,7 +426,9 @@ def run_band_analysis(
     for kind in dict.fromkeys(p.kind for p in probes):
         if kind in sources:
             raise MemkfacError(f"probe kind {kind!r} clashes with a source name", "rename that probe kind")
-        sources[kind] = probe_source([p for p in probes if p.kind == kind], tokenizer)
+        sources[kind] = probe_source(
+            [p for p in probes if p.kind == kind], tokenizer, model_vocab_size(model)
+        )
     for task in args.tasks:
         items = generate_items(task, args.task_items, args.seed)
         sources[task] = text_source([i["query"] + " " + i["choices"][i["gold"]] for i in items], tokenizer)
@@ -413,8 +438,5 @@ def run_band_analysis(
     )
     table = make_table("band_activation", rows, variant=variant, probe_set=probe_set, run_id=new_run_id())
     write_table("band_activation", table, root=root)
-    root = memkfac_home() if root is None else Path(root)
-    plot_band_ratios(
-        rows, plot_path or root / "plots" / f"bands-{safe_name(variant)}-{safe_name(probe_set)}.png"
-    )
+    plot_band_ratios(rows, plot_path, inputs, overwrite)
     return table

@@ -29,6 +29,7 @@ from memkfac.errors import MemkfacError
 from memkfac.probes import SPLIT_VALUES, Probe, load_probe_set
 
 TEMPLATE_WEIGHTS = {"customer": 0.50, "identity": 0.20, "api_key": 0.15, "password": 0.15}
+CANARY_KINDS = ("memorized", "control")  # trained on / held back: a canary file holds nothing else
 
 
 @dataclass(frozen=True)
@@ -104,18 +105,34 @@ def generate_canaries(config: CanaryArguments = CanaryArguments()) -> tuple[list
     return trained, control
 
 
+def check_canary_kinds(probes: list[Probe], what: str) -> None:
+    """Refuse probes of kinds other than ``memorized`` and ``control``, naming them and their lines."""
+    other = [p for p in probes if p.kind not in CANARY_KINDS]
+    if other:
+        kinds = sorted({p.kind for p in other})
+        lines = "\n".join(f"  {p.location or 'probe'}: {p.id!r} has kind {p.kind!r}" for p in other[:10])
+        more = f"\n  ... and {len(other) - 10} more" if len(other) > 10 else ""
+        raise MemkfacError(
+            f"{what} has {len(other)} probe(s) of kind(s) {', '.join(map(repr, kinds))}, but only the kinds "
+            f"{' and '.join(CANARY_KINDS)} are used; they would be silently left out:\n{lines}{more}",
+            "mark trained probes kind memorized and never-trained ones kind control (lower case)",
+        )
+
+
 def load_canaries(path: Path, what: str) -> list[Probe]:
     """A user's canary probe set, checked for what injection, evaluation and the pipeline need.
 
     Kind ``memorized`` probes are trained on: split ``sweep`` chooses edits (and forms BalancedSubnet's
     forget set and resurgence's relearn set), split ``holdout`` is reported on. Kind ``control`` probes
-    are never trained on. Each of the three groups needs a probe. Errors start with ``what``, the
-    option or config key that named the file (``--probes``, ``canaries.file``).
+    are never trained on. Each of the three groups needs a probe. Any other kind (a misspelling such as
+    ``memorised`` or ``Control``) is refused with its lines, never dropped. Errors start with ``what``,
+    the option or config key that named the file (``--probes``, ``canaries.file``).
     """
     try:
         probes = load_probe_set(path)
     except MemkfacError as e:  # a missing file, or every bad line listed
         raise MemkfacError(f"{what}: {e.problem}", e.fix) from None
+    check_canary_kinds(probes, f"{what} ({path})")
     have = {("control", "") if p.kind == "control" else (p.kind, p.split) for p in probes}
     for kind, split in [("memorized", "sweep"), ("memorized", "holdout"), ("control", "")]:
         if (kind, split) not in have:

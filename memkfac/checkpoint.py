@@ -7,25 +7,41 @@ made from.
 
 from __future__ import annotations
 
-import json
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
-from memkfac.paths import atomic_dir, write_json
+from memkfac.paths import ArtifactKind, atomic_dir, read_json_object, write_json
 
 MANIFEST_NAME = "memkfac_manifest.json"
 
 
-def save_checkpoint(model, tokenizer, out_dir: Path, manifest: dict) -> Path:
+def checkpoint_kind(kind: str) -> ArtifactKind:
+    """The artifact kind of checkpoints whose manifest says ``kind`` (edit, canary_injection, ...)."""
+    return ArtifactKind(kind, f"a memkfac {kind!r} checkpoint", signature=MANIFEST_NAME, signature_kind=True)
+
+
+def save_checkpoint(
+    model,
+    tokenizer,
+    out_dir: Path,
+    manifest: dict,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> Path:
     """Write ``model`` (safetensors), ``tokenizer`` and ``manifest`` to ``out_dir``, atomically.
 
     The manifest is stored with one key added: ``model_fingerprint``, the fingerprint of the weights
-    just written (``memkfac.fingerprint.model_fingerprint``). An existing ``out_dir`` is replaced only
-    once the new checkpoint is complete. Returns ``out_dir``.
+    just written (``memkfac.fingerprint.model_fingerprint``). ``out_dir`` must be new, empty or, with
+    ``overwrite``, a checkpoint of the same manifest ``kind``; it may not overlap ``inputs``. An
+    existing checkpoint is replaced only once the new one is complete. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    kind = checkpoint_kind(manifest.get("kind", "checkpoint"))
+    with atomic_dir(out_dir, kind, overwrite=overwrite, inputs=inputs) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -41,10 +57,4 @@ def load_manifest(model_dir: Path) -> dict:
             f"{path} does not exist: {model_dir} was not written by memkfac",
             "point at a checkpoint directory written by memkfac (e.g. by `memkfac edit --out DIR`)",
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MemkfacError(f"{path} is not valid JSON ({e})", "rewrite the checkpoint with memkfac") from e
-    if not isinstance(manifest, dict):
-        raise MemkfacError(f"{path} does not hold a JSON object", "rewrite the checkpoint with memkfac")
-    return manifest
+    return read_json_object(path, "rewrite the checkpoint with memkfac", "checkpoint manifest")

@@ -23,6 +23,7 @@ recomputes what changed. Sweep checkpoints are deleted once measured (a 135M che
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -33,16 +34,31 @@ from pathlib import Path
 import numpy as np
 
 from memkfac.arguments import CompareArguments
+from memkfac.canaries import check_canary_kinds
 from memkfac.editing import EditArguments, edit_model
 from memkfac.errors import MemkfacError
 from memkfac.evaluate import EvalArguments, HeldOut, evaluate_model, reference_topk, write_tables
 from memkfac.fingerprint import model_fingerprint, sha256_file
-from memkfac.generation import probe_token_ids
+from memkfac.generation import probes_token_ids
+from memkfac.locks import DirectoryLock
 from memkfac.memorization import memorization_rows, summarize
-from memkfac.models import load_model
-from memkfac.paths import atomic_file, memkfac_home, safe_name, write_json
+from memkfac.models import load_config, load_model, load_tokenizer
+from memkfac.paths import atomic_file, check_output_file, memkfac_home, safe_name, write_json
 from memkfac.tables import make_table, new_run_id, write_table
 from memkfac.utility import perplexity
+
+REPORT_HEADER = "<!-- memkfac compare report -->\n"  # marks the reports a later run may replace
+
+
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` is a report (Markdown, or its JSON rows) an earlier comparison wrote."""
+    with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            rows = json.loads(text)
+            return isinstance(rows, list) and all(isinstance(r, dict) and "variant" in r for r in rows)
+        return text.startswith(REPORT_HEADER)
+    return False
 
 
 @dataclass
@@ -80,6 +96,7 @@ class Comparison:
         args.check()
         self.model_dir, self.corpus_dir = Path(model_dir), Path(corpus_dir)
         self.args, self.progress = args, progress
+        check_canary_kinds(probes, "the probe set")
         self.sweep_probes = [p for p in probes if p.kind == "memorized" and p.split == "sweep"]
         holdout = [p for p in probes if p.kind == "memorized" and p.split == "holdout"]
         if not self.sweep_probes or not holdout:
@@ -87,6 +104,13 @@ class Comparison:
                 f"the probe set has {len(self.sweep_probes)} sweep and {len(holdout)} holdout trained probes",
                 "mark the trained probes kind memorized and split them between sweep and holdout",
             )
+        # every probe is checked against the model's vocabulary before anything is computed
+        ids = probes_token_ids(probes, load_tokenizer(self.model_dir), load_config(self.model_dir).vocab_size)
+        self.forget = [
+            prompt + gold
+            for p, (prompt, gold) in zip(probes, ids, strict=True)
+            if p.kind == "memorized" and p.split == "sweep"
+        ]
         self.base_fp = model_fingerprint(self.model_dir)
         self.cache = memkfac_home() / "cache"
         # choices are made on the last sweep_blocks held-out blocks, results reported on the first ones
@@ -107,8 +131,8 @@ class Comparison:
     # -- factors and eigenbasis --------------------------------------------------------------------
     def eigenbasis(self) -> Path:
         from memkfac.corpora import corpus_fingerprint, load_split
-        from memkfac.eigen import EIGEN_FILE, META_FILE, compute_eigenbasis
-        from memkfac.factors import INDEX_FILE, FactorArguments, collect_factors
+        from memkfac.eigen import EIGEN_SUBDIR, compute_eigenbasis, eigenbasis_is_current
+        from memkfac.factors import FactorArguments, collect_factors
 
         a = self.args
         layers = sorted(set(a.factor_layers or [i for s in a.layer_sets for i in s]))
@@ -124,13 +148,8 @@ class Comparison:
         # estimated, so the key leaves shard_tokens out (its default depends on the model's size).
         key_args = {k: v for k, v in fargs.to_json().items() if k != "shard_tokens"}
         factor_dir = self.cache / "factors" / _key(self.base_fp, corpus_fp, key_args)
-        eig_dir = factor_dir / "eigenbasis"
-        index = factor_dir / INDEX_FILE
-        if not (
-            (eig_dir / EIGEN_FILE).is_file()
-            and index.is_file()
-            and json.loads((eig_dir / META_FILE).read_text())["factor_index_sha256"] == sha256_file(index)
-        ):
+        eig_dir = factor_dir / EIGEN_SUBDIR
+        if not eigenbasis_is_current(eig_dir, factor_dir):
             model, _ = load_model(self.model_dir)
             collect_factors(
                 model,
@@ -142,7 +161,7 @@ class Comparison:
                 progress=self.progress,
             )
             del model
-            compute_eigenbasis(factor_dir, eig_dir, progress=self.progress)
+            compute_eigenbasis(factor_dir, eig_dir, progress=self.progress, overwrite=True)
         self.eig_dir = eig_dir
         return eig_dir
 
@@ -257,8 +276,7 @@ class Comparison:
             bsn_args.ratio = a.bsn_ratio
         if a.bsn_epochs is not None:
             bsn_args.epochs = a.bsn_epochs
-        _, tokenizer = load_model(self.model_dir)
-        forget = [sum(probe_token_ids(p, tokenizer), []) for p in self.sweep_probes]
+        forget = self.forget
         retain = load_split(self.corpus_dir, "finetune")[: a.bsn_retain_blocks].tolist()
         key = _key(
             self.base_fp,
@@ -309,16 +327,32 @@ def run_comparison(
     report_path: Path | None = None,
     progress: bool = True,
     log=print,
+    overwrite: bool = False,
 ) -> list[MethodResult]:
     """Run the whole comparison; write its tables and a Markdown report; return one row per method.
 
     Tables go to MEMKFAC_HOME/evals (memorization, memorization_summary, mia, mia_auc, perplexity,
     ndcg and downstream per variant; ``comparison`` for the rows); the Markdown report to
-    ``report_path`` (default MEMKFAC_HOME/reports/comparison-<probe_set>.md).
+    ``report_path`` (default MEMKFAC_HOME/reports/comparison-<probe_set>.md), which may replace an
+    earlier report but no other file unless ``overwrite``. The cache is locked for the whole run: a
+    second comparison in the same MEMKFAC_HOME is refused at once.
     """
     args = args or CompareArguments()
     probe_set = safe_name(probe_set, "probe set name")
+    report_path = (
+        Path(report_path) if report_path else memkfac_home() / "reports" / f"comparison-{probe_set}.md"
+    )
     c = Comparison(model_dir, probes, corpus_dir, args, progress)
+    for path in (report_path, report_path.with_suffix(".json")):
+        check_output_file(path, overwrite=overwrite, inputs=[model_dir, corpus_dir], owns=_is_report)
+    with DirectoryLock(c.cache):  # one comparison writes the cache at a time
+        return _run(c, probes, args, probe_set, report_path, progress, log)
+
+
+def _run(
+    c: Comparison, probes, args: CompareArguments, probe_set: str, report_path: Path, progress: bool, log
+) -> list[MethodResult]:
+    """The comparison's steps, holding the cache lock."""
     log("K-FAC factors and eigenbasis")
     c.eigenbasis()
     log(f"sweep: recall on {len(c.sweep_probes)} probes, perplexity on {len(c.sweep_heldout.blocks)} blocks")
@@ -413,11 +447,8 @@ def run_comparison(
         ),
     )
     report = format_report(results, args, kfac_point)
-    report_path = (
-        Path(report_path) if report_path else memkfac_home() / "reports" / f"comparison-{probe_set}.md"
-    )
     with atomic_file(report_path) as tmp:
-        tmp.write_text(report)
+        tmp.write_text(REPORT_HEADER + report)
     write_json(report_path.with_suffix(".json"), [asdict(r) for r in results])
     log(report)
     log(f"wrote {report_path}")

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from memkfac.arguments import Checks
 from memkfac.errors import MemkfacError
-from memkfac.paths import atomic_dir
+from memkfac.paths import ArtifactKind, atomic_dir, claim_output, read_json_object, read_safetensors
 
 if TYPE_CHECKING:  # torch loads where blocks are made or read, so the CLI starts without it
     import torch
@@ -44,6 +44,8 @@ _LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 _TOKENIZE_BATCH = 64  # documents per tokenizer call
 _STDLIB_DOC_CHARS = 4000
+CORPUS = ArtifactKind("corpus", "a corpus (written by `memkfac corpus build`)", signature="meta.json")
+_REBUILD = "rebuild it with `memkfac corpus build --out DIR --overwrite`"
 
 
 def iter_documents(spec: str, text_column: str = "text") -> Iterator[str]:
@@ -208,11 +210,28 @@ class CorpusArguments:
         return {s: (None if caps.get(s) is None else caps[s] - caps[s] % self.block_len) for s in SPLITS}
 
 
-def build_corpus(args: CorpusArguments, tokenizer, out_dir: Path, progress: bool = True) -> Path:
+def build_corpus(
+    args: CorpusArguments, tokenizer, out_dir: Path, progress: bool = True, overwrite: bool = False
+) -> Path:
     """Tokenize ``args.source`` into disjoint, packed splits under ``out_dir``; return ``out_dir``.
 
-    Reading stops once every split holds its ``args.max_tokens``.
+    Reading stops once every split holds its ``args.max_tokens``. ``out_dir`` must be new, empty or,
+    with ``overwrite``, an earlier corpus, and may not overlap a local source or the tokenizer's
+    directory; it is locked while the corpus is built.
     """
+    with claim_output(out_dir, CORPUS, overwrite=overwrite, inputs=_inputs(args.source, tokenizer)):
+        return _build_corpus(args, tokenizer, out_dir, progress, overwrite)
+
+
+def _inputs(spec: str, tokenizer) -> list[Path]:
+    """What a corpus is built from on disk: a local source, the tokenizer's model directory."""
+    paths = [] if spec == "stdlib" or spec.startswith("hf:") else [Path(spec)]
+    tokenizer_dir = Path(getattr(tokenizer, "name_or_path", "") or "\0")
+    return paths + ([tokenizer_dir] if tokenizer_dir.is_dir() else [])
+
+
+def _build_corpus(args: CorpusArguments, tokenizer, out_dir: Path, progress: bool, overwrite: bool) -> Path:
+    """The body of ``build_corpus``, run holding the output's claim."""
     import torch
     from safetensors.torch import save_file
 
@@ -270,7 +289,7 @@ def build_corpus(args: CorpusArguments, tokenizer, out_dir: Path, progress: bool
         "eos_token_id": eos,
         "splits": {},
     }
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, CORPUS, overwrite=overwrite, inputs=_inputs(spec, tokenizer)) as tmp:
         for split in SPLITS:
             ids = tokens[split]
             n_blocks = len(ids) // block_len
@@ -298,22 +317,32 @@ def load_corpus_meta(corpus_dir: Path) -> dict:
         raise MemkfacError(
             f"{corpus_dir} is not a built corpus (no meta.json)", "build it with `memkfac corpus build`"
         )
-    return json.loads(path.read_text())
+    meta = read_json_object(path, _REBUILD, "corpus meta", ("splits", "block_len"))
+    if not isinstance(meta["splits"], dict):
+        raise MemkfacError(f"corpus meta {path}: 'splits' is not an object", _REBUILD)
+    return meta
 
 
 def load_split(corpus_dir: Path, split: str) -> torch.LongTensor:
     """The packed blocks of one split: int64 (n_blocks, block_len)."""
-    from safetensors.torch import load_file
 
     if split not in SPLITS:
         raise MemkfacError(f"unknown corpus split {split!r}", f"use one of {SPLITS}")
     load_corpus_meta(corpus_dir)
-    return load_file(str(Path(corpus_dir) / f"{split}.safetensors"))["blocks"].long()
+    path = Path(corpus_dir) / f"{split}.safetensors"
+    if not path.is_file():
+        raise MemkfacError(f"the corpus {corpus_dir} has no {split} split ({path.name} is missing)", _REBUILD)
+    blocks = read_safetensors(path, _REBUILD, f"corpus split {split}").get("blocks")
+    if blocks is None or blocks.ndim != 2 or blocks.is_floating_point():
+        raise MemkfacError(f"corpus split {path} holds no (n_blocks, block_len) integer 'blocks'", _REBUILD)
+    return blocks.long()
 
 
 def corpus_fingerprint(corpus_dir: Path, split: str) -> str:
     """The fingerprint of one split: sha256 over the spec, the split name and its tokens."""
     splits = load_corpus_meta(corpus_dir)["splits"]
-    if split not in splits:
+    if split not in SPLITS:
         raise MemkfacError(f"unknown corpus split {split!r}", f"use one of {SPLITS}")
+    if not isinstance(splits.get(split), dict) or "fingerprint" not in splits[split]:
+        raise MemkfacError(f"the corpus {corpus_dir} has no {split} split in its meta.json", _REBUILD)
     return splits[split]["fingerprint"]

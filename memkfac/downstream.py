@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import pyarrow as pa
 from memkfac.arguments import Checks
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
-from memkfac.paths import atomic_dir, memkfac_home, safe_name, write_json
+from memkfac.paths import ArtifactKind, atomic_dir, memkfac_home, read_json_object, safe_name, write_json
 from memkfac.tasks import GENERATORS, generate_items
 
 TASK_PREFIX = "memkfac_"
@@ -119,17 +120,24 @@ class Retention:
     confidence: float
 
 
+TASK_SUITE = ArtifactKind("task_suite", "a generated downstream task suite", signature="suite.json")
+
+
 def default_task_dir(n_items: int, seed: int, root: Path | None = None) -> Path:
     """Where a generated suite lives by default: ``<root or MEMKFAC_HOME>/tasks/seed=<s>-n=<n>``."""
     return (memkfac_home() if root is None else Path(root)) / "tasks" / f"seed={seed}-n={n_items}"
 
 
-def write_task_suite(out_dir: Path, n_items: int = MIN_ITEMS, seed: int = 0) -> Path:
+def write_task_suite(
+    out_dir: Path, n_items: int = MIN_ITEMS, seed: int = 0, inputs: Sequence[Path] = ()
+) -> Path:
     """Write every generated task as an lm-eval task in ``out_dir``; return ``out_dir``.
 
     Writes ``<task>.jsonl`` and ``<task>.yaml`` per task (lm-eval name ``memkfac_<task>``) and
     ``suite.json`` (seed, items, sha256 of each JSONL). Generation takes milliseconds, so the items are
-    always regenerated; a directory that already holds exactly these files is left untouched.
+    always regenerated; a directory that already holds exactly these files is left untouched, an
+    earlier suite is replaced, and a directory holding anything else, or overlapping ``inputs``, is
+    refused.
     """
     if n_items < MIN_ITEMS:
         raise MemkfacError(
@@ -166,7 +174,7 @@ def write_task_suite(out_dir: Path, n_items: int = MIN_ITEMS, seed: int = 0) -> 
         (out_dir / name).is_file() and (out_dir / name).read_text() == text for name, text in files.items()
     ):
         return out_dir
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, TASK_SUITE, overwrite=True, inputs=inputs) as tmp:
         for name, text in files.items():
             (tmp / name).write_text(text)
     return out_dir
@@ -197,7 +205,7 @@ def run_downstream(
             "pass a directory written by save_pretrained, e.g. an edited checkpoint",
         )
     task_dir = Path(task_dir) if task_dir is not None else default_task_dir(args.n_items, args.seed)
-    write_task_suite(task_dir, args.n_items, args.seed)
+    write_task_suite(task_dir, args.n_items, args.seed, inputs=[model_dir])
     names = [TASK_PREFIX + t if t in GENERATORS else t for t in args.tasks]
     manager = TaskManager(
         include_path=str(task_dir), include_defaults=any(t not in GENERATORS for t in args.tasks)
@@ -340,18 +348,22 @@ def load_item_scores(path: Path) -> dict[str, TaskResult]:
             f"no downstream scores at {path}",
             "run `memkfac downstream` on the base model first, with the same suite seed and items",
         )
-    tasks = json.loads(Path(path).read_text())["tasks"]
-    return {
-        t: TaskResult(
-            task=t,
-            category=r["category"],
-            metric=r["metric"],
-            score=float(np.mean(r["item_scores"])),
-            doc_ids=np.array(r["doc_ids"], dtype=np.int64),
-            item_scores=np.array(r["item_scores"], dtype=np.float64),
-        )
-        for t, r in tasks.items()
-    }
+    fix = "delete it and score that model again with `memkfac downstream` (same seed and items)"
+    tasks = read_json_object(path, fix, "downstream scores", ("tasks",))["tasks"]
+    try:
+        return {
+            t: TaskResult(
+                task=t,
+                category=r["category"],
+                metric=r["metric"],
+                score=float(np.mean(r["item_scores"])),
+                doc_ids=np.array(r["doc_ids"], dtype=np.int64),
+                item_scores=np.array(r["item_scores"], dtype=np.float64),
+            )
+            for t, r in tasks.items()
+        }
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise MemkfacError(f"downstream scores {path} are malformed ({type(e).__name__}: {e})", fix) from None
 
 
 def downstream_rows(results: dict, kept: dict, seed: int) -> list[dict]:

@@ -29,11 +29,12 @@ from transformers import AutoConfig
 
 import memkfac
 from memkfac.arguments import Checks
-from memkfac.checkpoint import load_manifest, save_checkpoint
+from memkfac.checkpoint import checkpoint_kind, load_manifest, save_checkpoint
 from memkfac.eigen import ModuleEigen, load_eigenbasis
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
-from memkfac.models import load_model
+from memkfac.models import load_model, validate_model_dir
+from memkfac.paths import claim_output
 from memkfac.selection import check_keep_mass, select_components
 from memkfac.targets import (
     PROJECTIONS,
@@ -47,6 +48,7 @@ from memkfac.targets import (
 
 EditMethod = Literal["kfac", "per_side", "svd", "random"]
 METHODS: tuple[EditMethod, ...] = get_args(EditMethod)
+EDIT = checkpoint_kind("edit")
 _OVERRIDE_KEY = re.compile(r"^(\d+)\.(gate|up|down)$")
 
 
@@ -233,6 +235,7 @@ def edit_model(
     out_dir: Path,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    overwrite: bool = False,
 ) -> dict:
     """Edit a Hugging Face checkpoint and write the edited one to ``out_dir``; return its manifest.
 
@@ -242,14 +245,27 @@ def edit_model(
     (``memkfac_manifest.json``) records the base model, the eigenbasis, the config and per-module
     diagnostics. The same inputs give bit-identical weights on one device. ``device`` runs the float64
     projections there, one weight at a time (a GPU makes 7B-scale edits take seconds, not minutes);
-    the model itself is loaded and written on the CPU.
+    the model itself is loaded and written on the CPU. ``out_dir`` must be new, empty or, with
+    ``overwrite``, an earlier edit; it may not overlap the model or the eigenbasis. It is locked from
+    the first step, so a second edit into it is refused at once.
     """
+    with claim_output(out_dir, EDIT, overwrite=overwrite, inputs=[model_dir, eig_dir]):
+        return _edit_model(model_dir, eig_dir, config, out_dir, progress, device, overwrite)
+
+
+def _edit_model(
+    model_dir: Path,
+    eig_dir: Path | None,
+    config: EditArguments,
+    out_dir: Path,
+    progress: bool,
+    device: str | torch.device,
+    overwrite: bool,
+) -> dict:
+    """The body of ``edit_model``, run holding the output's claim."""
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if out_dir.resolve() == model_dir.resolve():
-        raise MemkfacError(
-            f"the output {out_dir} is the base model itself", "write the edit to another directory"
-        )
+    validate_model_dir(model_dir)
     base_fingerprint = model_fingerprint(model_dir)
     eig_modules, eig_meta = {}, None
     if config.method != "svd":
@@ -320,5 +336,5 @@ def edit_model(
         "modules": modules,
         "edit_seconds": round(time.perf_counter() - start, 3),
     }
-    save_checkpoint(model, tokenizer, out_dir, manifest)
+    save_checkpoint(model, tokenizer, out_dir, manifest, overwrite=overwrite, inputs=[model_dir, eig_dir])
     return load_manifest(out_dir)

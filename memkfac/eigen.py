@@ -6,27 +6,32 @@ up_proj share A, so their A is decomposed once.
 
 On disk (``out_dir``): ``eigenbasis.safetensors`` with ``A.<group>.mu``, ``A.<group>.U_A``,
 ``G.<module>.lam``, ``G.<module>.U_G``, and ``meta.json`` (model_fingerprint, factor_index_sha256,
-targets, tokens).
+targets, tokens). An eigenbasis is current for a factor directory when its ``factor_index_sha256`` is
+the sha256 of that directory's ``index.json`` (``eigenbasis_is_current``, the one place this is decided).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from memkfac.errors import MemkfacError
-from memkfac.factors import INDEX_FILE, load_factor_sums
-from memkfac.fingerprint import sha256_file
-from memkfac.paths import atomic_dir
+from memkfac.factor_store import INDEX_FILE, factor_index_sha256, load_factor_sums
+from memkfac.paths import ArtifactKind, atomic_dir, claim_output, read_json_object, read_safetensors
 
 EIGEN_FILE = "eigenbasis.safetensors"
 META_FILE = "meta.json"
+EIGEN_SUBDIR = "eigenbasis"  # where a factor directory keeps its eigenbasis
+EIGENBASIS = ArtifactKind("eigenbasis", "an eigenbasis (written by `memkfac eigen`)", signature=EIGEN_FILE)
+_META_KEYS = ("model_fingerprint", "factor_index_sha256", "targets", "tokens")
+_RECOMPUTE = "recompute it: `memkfac eigen FACTOR_DIR --overwrite` (`memkfac edit` recomputes a missing one)"
 # A negative eigenvalue below -NEGATIVE_TOL * largest means the factor is not PSD: not rounding.
 NEGATIVE_TOL = 1e-3
 
@@ -69,42 +74,72 @@ def symmetric_eigh(matrix: Tensor, what: str) -> tuple[Tensor, Tensor]:
 
 
 def compute_eigenbasis(
-    factor_dir: Path, out_dir: Path, progress: bool = True, device: str | torch.device = "cpu"
+    factor_dir: Path,
+    out_dir: Path,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
 ) -> Path:
     """Decompose the merged, normalised factors in ``factor_dir`` into ``out_dir``; return ``out_dir``.
 
-    ``device`` runs the fp64 eigh there (a GPU is much faster for d in the thousands).
+    ``device`` runs the fp64 eigh there (a GPU is much faster for d in the thousands). ``out_dir`` must
+    be new, empty or (with ``overwrite``) an earlier eigenbasis, and may not hold the factors.
     """
-    sums, index = load_factor_sums(Path(factor_dir))
-    n = sums.tokens
-    jobs = [(f"A.{group}", "mu", "U_A", f"A of {group}", a) for group, a in sums.A.items()]
-    jobs += [(f"G.{name}", "lam", "U_G", f"G of {name}", g) for name, g in sums.G.items()]
-    tensors = {}
-    for prefix, values_key, vectors_key, what, total in tqdm(jobs, desc="eigh", disable=not progress):
-        values, vectors = symmetric_eigh(total.to(device) / n, what)
-        tensors[f"{prefix}.{values_key}"] = values
-        tensors[f"{prefix}.{vectors_key}"] = vectors
-    meta = {
-        "model_fingerprint": index["model_fingerprint"],
-        "corpus_fingerprint": index["corpus_fingerprint"],
-        "factor_index_sha256": sha256_file(Path(factor_dir) / INDEX_FILE),
-        "fisher": index["fisher"],
-        "targets": index["targets"],
-        "tokens": n,
-    }
-    with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / EIGEN_FILE))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    factor_dir = Path(factor_dir)
+    factor_index_sha256(factor_dir)  # not a factor directory: said before anything is created
+    inputs = [factor_dir / INDEX_FILE, *factor_dir.glob("shard-*.safetensors")]
+    with claim_output(out_dir, EIGENBASIS, overwrite=overwrite, inputs=inputs):
+        sums, index = load_factor_sums(factor_dir)
+        n = sums.tokens
+        jobs = [(f"A.{group}", "mu", "U_A", f"A of {group}", a) for group, a in sums.A.items()]
+        jobs += [(f"G.{name}", "lam", "U_G", f"G of {name}", g) for name, g in sums.G.items()]
+        tensors = {}
+        for prefix, values_key, vectors_key, what, total in tqdm(jobs, desc="eigh", disable=not progress):
+            values, vectors = symmetric_eigh(total.to(device) / n, what)
+            tensors[f"{prefix}.{values_key}"] = values
+            tensors[f"{prefix}.{vectors_key}"] = vectors
+        meta = {
+            "model_fingerprint": index["model_fingerprint"],
+            "corpus_fingerprint": index["corpus_fingerprint"],
+            "factor_index_sha256": factor_index_sha256(factor_dir),
+            "fisher": index["fisher"],
+            "targets": index["targets"],
+            "tokens": n,
+        }
+        with atomic_dir(out_dir, EIGENBASIS, overwrite=overwrite, inputs=inputs) as tmp:
+            save_file(tensors, str(tmp / EIGEN_FILE))
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)
 
 
 def eigenbasis_is_current(eig_dir: Path, factor_dir: Path) -> bool:
     """Whether ``eig_dir`` holds the eigenbasis of exactly the factors now in ``factor_dir``."""
-    meta = Path(eig_dir) / META_FILE
-    if not meta.is_file() or not (Path(eig_dir) / EIGEN_FILE).is_file():
+    eig_dir = Path(eig_dir)
+    if not (eig_dir / EIGEN_FILE).is_file() or not (Path(factor_dir) / INDEX_FILE).is_file():
         return False
-    index_sha = sha256_file(Path(factor_dir) / INDEX_FILE)
-    return json.loads(meta.read_text()).get("factor_index_sha256") == index_sha
+    try:
+        meta = read_json_object(eig_dir / META_FILE, _RECOMPUTE, "eigenbasis meta")
+    except MemkfacError:
+        return False
+    return meta.get("factor_index_sha256") == factor_index_sha256(factor_dir)
+
+
+def eigenbasis_for(factors: Path, progress: bool = True, device: str = "cpu") -> Path:
+    """The eigenbasis to edit with: ``factors`` itself if it is an eigenbasis directory, else the
+    factor directory's ``eigenbasis/`` when current, else computed now into it (replacing a stale one)."""
+    factors = Path(factors)
+    if (factors / EIGEN_FILE).is_file():
+        return factors
+    if not (factors / INDEX_FILE).is_file():
+        raise MemkfacError(
+            f"{factors} holds neither factors ({INDEX_FILE}) nor an eigenbasis ({EIGEN_FILE})",
+            "pass the directory written by `memkfac factors`",
+        )
+    eig_dir = factors / EIGEN_SUBDIR
+    if eigenbasis_is_current(eig_dir, factors):
+        return eig_dir
+    print(f"computing the eigenbasis of {factors} into {eig_dir}", file=sys.stderr)
+    return compute_eigenbasis(factors, eig_dir, progress=progress, device=device, overwrite=True)
 
 
 def load_eigenbasis(eig_dir: Path) -> tuple[dict[str, ModuleEigen], dict]:
@@ -115,15 +150,20 @@ def load_eigenbasis(eig_dir: Path) -> tuple[dict[str, ModuleEigen], dict]:
             f"{eig_dir} is not an eigenbasis directory (needs {EIGEN_FILE} and {META_FILE})",
             "compute it with `memkfac factors ...` (writes DIR/eigenbasis) or `memkfac eigen FACTOR_DIR`",
         )
-    meta = json.loads((eig_dir / META_FILE).read_text())
-    t = load_file(str(eig_dir / EIGEN_FILE))
-    modules = {
-        target["name"]: ModuleEigen(
-            lam=t[f"G.{target['name']}.lam"],
-            U_G=t[f"G.{target['name']}.U_G"],
-            mu=t[f"A.{target['input_group']}.mu"],
-            U_A=t[f"A.{target['input_group']}.U_A"],
-        )
-        for target in meta["targets"]
-    }
+    meta = read_json_object(eig_dir / META_FILE, _RECOMPUTE, "eigenbasis meta", _META_KEYS)
+    t = read_safetensors(eig_dir / EIGEN_FILE, _RECOMPUTE, "eigenbasis")
+    try:
+        modules = {
+            target["name"]: ModuleEigen(
+                lam=t[f"G.{target['name']}.lam"],
+                U_G=t[f"G.{target['name']}.U_G"],
+                mu=t[f"A.{target['input_group']}.mu"],
+                U_A=t[f"A.{target['input_group']}.U_A"],
+            )
+            for target in meta["targets"]
+        }
+    except (KeyError, TypeError) as e:
+        raise MemkfacError(
+            f"the eigenbasis in {eig_dir} lacks {e} for a module its {META_FILE} lists", _RECOMPUTE
+        ) from None
     return modules, meta

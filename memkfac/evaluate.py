@@ -19,7 +19,7 @@ from memkfac.arguments import Checks
 from memkfac.fingerprint import model_fingerprint
 from memkfac.memorization import LOOSE_THRESHOLD, memorization_table, positional_stress_rows, summary_table
 from memkfac.mia import mia_tables
-from memkfac.paths import atomic_file, memkfac_home
+from memkfac.paths import atomic_file, memkfac_home, safetensors_problem
 from memkfac.tables import make_table, new_run_id, write_table
 from memkfac.utility import ndcg_from_lists, perplexity, topk_lists
 
@@ -76,7 +76,7 @@ def reference_topk(
 
     key = f"{model_fingerprint(reference_dir)[:16]}-{heldout.fingerprint[:16]}-n{len(heldout.blocks)}-k{k}"
     path = memkfac_home() / "cache" / "topk" / f"{key}.safetensors"
-    if path.is_file():
+    if path.is_file() and safetensors_problem(path) is None:  # a damaged cache file is recomputed
         return load_file(str(path))["topk"].long()
     model, _ = load_model(reference_dir)
     topk = topk_lists(model, heldout.blocks, k, batch_size, progress)

@@ -7,7 +7,6 @@ are relative to each factor's largest entry and eigenvalue.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,10 +18,10 @@ PSD_RTOL = 1e-6  # smallest eigenvalue >= -PSD_RTOL * largest (fp32 sums)
 def check_factors(factor_dir: Path) -> dict:
     """The worst finiteness, asymmetry and negative curvature over every module's A and G, the token
     counts, and ``problems`` (empty when the factors are usable)."""
-    from memkfac.factors import INDEX_FILE, load_factors
+    from memkfac.factor_store import load_factors, read_index
 
-    index = json.loads((Path(factor_dir) / INDEX_FILE).read_text())
-    modules = load_factors(factor_dir)
+    modules = load_factors(factor_dir)  # validates the index and every shard first
+    index = read_index(factor_dir)
     finite, asymmetry, negativity, tokens = True, 0.0, 0.0, set()
     for f in modules.values():
         tokens.add(f.tokens)

@@ -16,39 +16,52 @@ Speed: every parameter is frozen and each tracked map's input is detached into a
 requires grad, so backward computes no weight gradients and stops at the lowest tracked map. A and G
 are added inside the same backward hook, so both see exactly the same tokens.
 
-On disk (``out_dir``): ``shard-XXXXX.safetensors`` files, each the fp32 sums ``A_sum.<group>``,
-``G_sum.<module>`` and ``tokens`` of a fixed block range, and ``index.json`` listing them with sha256.
-Shards merge exactly by addition. The shard plan depends only on the data and the arguments, so a
-collection killed part-way resumes from its completed shards and ends bit-identical to an
-uninterrupted one. Under torchrun each rank computes and writes the shards ``k`` with
-``k % world_size == rank`` (disjoint block ranges, no communication while computing); at the end a
-single collective gathers the shard records and rank 0 writes the final index.
+On disk (``out_dir``): shards of fixed block ranges and ``index.json``, kept by
+``memkfac.factor_store`` (which also validates and merges them). The shard plan depends only on the
+data and the arguments, so a collection killed part-way resumes from its completed shards and ends
+bit-identical to an uninterrupted one. A collection holds its output directory's lock for its whole
+run (``memkfac.locks``): a second run into the same directory is refused at once. Under torchrun the
+ranks are one writer: rank 0 checks and locks the directory and tells the others, then each rank
+computes and writes the shards ``k`` with ``k % world_size == rank`` (disjoint block ranges, no
+communication while computing); at the end one gather collects the shard records and rank 0 writes
+the final index.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
+import os
 import sys
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from memkfac.arguments import Checks
 from memkfac.errors import MemkfacError
-from memkfac.fingerprint import sha256_file
-from memkfac.paths import atomic_file, write_json
+from memkfac.factor_store import (
+    FACTORS,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    FactorSums,
+    completed_shards,
+    discard_other_collection,
+    holds_other_collection,
+    is_factor_dir,
+    staging_dir,
+    write_index,
+    write_shard,
+)
+from memkfac.locks import DirectoryLock
+from memkfac.paths import check_output_dir, replace_dir
 from memkfac.targets import (
     PROJECTIONS,
     LayerSpec,
@@ -62,10 +75,6 @@ from memkfac.targets import (
 Fisher = Literal["sampled", "empirical"]
 FISHER_TYPES: tuple[Fisher, ...] = get_args(Fisher)
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-INDEX_FILE = "index.json"
-FORMAT_VERSION = 1
-# What must agree for shards to belong to the same collection (checked on resume and on load).
-_IDENTITY_KEYS = ("model_fingerprint", "corpus_fingerprint", "data_sha256", "arguments", "targets")
 
 
 @dataclass
@@ -111,60 +120,6 @@ class FactorArguments:
         d["patterns"] = None if self.patterns is None else list(self.patterns)
         d["layers"] = None if self.layers is None else sorted(self.layers)
         return d
-
-
-@dataclass
-class ModuleFactors:
-    """Normalised factors of one tracked map: A (d_in, d_in) and G (d_out, d_out), means over ``tokens``."""
-
-    A: Tensor
-    G: Tensor
-    tokens: int
-
-
-@dataclass
-class FactorSums:
-    """Unnormalised sums: ``A[group]`` (d_in, d_in) per input group, ``G[name]`` (d_out, d_out) per map."""
-
-    A: dict[str, Tensor] = field(default_factory=dict)
-    G: dict[str, Tensor] = field(default_factory=dict)
-    tokens: int = 0
-
-    @classmethod
-    def zeros(cls, targets: list[Target], dtype: torch.dtype, device: torch.device) -> FactorSums:
-        sums = cls()
-        for t in targets:
-            sums.A.setdefault(
-                t.input_group, torch.zeros(t.in_features, t.in_features, dtype=dtype, device=device)
-            )
-            sums.G[t.name] = torch.zeros(t.out_features, t.out_features, dtype=dtype, device=device)
-        return sums
-
-    def add_(self, other: FactorSums) -> FactorSums:
-        for k, v in other.A.items():
-            self.A[k].add_(v)
-        for k, v in other.G.items():
-            self.G[k].add_(v)
-        self.tokens += other.tokens
-        return self
-
-    def tensors(self) -> dict[str, Tensor]:
-        """The safetensors payload of a shard (on CPU, contiguous)."""
-        out = {f"A_sum.{k}": v.cpu().contiguous() for k, v in self.A.items()}
-        out |= {f"G_sum.{k}": v.cpu().contiguous() for k, v in self.G.items()}
-        out["tokens"] = torch.tensor([self.tokens], dtype=torch.int64)
-        return out
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor]) -> FactorSums:
-        sums = cls(tokens=int(tensors["tokens"].item()))
-        for key, value in tensors.items():
-            kind, _, name = key.partition(".")
-            if kind == "A_sum":
-                sums.A[name] = value
-            elif kind == "G_sum":
-                sums.G[name] = value
-        return sums
 
 
 def add_outer_(acc: Tensor, x: Tensor) -> None:
@@ -389,86 +344,6 @@ def _data_sha256(blocks: Tensor, attention_mask: Tensor | None) -> str:
     return h.hexdigest()
 
 
-def _read_index(factor_dir: Path) -> dict | None:
-    path = factor_dir / INDEX_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise MemkfacError(
-            f"{path} is not valid JSON", f"delete {factor_dir} and collect the factors again"
-        ) from None
-
-
-def _shard_meta(path: Path) -> dict:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {})["memkfac"])
-    except Exception as e:  # unreadable header, missing metadata: the file is not a whole shard
-        raise MemkfacError(
-            f"factor shard {path} is corrupt or not a memkfac shard ({type(e).__name__}: {e})",
-            f"delete {path}; rerunning the same collection recomputes it",
-        ) from None
-
-
-def _check_identity(found: dict, expected: dict, where: Path) -> None:
-    differing = [k for k in _IDENTITY_KEYS if found.get(k) != expected[k]]
-    if differing:
-        raise MemkfacError(
-            f"{where} holds factors of another collection: {', '.join(differing)} differ "
-            "(another model, corpus or arguments)",
-            "pass a new output directory, or delete the old one to recollect",
-        )
-
-
-def _completed_shards(out_dir: Path, identity: dict, plan: list[tuple[int, int]]) -> dict[int, dict]:
-    """Shards already on disk for this collection (the resume point), verified against the index."""
-    index = _read_index(out_dir)
-    if index is not None:
-        _check_identity(index, identity, out_dir / INDEX_FILE)
-    listed = {s["file"]: s for s in (index or {}).get("shards", [])}
-    done = {}
-    for path in sorted(out_dir.glob("shard-*.safetensors")):
-        meta = _shard_meta(path)
-        _check_identity(meta, identity, path)
-        k = meta["shard"]
-        if k >= len(plan) or tuple(meta["blocks"]) != plan[k]:
-            raise MemkfacError(f"{path} covers blocks {meta['blocks']}, not this plan's shard", "delete it")
-        sha = sha256_file(path)
-        if path.name in listed and listed[path.name]["sha256"] != sha:
-            raise MemkfacError(
-                f"factor shard {path} does not match its sha256 in {INDEX_FILE} (corrupt)",
-                f"delete {path}; rerunning the same collection recomputes it",
-            )
-        done[k] = {"file": path.name, "sha256": sha, "tokens": meta["tokens"], "blocks": meta["blocks"]}
-    return done
-
-
-def _discard_unusable(out_dir: Path, identity: dict, plan: list[tuple[int, int]]) -> None:
-    """Delete the shards and index in ``out_dir`` unless they all belong to this collection."""
-    try:
-        _completed_shards(out_dir, identity, plan)
-    except MemkfacError:
-        for path in [*out_dir.glob("shard-*.safetensors"), out_dir / INDEX_FILE]:
-            path.unlink(missing_ok=True)
-
-
-def _write_index(out_dir: Path, identity: dict, header: dict, shards: dict[int, dict], planned: int) -> Path:
-    records = [shards[k] for k in sorted(shards)]
-    return write_json(
-        out_dir / INDEX_FILE,
-        identity
-        | header
-        | {
-            "tokens": sum(r["tokens"] for r in records),
-            "shards": records,
-            "planned_shards": planned,
-            "complete": len(records) == planned,
-        },
-    )
-
-
 def collect_factors(
     model: nn.Module,
     blocks: torch.LongTensor,
@@ -480,14 +355,17 @@ def collect_factors(
     attention_mask: Tensor | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Collect K-FAC factor sums of ``model`` over ``blocks`` (n_blocks, seq_len) into shards in ``out_dir``.
 
     ``attention_mask`` (n_blocks, seq_len), 1 for real tokens, is for padded sequences; packed blocks
     need none. Resumes from completed shards of the same collection; refuses shards of another model,
-    corpus or arguments, unless ``overwrite`` (then they are deleted first). Under torch.distributed
-    every rank calls this with the same inputs and ``out_dir`` (a shared file system). Returns the path
-    of ``index.json``.
+    corpus or arguments, unless ``overwrite``: then the new collection is built in a staging sibling
+    and replaces the earlier one only when complete (a rerun resumes it there). ``out_dir`` must be new,
+    empty or a factor directory, and may not overlap ``inputs`` (the model and corpus directories read).
+    The directory is locked for the whole run. Under torch.distributed every rank calls this with the
+    same inputs and ``out_dir`` (a shared file system). Returns the path of ``index.json``.
     """
     if isinstance(args.layers, str):
         args = resolve_layers(args, model.config.num_hidden_layers)
@@ -512,12 +390,63 @@ def collect_factors(
         "shard_tokens": shard_tokens,
     }
     rank, world = _dist_info()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite and rank == 0:
-        _discard_unusable(out_dir, identity, plan)
+    lock = DirectoryLock(out_dir)
+    error, work = None, out_dir
+    if rank == 0:  # the ranks of one run are one writer: rank 0 claims the directory for all
+        try:
+            lock.acquire()
+            check_output_dir(out_dir, FACTORS, overwrite=True, inputs=inputs, owns=is_factor_dir)
+            if overwrite and out_dir.is_dir() and holds_other_collection(out_dir, identity, plan):
+                work = staging_dir(out_dir)  # the earlier collection stays whole until this one is
+                check_output_dir(work, FACTORS, overwrite=True, inputs=inputs, owns=is_factor_dir)
+                work.mkdir(parents=True, exist_ok=True)
+                discard_other_collection(work, identity, plan)
+            work.mkdir(parents=True, exist_ok=True)
+            completed_shards(work, identity, plan)  # another collection is refused before any work
+        except MemkfacError as e:
+            lock.release()
+            error = e
     if world > 1:
-        dist.barrier()
-    done = _completed_shards(out_dir, identity, plan)
+        box = [error, work]
+        dist.broadcast_object_list(box, src=0)
+        error, work = box
+    if error is not None:
+        raise error
+    try:
+        _compute_shards(model, blocks, work, args, attention_mask, progress, identity, header, valid, plan)
+        if work != out_dir:
+            if rank == 0:
+                replace_dir(work, out_dir)
+            if world > 1:
+                dist.barrier()
+    finally:
+        if rank == 0:
+            lock.release()
+    if rank == 0 and args.max_tokens is not None and args.max_tokens > valid.sum():
+        print(
+            f"memkfac factors: the data holds only {int(valid.sum())} contributing tokens, "
+            f"fewer than max_tokens={args.max_tokens}; used them all",
+            file=sys.stderr,
+        )
+    return out_dir / INDEX_FILE
+
+
+def _compute_shards(
+    model: nn.Module,
+    blocks: Tensor,
+    out_dir: Path,
+    args: FactorArguments,
+    attention_mask: Tensor | None,
+    progress: bool,
+    identity: dict,
+    header: dict,
+    valid: Tensor,
+    plan: list[tuple[int, int]],
+) -> None:
+    """Compute and write this rank's missing shards; rank 0 keeps the index current."""
+    rank, world = _dist_info()
+    targets = find_targets(model, args.layers, args.projections, args.patterns)
+    done = completed_shards(out_dir, identity, plan)
     if world > 1:
         dist.barrier()  # every rank has read the resume state before any rank writes
     mine = [k for k in range(len(plan)) if k % world == rank and k not in done]
@@ -542,89 +471,16 @@ def collect_factors(
                     ids = blocks[b:stop].to(device)
                     bar.update(accumulate_batch(model, hooks, ids, valid[b:stop], b, args, mask))
             meta = identity | header | {"shard": k, "blocks": [start, end], "tokens": sums.tokens}
-            path = out_dir / f"shard-{k:05d}.safetensors"
-            with atomic_file(path) as tmp:
-                save_file(sums.tensors(), str(tmp), metadata={"memkfac": json.dumps(meta, sort_keys=True)})
-            written[k] = {
-                "file": path.name,
-                "sha256": sha256_file(path),
-                "tokens": sums.tokens,
-                "blocks": [start, end],
-            }
+            written[k] = write_shard(out_dir, k, sums, meta)
             if rank == 0:
-                _write_index(out_dir, identity, header, done | written, len(plan))
+                write_index(out_dir, identity, header, done | written, plan)
     bar.close()
-    if world > 1:  # the one collective of the run: every rank's new shard records to every rank
+    if world > 1:  # every rank's new shard records to every rank
         gathered: list[dict] = [{} for _ in range(world)]
         dist.all_gather_object(gathered, written)
         for records in gathered:
             written |= records
     if rank == 0:
-        _write_index(out_dir, identity, header, done | written, len(plan))
+        write_index(out_dir, identity, header, done | written, plan)
     if world > 1:
         dist.barrier()  # nobody returns before the final index exists
-    if rank == 0 and args.max_tokens is not None and args.max_tokens > valid.sum():
-        print(
-            f"memkfac factors: the data holds only {int(valid.sum())} contributing tokens, "
-            f"fewer than max_tokens={args.max_tokens}; used them all",
-            file=sys.stderr,
-        )
-    return out_dir / INDEX_FILE
-
-
-def load_factor_sums(factor_dir: Path) -> tuple[FactorSums, dict]:
-    """Merge a complete collection's shards by addition, verifying each shard's sha256.
-
-    Returns the summed ``FactorSums`` and the index. Raises ``MemkfacError`` naming the shard when one
-    is missing or corrupt, and naming the module when a sum holds NaN or Inf.
-    """
-    factor_dir = Path(factor_dir)
-    index = _read_index(factor_dir)
-    if index is None:
-        raise MemkfacError(
-            f"no {INDEX_FILE} in {factor_dir}: not a factor directory",
-            "point at the --out directory of `memkfac factors`",
-        )
-    if not index.get("complete"):
-        raise MemkfacError(
-            f"the factor collection in {factor_dir} is incomplete ({len(index['shards'])} of "
-            f"{index['planned_shards']} shards)",
-            "rerun the same `memkfac factors` command; it resumes from the completed shards",
-        )
-    total: FactorSums | None = None
-    for record in index["shards"]:
-        path = factor_dir / record["file"]
-        fix = f"rerun the same `memkfac factors` command after deleting {path.name}; it recomputes that shard"
-        if not path.is_file():
-            raise MemkfacError(f"factor shard {path} is missing", fix)
-        if sha256_file(path) != record["sha256"]:
-            raise MemkfacError(
-                f"factor shard {path} does not match its sha256 in {INDEX_FILE} (corrupt)", fix
-            )
-        _check_identity(_shard_meta(path), index, path)
-        sums = FactorSums.from_tensors(load_file(str(path)))
-        total = sums if total is None else total.add_(sums)
-    if total is None or total.tokens == 0:
-        raise MemkfacError(
-            f"the factors in {factor_dir} saw no tokens", "collect over a non-empty corpus (check --tokens)"
-        )
-    for kind, tensors in (("A", total.A), ("G", total.G)):
-        for name, value in tensors.items():
-            if not torch.isfinite(value).all():
-                raise MemkfacError(
-                    f"factor {kind} of {name} in {factor_dir} contains NaN or Inf",
-                    "recollect with model_dtype float32 (bf16 overflow is the usual cause) or check the "
-                    "model's weights for NaN",
-                )
-    return total, index
-
-
-def load_factors(factor_dir: Path) -> dict[str, ModuleFactors]:
-    """Merged, normalised factors per tracked map (gate and up share one A tensor)."""
-    sums, index = load_factor_sums(factor_dir)
-    n = sums.tokens
-    A = {group: a / n for group, a in sums.A.items()}
-    return {
-        t["name"]: ModuleFactors(A=A[t["input_group"]], G=sums.G[t["name"]] / n, tokens=n)
-        for t in index["targets"]
-    }

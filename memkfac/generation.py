@@ -39,6 +39,37 @@ def probe_token_ids(probe, tokenizer) -> tuple[list[int], list[int]]:
     return list(prompt), list(gold)
 
 
+def model_vocab_size(model) -> int:
+    """The token ids a model can read: 0 .. rows of its input embedding - 1."""
+    return int(model.get_input_embeddings().num_embeddings)
+
+
+def probes_token_ids(probes, tokenizer, vocab_size: int) -> list[tuple[list[int], list[int]]]:
+    """``probe_token_ids`` of every probe, each id checked to be one the model can read.
+
+    ``vocab_size`` is the model's (``model_vocab_size``, or ``config.vocab_size``). A probe carrying
+    ids of another tokenizer would index past the embedding (or score 0% recall by accident), so every
+    such probe is named with its line before anything is generated or trained.
+    """
+    pairs, bad = [], []
+    for probe in probes:
+        prompt, gold = probe_token_ids(probe, tokenizer)
+        outside = sorted({t for t in prompt + gold if not 0 <= t < vocab_size})
+        if outside:
+            shown = ", ".join(map(str, outside[:5])) + (" ..." if len(outside) > 5 else "")
+            bad.append(f"  {probe.location or 'probe'}: probe {probe.id!r} has token id(s) {shown}")
+        pairs.append((prompt, gold))
+    if bad:
+        raise MemkfacError(
+            f"{len(bad)} probe(s) hold token ids outside the model's vocabulary (ids 0-{vocab_size - 1}):\n"
+            + "\n".join(bad[:20])
+            + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""),
+            "these ids come from another tokenizer: give the probes as prefix/suffix text, or mine them "
+            "again with this model (`memkfac mine`)",
+        )
+    return pairs
+
+
 def _pad_id(tokenizer) -> int:
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if tid is not None:

@@ -23,15 +23,18 @@ from pathlib import Path
 import torch
 
 from memkfac.arguments import InjectArguments
-from memkfac.checkpoint import save_checkpoint
+from memkfac.checkpoint import checkpoint_kind, save_checkpoint
 from memkfac.errors import MemkfacError
 from memkfac.finetune import finetune, mixed_batches
 from memkfac.fingerprint import model_fingerprint
-from memkfac.generation import probe_token_ids
+from memkfac.generation import model_vocab_size, probes_token_ids
 from memkfac.memorization import memorization_rows, summarize
 from memkfac.models import load_model
+from memkfac.paths import claim_output
 from memkfac.probes import Probe, probe_to_record
 from memkfac.utility import perplexity
+
+INJECTED = checkpoint_kind("canary_injection")
 
 
 def canary_set_fingerprint(probes: list[Probe]) -> str:
@@ -54,6 +57,7 @@ def inject_canaries(
     out_dir: Path,
     general_fingerprint: str = "",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Fine-tune ``base_dir`` on the ``memorized`` probes mixed with general text; write ``out_dir``.
 
@@ -64,7 +68,36 @@ def inject_canaries(
         heldout_blocks: (n_blocks, block_len) token ids for perplexity (the ``heldout`` split).
     Returns:
         the manifest written to ``out_dir/memkfac_manifest.json``.
+
+    ``out_dir`` must be new, empty or, with ``overwrite``, an earlier injection, and may not overlap
+    ``base_dir``; it is locked from the first step.
     """
+    with claim_output(out_dir, INJECTED, overwrite=overwrite, inputs=[base_dir]):
+        return _inject_canaries(
+            base_dir,
+            probes,
+            general_blocks,
+            heldout_blocks,
+            recipe,
+            out_dir,
+            general_fingerprint,
+            progress,
+            overwrite,
+        )
+
+
+def _inject_canaries(
+    base_dir: Path,
+    probes: list[Probe],
+    general_blocks: torch.Tensor,
+    heldout_blocks: torch.Tensor,
+    recipe: InjectArguments,
+    out_dir: Path,
+    general_fingerprint: str,
+    progress: bool,
+    overwrite: bool,
+) -> dict:
+    """The body of ``inject_canaries``, run holding the output's claim."""
     start = time.perf_counter()
     trained = [p for p in probes if p.kind == "memorized"]
     control = [p for p in probes if p.kind == "control"]
@@ -79,10 +112,11 @@ def inject_canaries(
             "build the corpus with --block-len at least general_len, or lower general_len",
         )
     model, tokenizer = load_model(base_dir)
+    # every probe, the controls measured only after training included, is checked before anything runs
+    canary_ids = probes_token_ids(trained + control, tokenizer, model_vocab_size(model))[: len(trained)]
     heldout = heldout_blocks[: recipe.heldout_blocks]
     base_ppl = perplexity(model, heldout, progress=progress)
 
-    canary_ids = [probe_token_ids(p, tokenizer) for p in trained]
     canary_seqs = [prefix + suffix + [tokenizer.eos_token_id] for prefix, suffix in canary_ids]
     loss_starts = [0 if recipe.train_on_cue else len(prefix) for prefix, _ in canary_ids]
     chunks = general_blocks[:, : n_chunk * recipe.general_len].reshape(-1, recipe.general_len).tolist()
@@ -125,5 +159,5 @@ def inject_canaries(
         },
     }
     manifest["seconds"] = time.perf_counter() - start
-    save_checkpoint(model, tokenizer, out_dir, manifest)
+    save_checkpoint(model, tokenizer, out_dir, manifest, overwrite=overwrite, inputs=[base_dir])
     return manifest

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from memkfac.errors import MemkfacError
-from memkfac.generation import greedy_continuations, probe_token_ids
+from memkfac.generation import greedy_continuations, model_vocab_size, probes_token_ids
 from memkfac.tables import make_table, new_run_id
 
 LOOSE_THRESHOLD = 0.75
@@ -82,7 +82,7 @@ def memorization_rows(
     progress: bool = True,
 ) -> list[dict]:
     """Generate and score every probe; one dict per probe with the ``memorization`` table's columns."""
-    ids = [probe_token_ids(p, tokenizer) for p in probes]
+    ids = probes_token_ids(probes, tokenizer, model_vocab_size(model))
     prompts, golds = [i[0] for i in ids], [i[1] for i in ids]
     generated = greedy_continuations(model, tokenizer, prompts, [len(g) for g in golds], batch_size, progress)
     rows = []
@@ -179,8 +179,8 @@ def positional_stress_rows(
     """
     prompts, golds, names, owners = [], [], [], []
     n_variants = []
-    for k, probe in enumerate(probes):
-        prompt, gold = probe_token_ids(probe, tokenizer)
+    ids = probes_token_ids(probes, tokenizer, model_vocab_size(model))
+    for k, (prompt, gold) in enumerate(ids):
         variants = stress_prompts(prompt, gold, t)
         n_variants.append(len(variants))
         for name, p, g in [("original", prompt, gold), *variants]:

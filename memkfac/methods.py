@@ -7,9 +7,9 @@ probe set (the forget set is its memorized ``sweep`` half: the ``holdout`` half 
 the K-FAC edit's tuning) and general-text blocks to retain.
 
 To add a method: an ``*Arguments`` dataclass with a ``method: Literal["<name>"]`` field and a
-``__post_init__`` that checks the values, a run function ``(args, inputs, out_dir, progress) ->
-manifest`` that writes a checkpoint with ``memkfac.checkpoint.save_checkpoint`` (its manifest records
-the arguments under ``"arguments"``), and an entry in ``METHODS``.
+``__post_init__`` that checks the values, a run function ``(args, inputs, out_dir, progress,
+overwrite) -> manifest`` that writes a checkpoint with ``memkfac.checkpoint.save_checkpoint`` (its
+manifest records the arguments under ``"arguments"``), and an entry in ``METHODS``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class EditInputs:
 @dataclass(frozen=True)
 class EditMethod:
     arguments: type  # the method's *Arguments dataclass
-    run: Callable[[Any, EditInputs, Path, bool], dict]  # (args, inputs, out_dir, progress) -> manifest
+    run: Callable[[Any, EditInputs, Path, bool, bool], dict]  # (args, inputs, out_dir, progress, overwrite)
 
 
 def probe_sequences(probes: Sequence[Probe], tokenizer) -> list[list[int]]:
@@ -54,17 +54,21 @@ def forget_sequences(probes: Sequence[Probe], tokenizer) -> list[list[int]]:
     return probe_sequences([p for p in probes if p.kind == "memorized" and p.split == "sweep"], tokenizer)
 
 
-def _curvature_edit(args: EditArguments, inputs: EditInputs, out_dir: Path, progress: bool) -> dict:
+def _curvature_edit(
+    args: EditArguments, inputs: EditInputs, out_dir: Path, progress: bool, overwrite: bool
+) -> dict:
     eigen_dir = None if args.method == "svd" else inputs.eigen_dir
-    return edit_model(inputs.model_dir, eigen_dir, args, out_dir, progress=progress)
+    return edit_model(inputs.model_dir, eigen_dir, args, out_dir, progress=progress, overwrite=overwrite)
 
 
-def _balanced_subnet(args: BSNArguments, inputs: EditInputs, out_dir: Path, progress: bool) -> dict:
+def _balanced_subnet(
+    args: BSNArguments, inputs: EditInputs, out_dir: Path, progress: bool, overwrite: bool
+) -> dict:
     from transformers import AutoTokenizer
 
     forget = forget_sequences(inputs.probes, AutoTokenizer.from_pretrained(inputs.model_dir))
     retain = [] if inputs.retain is None else inputs.retain.tolist()
-    return train_balanced_subnet(inputs.model_dir, forget, retain, args, out_dir, progress)
+    return train_balanced_subnet(inputs.model_dir, forget, retain, args, out_dir, progress, overwrite)
 
 
 METHODS: dict[str, EditMethod] = {
@@ -74,9 +78,14 @@ METHODS: dict[str, EditMethod] = {
 DEFAULT_METHOD = EditArguments.method  # what an edit entry without ``method`` runs: K-FAC editing
 
 
-def apply_edit(args, inputs: EditInputs, out_dir: Path, progress: bool = True) -> dict:
-    """Run the method ``args.method`` names on ``inputs.model_dir``, writing ``out_dir``; its manifest."""
-    return METHODS[args.method].run(args, inputs, out_dir, progress)
+def apply_edit(
+    args, inputs: EditInputs, out_dir: Path, progress: bool = True, overwrite: bool = False
+) -> dict:
+    """Run the method ``args.method`` names on ``inputs.model_dir``, writing ``out_dir``; its manifest.
+
+    ``out_dir`` must be new, empty or, with ``overwrite``, an earlier checkpoint of the same method.
+    """
+    return METHODS[args.method].run(args, inputs, out_dir, progress, overwrite)
 
 
 def mean_fraction_kept(manifest: dict) -> float | None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from memkfac.errors import MemkfacError
-from memkfac.generation import probe_token_ids
+from memkfac.generation import model_vocab_size, probes_token_ids
 from memkfac.tables import make_table, new_run_id
 
 MIN_K_FRACTION = 0.2
@@ -80,7 +80,7 @@ def mia_rows(
     model, tokenizer, probes, batch_size: int = 16, k: float = MIN_K_FRACTION, progress: bool = True
 ):
     """One dict per probe with the ``mia`` table's columns."""
-    ids = [probe_token_ids(p, tokenizer) for p in probes]
+    ids = probes_token_ids(probes, tokenizer, model_vocab_size(model))
     stats = suffix_token_stats(model, [i[0] for i in ids], [i[1] for i in ids], batch_size, progress)
     rows = []
     for probe, (_, suffix), (logp, standardized) in zip(probes, ids, stats, strict=True):

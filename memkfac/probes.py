@@ -25,14 +25,15 @@ A file with any error is rejected whole; ``ProbeSetError`` lists every error wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from memkfac.errors import MemkfacError
-from memkfac.paths import atomic_file
+from memkfac.paths import atomic_file, check_output_file
 
 SPLIT_VALUES = ("sweep", "holdout")
 MAX_LINE_BYTES = 1 << 20  # a probe is a few hundred tokens; a 1 MiB line is a corrupt or wrong file
@@ -53,6 +54,8 @@ class Probe:
     split: str = "holdout"
     prefix_ids: list[int] | None = None
     suffix_ids: list[int] | None = None
+    # where it was read from ("probes.jsonl, line 3"), for error messages; not part of the probe
+    location: str = field(default="", compare=False, repr=False)
 
 
 class ProbeSetError(MemkfacError):
@@ -195,6 +198,7 @@ def parse_probes(
             errors.append((where, f"duplicate id {probe.id!r} (first at {first_seen[probe.id]})"))
             continue
         first_seen[probe.id] = where
+        probe.location = f"{origin}, {where}"
         probes.append(probe)
     if not errors and not probes:
         errors.append((origin, "no probes"))
@@ -233,7 +237,8 @@ def load_probe_set(
     """Load and validate a JSONL probe set (native or official formats); all or nothing."""
     path = Path(path)
     if not path.is_file():
-        raise MemkfacError(f"probe set {path} does not exist", "pass the path of a .jsonl probe-set file")
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise MemkfacError(f"probe set {path} {state}", "pass the path of a .jsonl probe-set file")
     return parse_probes(
         _read_jsonl(path, max_line_bytes),
         str(path),
@@ -292,15 +297,29 @@ def probes_from_dataset(
 
 def probe_to_record(probe: Probe) -> dict:
     """The native JSONL object of a probe (id fields only when set)."""
-    return {k: v for k, v in asdict(probe).items() if v is not None}
+    return {k: v for k, v in asdict(probe).items() if v is not None and k != "location"}
 
 
-def write_probe_set(probes: list[Probe], path: Path) -> Path:
-    """Validate ``probes`` and write them as native JSONL, atomically; return ``path``."""
+def write_probe_set(
+    probes: list[Probe], path: Path, *, overwrite: bool = False, inputs: Sequence[Path | None] = ()
+) -> Path:
+    """Validate ``probes`` and write them as native JSONL, atomically; return ``path``.
+
+    A file already holding exactly these probes is left as it is; any other existing file is replaced
+    only with ``overwrite`` (a probe set may be a user's own), and never one of ``inputs``.
+    """
     records = [(f"probe {i}", probe_to_record(p)) for i, p in enumerate(probes)]
     parse_probes(records, f"probes for {path}")  # what is written must load back
     path = Path(path)
-    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for _, record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for _, record in records)
+    check_output_file(path, overwrite=overwrite, inputs=inputs, owns=lambda p: _holds(p, text))
+    if not path.is_file() or not _holds(path, text):
+        with atomic_file(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     return path
+
+
+def _holds(path: Path, text: str) -> bool:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return path.read_text(encoding="utf-8") == text
+    return False

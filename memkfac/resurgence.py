@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from memkfac.arguments import Checks
 from memkfac.errors import MemkfacError
 from memkfac.finetune import Batch, FinetuneArguments, finetune, mixed_batches
-from memkfac.generation import probe_token_ids
+from memkfac.generation import model_vocab_size, probes_token_ids
 from memkfac.memorization import memorization_rows, summarize
 from memkfac.models import load_model
 from memkfac.paths import atomic_file, memkfac_home, safe_name
@@ -145,9 +145,10 @@ def resurgence_rows(
     relearn, measured = split_canaries(probes)
     model, tokenizer = load_model(model_dir)
     pad_id = tokenizer.pad_token_id
+    ids = probes_token_ids(relearn + measured, tokenizer, model_vocab_size(model))  # all, before training
     pools = {
         "general": general_sequences(general_blocks, args.general_len).tolist(),
-        "partial_forget": [sum(probe_token_ids(p, tokenizer), []) for p in relearn],
+        "partial_forget": [prompt + gold for prompt, gold in ids[: len(relearn)]],
     }
 
     def measure(m) -> dict[str, dict]:

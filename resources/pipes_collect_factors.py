@@ -35,6 +35,8 @@ def main() -> None:
             model_fingerprint=model_fingerprint(model_dir),
             corpus_fingerprint=corpus_fingerprint(corpus_dir, "factor"),
             progress=True,
+            overwrite=True,  # the asset's own directory: factors of an older config are replaced
+            inputs=[model_dir, corpus_dir],
         )
 
         meta = json.loads(index.read_text())

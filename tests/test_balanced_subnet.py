@@ -118,7 +118,7 @@ def test_objective_never_nan_and_bad_input_is_an_error(tiny_model_dir, tmp_path)
         train_balanced_subnet(
             tiny_model_dir, seqs, seqs, BSNArguments(layers=[0], ratio=1.5), tmp_path / "x", False
         )
-    with pytest.raises(MemkfacError, match="base model itself"):
+    with pytest.raises(MemkfacError, match="is the input"):
         train_balanced_subnet(tiny_model_dir, seqs, seqs, BSNArguments(layers=[0]), tiny_model_dir, False)
     assert not (tmp_path / "x").exists()
 

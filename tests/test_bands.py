@@ -124,7 +124,7 @@ def test_band_rows_and_plot_on_tiny_model(tmp_path):
     ]
     sources = {
         "clean": block_source(torch.randint(1, 384, (4, 16), generator=g)),
-        "memorized": probe_source(probes, tokenizer),
+        "memorized": probe_source(probes, tokenizer, model.config.vocab_size),
         "copying": text_source(["Repeat the code exactly.\nCode: ab12\nRepeated: ab12"], tokenizer),
     }
     rows = band_activation_rows(model, bases, sources, max_tokens=30, progress=False)

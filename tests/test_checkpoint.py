@@ -33,10 +33,10 @@ class _FailingTokenizer:
 def test_failed_save_leaves_nothing_and_keeps_the_old_checkpoint(tmp_path):
     model, tokenizer = build_tiny_model(seed=1)
     out = tmp_path / "ckpt"
-    save_checkpoint(model, tokenizer, out, {"kind": "first"})
+    save_checkpoint(model, tokenizer, out, {"kind": "test", "run": "first"})
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(model, _FailingTokenizer(), out, {"kind": "second"})
-    assert load_manifest(out)["kind"] == "first"
+        save_checkpoint(model, _FailingTokenizer(), out, {"kind": "test", "run": "second"}, overwrite=True)
+    assert load_manifest(out)["run"] == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary directory left
     with pytest.raises(OSError):
         save_checkpoint(model, _FailingTokenizer(), tmp_path / "new", {})

@@ -16,7 +16,8 @@ from test_factors import IDS, assert_rel_close, brute_force, check_bfloat16_accu
 
 from memkfac.editing import EditArguments, edit_model
 from memkfac.eigen import compute_eigenbasis, load_eigenbasis
-from memkfac.factors import FactorArguments, collect_factors, load_factors
+from memkfac.factor_store import load_factors
+from memkfac.factors import FactorArguments, collect_factors
 from memkfac.fingerprint import model_fingerprint
 from memkfac.generation import greedy_continuations
 from memkfac.models import load_model

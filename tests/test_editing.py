@@ -193,8 +193,8 @@ def test_same_inputs_give_bit_identical_weights(tiny_model_dir, eig_dir, tmp_pat
         config = EditArguments(
             layers=[1, 2], projections=("gate", "up", "down"), keep_mass=0.7, method=method
         )
-        edit_model(tiny_model_dir, eig_dir, config, tmp_path / "a", progress=False)
-        edit_model(tiny_model_dir, eig_dir, config, tmp_path / "b", progress=False)
+        edit_model(tiny_model_dir, eig_dir, config, tmp_path / "a", progress=False, overwrite=True)
+        edit_model(tiny_model_dir, eig_dir, config, tmp_path / "b", progress=False, overwrite=True)
         assert sha256_file(tmp_path / "a" / "model.safetensors") == sha256_file(
             tmp_path / "b" / "model.safetensors"
         )
@@ -290,7 +290,7 @@ def test_edit_model_refuses_unknown_layers_and_svd_only_skips_the_eigenbasis(
         edit_model(tiny_model_dir, eig_dir, EditArguments(layers=[1, 7]), tmp_path / "out", progress=False)
     with pytest.raises(MemkfacError, match="needs an eigenbasis"):
         edit_model(tiny_model_dir, None, EditArguments(layers=[1]), tmp_path / "out", progress=False)
-    with pytest.raises(MemkfacError, match="is the base model itself"):
+    with pytest.raises(MemkfacError, match="is the input"):
         edit_model(tiny_model_dir, eig_dir, EditArguments(layers=[1]), tiny_model_dir, progress=False)
     assert not (tmp_path / "out").exists()
 

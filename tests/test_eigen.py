@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from memkfac.eigen import compute_eigenbasis, load_eigenbasis, symmetric_eigh
 from memkfac.errors import MemkfacError
-from memkfac.factors import FactorArguments, collect_factors, load_factors
+from memkfac.factor_store import load_factors
+from memkfac.factors import FactorArguments, collect_factors
 from memkfac.fingerprint import sha256_file
 from memkfac.tiny import build_tiny_model
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memkfac import factors as factors_module
+from memkfac import factor_store
 from memkfac.factor_health import check_factors
-from memkfac.factors import FactorArguments, ModuleFactors, collect_factors, load_factors
+from memkfac.factor_store import ModuleFactors, load_factors
+from memkfac.factors import FactorArguments, collect_factors
 from memkfac.tiny import build_tiny_model
 
 
@@ -33,6 +34,6 @@ def test_broken_factors_are_named(factor_dir, monkeypatch):
     A = good[name].A.clone()
     A[0, 1] += A.abs().max()  # asymmetric
     broken = dict(good) | {name: ModuleFactors(A, -good[name].G, good[name].tokens + 1)}  # indefinite G
-    monkeypatch.setattr(factors_module, "load_factors", lambda _: broken)
+    monkeypatch.setattr(factor_store, "load_factors", lambda _: broken)
     problems = check_factors(factor_dir)["problems"]
     assert [p.split()[0] for p in problems] == ["asymmetry", "negative", "token"], problems

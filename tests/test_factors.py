@@ -11,13 +11,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from memkfac.errors import MemkfacError
+from memkfac.factor_store import FactorSums, load_factor_sums, load_factors
 from memkfac.factors import (
     FactorArguments,
-    FactorSums,
     KFACHooks,
     collect_factors,
-    load_factor_sums,
-    load_factors,
     sample_labels,
     shard_token_count,
 )

@@ -10,7 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from memkfac.factors import FactorArguments, collect_factors, load_factor_sums, load_factors
+from memkfac.factor_store import load_factor_sums, load_factors
+from memkfac.factors import FactorArguments, collect_factors
 from memkfac.tiny import build_tiny_model
 
 IDS = dict(model_fingerprint="model-a", corpus_fingerprint="corpus-a")

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from memkfac.factors import FactorArguments, collect_factors, load_factors
+from memkfac.factor_store import load_factors
+from memkfac.factors import FactorArguments, collect_factors
 from memkfac.targets import find_targets
 from memkfac.tiny import build_tiny_model
 

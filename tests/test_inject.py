@@ -126,7 +126,7 @@ def test_cli_inject_on_a_tiny_model(tmp_path, memkfac_home, capsys):
     assert manifest["n_trained"] == 4 and manifest["finetune"]["steps"] == 2
     assert (memkfac_home / "probes" / "canaries.jsonl").is_file()
     assert (memkfac_home / "corpora" / "tiny" / "meta.json").is_file()
-    assert main(argv + ["--train-layers", "9"]) == 2  # a layer the model lacks: a usage error, no traceback
+    assert main(argv + ["--train-layers", "9", "--overwrite"]) == 2  # a layer the model lacks: a usage error
     assert "outside the model" in capsys.readouterr().err
 
 

@@ -100,7 +100,7 @@ def _overfit_probes(model, tok):
         tok(t, add_special_tokens=False).input_ids for t in ("Alice's email is", "The quick brown fox")
     ]
     own = greedy_continuations(model, tok, prompts, 6, progress=False)
-    other = [o + 1 for o in own[1]]
+    other = [(o + 1) % model.config.vocab_size for o in own[1]]  # never the model's own token
 
     def probe(pid, prompt, suffix, **kw):
         return Probe(pid, tok.decode(prompt), tok.decode(suffix), prefix_ids=prompt, suffix_ids=suffix, **kw)

@@ -97,6 +97,11 @@ def register(subparsers) -> None:
         "--seed", type=int, default=0, help="seed of token subsampling and task items (default: 0)"
     )
     p.add_argument("--plot", type=Path, metavar="PNG", help="where to write the plot")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --plot file that is not an earlier band plot",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -121,8 +126,8 @@ def format_rows(rows: list[dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from memkfac.bands import BandArguments, run_band_analysis
-    from memkfac.cli.edit import _eigenbasis_dir
     from memkfac.corpora import load_split
+    from memkfac.eigen import eigenbasis_for
     from memkfac.models import resolve_model
     from memkfac.probes import load_probe_set
 
@@ -141,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         )
     table = run_band_analysis(
         model_dir,
-        _eigenbasis_dir(args.factors, progress) if "kfac" in band_args.bases else None,
+        eigenbasis_for(args.factors, progress) if "kfac" in band_args.bases else None,
         load_probe_set(args.probes),
         load_split(args.clean, "heldout"),
         band_args,
@@ -149,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         probe_set=probe_set,
         plot_path=args.plot,
         progress=progress,
+        overwrite=args.overwrite,
     )
     print(format_rows(table.to_pylist()))
     return 0

@@ -95,19 +95,29 @@ def register(subparsers) -> None:
         "--retain-per-batch", type=positive_int, default=d.retain_per_batch, help="retain blocks per step"
     )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the scores and the batch order")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the pruned model")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="where to write the pruned model: a new or empty directory",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier BalancedSubnet checkpoint in --out (never anything else)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from memkfac.balanced_subnet import BSNArguments, train_balanced_subnet
+    from memkfac.balanced_subnet import BSN_CHECKPOINT, BSNArguments, train_balanced_subnet
     from memkfac.corpora import load_split
     from memkfac.errors import MemkfacError
-    from memkfac.generation import probe_token_ids
-    from memkfac.models import resolve_model
+    from memkfac.generation import probes_token_ids
+    from memkfac.models import load_config, load_tokenizer, resolve_model
+    from memkfac.paths import check_output_dir
     from memkfac.probes import load_probe_set
 
     progress = not args.quiet
@@ -124,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
             retain_per_batch=args.retain_per_batch,
             seed=args.seed,
         )
+    inputs = [model_dir, args.probes, args.retain]
+    check_output_dir(args.out, BSN_CHECKPOINT, overwrite=args.overwrite, inputs=inputs)  # before training
     probes = [
         p
         for p in load_probe_set(args.probes)
@@ -134,10 +146,12 @@ def run(args: argparse.Namespace) -> int:
             f"{args.probes} has no memorized probes in split {args.forget_split!r}",
             "pass a probe set with kind=memorized probes, or choose --forget-split all",
         )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    forget = [prompt + gold for prompt, gold in (probe_token_ids(p, tokenizer) for p in probes)]
+    tokenizer, hf_config = load_tokenizer(model_dir), load_config(model_dir)
+    forget = [prompt + gold for prompt, gold in probes_token_ids(probes, tokenizer, hf_config.vocab_size)]
     retain = load_split(args.retain, args.retain_split)[: args.max_retain].tolist()
-    manifest = train_balanced_subnet(model_dir, forget, retain, config, args.out, progress=progress)
+    manifest = train_balanced_subnet(
+        model_dir, forget, retain, config, args.out, progress=progress, overwrite=args.overwrite
+    )
     losses = manifest["losses"]
     print(
         f"forget CE {losses['forget_before']:.3f} -> {losses['forget_after']:.3f} nats/token, "

@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--out", type=Path, help="output JSONL (default: $MEMKFAC_HOME/probes/canaries.jsonl)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, different --out file")
     parser.set_defaults(func=_run)
 
 
@@ -37,7 +38,8 @@ def _run(args: argparse.Namespace) -> int:
     from memkfac.probes import write_probe_set
 
     trained, control = generate_canaries(CanaryArguments(args.n_trained, args.n_control, args.seed))
-    path = write_probe_set(trained + control, args.out or memkfac_home() / "probes" / "canaries.jsonl")
+    out = args.out or memkfac_home() / "probes" / "canaries.jsonl"
+    path = write_probe_set(trained + control, out, overwrite=args.overwrite)
     print(f"example: {trained[0].prefix!r} -> {trained[0].suffix!r}")
     print(f"wrote {len(trained)} trained + {len(control)} control canaries to {path}")
     return 0

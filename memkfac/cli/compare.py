@@ -136,6 +136,11 @@ def register(subparsers) -> None:
         help=f"items per generated task (>= {MIN_ITEMS})",
     )
     p.add_argument("--report", type=Path, metavar="FILE", help="Markdown report path")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --report file that is not an earlier report",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_compare)
 
@@ -188,5 +193,6 @@ def run_compare(args: argparse.Namespace) -> int:
         probe_set=probe_set,
         report_path=args.report,
         progress=progress,
+        overwrite=args.overwrite,
     )
     return 0

@@ -49,7 +49,7 @@ def corpus_for(args: argparse.Namespace, tokenizer, out_dir: Path, rebuild: bool
             print(f"reusing corpus {out_dir}")
             return out_dir
     corpus = CorpusArguments(args.corpus, args.block_len, caps, text_column=args.text_column)
-    return build_corpus(corpus, tokenizer, out_dir, progress=not args.quiet)
+    return build_corpus(corpus, tokenizer, out_dir, progress=not args.quiet, overwrite=args.overwrite)
 
 
 def register(subparsers) -> None:
@@ -77,6 +77,7 @@ def register(subparsers) -> None:
     build.add_argument(
         "--out", type=Path, help="output directory (default: $MEMKFAC_HOME/corpora/<model name>)"
     )
+    build.add_argument("--overwrite", action="store_true", help="replace an earlier corpus in --out")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=_build)
 
@@ -87,13 +88,11 @@ def model_name(spec: str) -> str:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from memkfac.models import resolve_model
+    from memkfac.models import load_tokenizer, resolve_model
 
     model_dir = resolve_model(args.model, progress=not args.quiet)
     out = args.out or memkfac_home() / "corpora" / model_name(args.model)
-    corpus_for(args, AutoTokenizer.from_pretrained(model_dir), out, rebuild=True)
+    corpus_for(args, load_tokenizer(model_dir), out, rebuild=True)
     for split, info in load_corpus_meta(out)["splits"].items():
         blocks, tokens, docs = info["n_blocks"], info["tokens"], info["n_documents"]
         print(f"{split:9s} {blocks:6d} blocks  {tokens:8d} tokens  {docs:6d} documents")

@@ -13,7 +13,6 @@ from memkfac.cli.values import (
     name_list,
     usage_errors,
 )
-from memkfac.errors import MemkfacError
 
 _DESCRIPTION = """\
 Edit a model's MLP weights with K-FAC curvature editing (Merullo et al. 2025) and write the edited
@@ -110,7 +109,10 @@ def register(subparsers) -> None:
         required=True,
         type=Path,
         metavar="DIR",
-        help="where to write the edited model (replaced atomically if it exists)",
+        help="where to write the edited model: a new or empty directory",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier edit in --out (never anything else)"
     )
     p.add_argument(
         "--device",
@@ -120,28 +122,6 @@ def register(subparsers) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
-
-
-def _eigenbasis_dir(factors: Path, progress: bool, device: str = "cpu") -> Path:
-    """The eigenbasis for ``factors``: itself, its ``eigenbasis/``, or computed now from the factors."""
-    from memkfac.eigen import EIGEN_FILE, compute_eigenbasis, load_eigenbasis
-    from memkfac.factors import INDEX_FILE
-    from memkfac.fingerprint import sha256_file
-
-    if (factors / EIGEN_FILE).is_file():
-        return factors
-    eig_dir = factors / "eigenbasis"
-    if not (factors / INDEX_FILE).is_file():
-        raise MemkfacError(
-            f"{factors} holds neither factors ({INDEX_FILE}) nor an eigenbasis ({EIGEN_FILE})",
-            "pass the directory written by `memkfac factors`",
-        )
-    if (eig_dir / EIGEN_FILE).is_file():
-        _, meta = load_eigenbasis(eig_dir)
-        if meta["factor_index_sha256"] == sha256_file(factors / INDEX_FILE):
-            return eig_dir
-    print(f"computing the eigenbasis of {factors} into {eig_dir}")
-    return compute_eigenbasis(factors, eig_dir, progress=progress, device=device)
 
 
 def _summary_table(modules: list[dict]) -> str:
@@ -161,8 +141,11 @@ def _summary_table(modules: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from memkfac.checkpoint import checkpoint_kind
     from memkfac.editing import EditArguments, edit_model
+    from memkfac.eigen import eigenbasis_for
     from memkfac.models import resolve_model
+    from memkfac.paths import check_output_dir
 
     if args.method != "svd" and args.factors is None:
         raise UsageError(
@@ -180,8 +163,14 @@ def run(args: argparse.Namespace) -> int:
             svd_drop=args.svd_drop,
             seed=args.seed,
         )
-    eig_dir = None if config.method == "svd" else _eigenbasis_dir(args.factors, progress, args.device)
-    manifest = edit_model(model_dir, eig_dir, config, args.out, progress=progress, device=args.device)
+    # refused now, not after computing an eigenbasis: an output holding anything but an earlier edit
+    check_output_dir(
+        args.out, checkpoint_kind("edit"), overwrite=args.overwrite, inputs=[model_dir, args.factors]
+    )
+    eig_dir = None if config.method == "svd" else eigenbasis_for(args.factors, progress, args.device)
+    manifest = edit_model(
+        model_dir, eig_dir, config, args.out, progress=progress, device=args.device, overwrite=args.overwrite
+    )
     print(_summary_table(manifest["modules"]))
     print(f"wrote {args.out} ({len(manifest['modules'])} modules, {manifest['edit_seconds']:.1f} s)")
     return 0

@@ -115,6 +115,7 @@ def register(subparsers) -> None:
     )
     e.add_argument("factors", type=Path, metavar="FACTOR_DIR", help="the --out directory of memkfac factors")
     e.add_argument("--out", type=Path, help="eigenbasis directory (default FACTOR_DIR/eigenbasis)")
+    e.add_argument("--overwrite", action="store_true", help="replace an earlier eigenbasis in --out")
     e.add_argument(
         "--device", default="cpu", help="where the fp64 eigh runs (cuda is much faster for large d)"
     )
@@ -159,7 +160,7 @@ def run_factors(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from memkfac.corpora import corpus_fingerprint, load_split
-    from memkfac.eigen import compute_eigenbasis, eigenbasis_is_current
+    from memkfac.eigen import EIGEN_SUBDIR, compute_eigenbasis, eigenbasis_is_current
     from memkfac.factors import FactorArguments, collect_factors
     from memkfac.fingerprint import model_fingerprint
     from memkfac.models import load_model, resolve_model
@@ -205,6 +206,7 @@ def run_factors(args: argparse.Namespace) -> int:
             corpus_fingerprint=corpus_fingerprint(corpus, "factor"),
             progress=not args.quiet,
             overwrite=args.overwrite,
+            inputs=[model_dir, corpus],
         )
         if rank == 0:
             index = json.loads(index_path.read_text())
@@ -213,11 +215,11 @@ def run_factors(args: argparse.Namespace) -> int:
                 f"in {len(index['shards'])} shards -> {index_path}"
             )
             if not args.no_eigen:
-                eig = args.out / "eigenbasis"
+                eig = args.out / EIGEN_SUBDIR
                 if eigenbasis_is_current(eig, args.out):
                     print(f"eigenbasis of these factors already in {eig}")
-                else:
-                    compute_eigenbasis(args.out, eig, progress=progress, device=device)
+                else:  # the factor directory's own eigenbasis: a stale one is replaced
+                    compute_eigenbasis(args.out, eig, progress=progress, device=device, overwrite=True)
                     print(f"eigenbasis -> {eig}")
     finally:
         if world > 1:
@@ -226,10 +228,14 @@ def run_factors(args: argparse.Namespace) -> int:
 
 
 def run_eigen(args: argparse.Namespace) -> int:
-    from memkfac.eigen import compute_eigenbasis
+    from memkfac.eigen import EIGEN_SUBDIR, compute_eigenbasis, eigenbasis_is_current
 
-    out = compute_eigenbasis(
-        args.factors, args.out or args.factors / "eigenbasis", progress=not args.quiet, device=args.device
+    out = args.out or args.factors / EIGEN_SUBDIR
+    if not args.overwrite and eigenbasis_is_current(out, args.factors):
+        print(f"eigenbasis of these factors already in {out}")
+        return 0
+    compute_eigenbasis(
+        args.factors, out, progress=not args.quiet, device=args.device, overwrite=args.overwrite
     )
     print(f"eigenbasis -> {out}")
     return 0

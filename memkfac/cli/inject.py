@@ -89,19 +89,25 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="output directory (default: $MEMKFAC_HOME/injected/<model>)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier injected model in --out, a corpus built with other options and a "
+        "different generated canary file",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoTokenizer
 
     from memkfac.arguments import FinetuneArguments, InjectArguments
     from memkfac.canaries import CanaryArguments, generate_canaries, load_canaries
     from memkfac.corpora import corpus_fingerprint, load_split
-    from memkfac.inject import inject_canaries
-    from memkfac.models import resolve_model
+    from memkfac.inject import INJECTED, inject_canaries
+    from memkfac.models import load_tokenizer, resolve_model
+    from memkfac.paths import check_output_dir
     from memkfac.probes import write_probe_set
 
     if args.threads:
@@ -112,11 +118,16 @@ def _run(args: argparse.Namespace) -> int:
     name = model_name(args.model)
     model_dir = resolve_model(args.model, progress=not args.quiet)
     model_layers(args.train_layers, model_dir)  # a bad --train-layers fails now, not after the corpus
-    corpus_dir = corpus_for(args, AutoTokenizer.from_pretrained(model_dir), home / "corpora" / name)
+    out = args.out or home / "injected" / name
+    corpus_dir = home / "corpora" / name
+    # refused now, not after an hour of fine-tuning
+    check_output_dir(out, INJECTED, overwrite=args.overwrite, inputs=[model_dir, args.probes, corpus_dir])
+    corpus_dir = corpus_for(args, load_tokenizer(model_dir), corpus_dir)
     if probes is None:
         trained, control = generate_canaries(CanaryArguments(args.n_trained, args.n_control, args.seed))
         probes = trained + control
-        print(f"wrote {write_probe_set(probes, home / 'probes' / f'{CANARY_FILE}.jsonl')}")
+        canary_file = home / "probes" / f"{CANARY_FILE}.jsonl"
+        print(f"wrote {write_probe_set(probes, canary_file, overwrite=args.overwrite)}")
     recipe = InjectArguments(
         canaries_per_batch=args.canaries_per_batch,
         general_per_batch=args.general_per_batch,
@@ -133,7 +144,6 @@ def _run(args: argparse.Namespace) -> int:
             train_embeddings=args.train_embeddings,
         ),
     )
-    out = args.out or home / "injected" / name
     m = inject_canaries(
         model_dir,
         probes,
@@ -143,6 +153,7 @@ def _run(args: argparse.Namespace) -> int:
         out,
         general_fingerprint=corpus_fingerprint(corpus_dir, "finetune"),
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     for kind in ("trained", "control"):
         for split, s in sorted(m["recall"][kind].items()):

@@ -68,6 +68,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--out", type=Path, help="output probe set (default: $MEMKFAC_HOME/probes/mined.jsonl)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, different --out file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=_run)
 
@@ -76,15 +77,29 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from memkfac.corpora import iter_documents
+    from memkfac.generation import model_vocab_size, probes_token_ids
     from memkfac.mining import mine
     from memkfac.models import load_model, resolve_model
+    from memkfac.paths import check_output_file
     from memkfac.probes import load_probe_set, write_probe_set
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(resolve_model(args.model, progress=not args.quiet))
+    model_dir = resolve_model(args.model, progress=not args.quiet)
+    out = args.out or memkfac_home() / "probes" / "mined.jsonl"
+    text_path = args.text if args.text and Path(args.text).exists() else None
+    inputs = [model_dir, args.probes, text_path]
+    check_output_file(out, overwrite=args.overwrite, inputs=inputs)  # before the search, not after
+    model, tokenizer = load_model(model_dir)
     if args.probes:
-        texts, source = (p.prefix + p.suffix for p in load_probe_set(args.probes)), str(args.probes)
+        probes = load_probe_set(args.probes)
+        ids = probes_token_ids(
+            probes, tokenizer, model_vocab_size(model)
+        )  # ids the model cannot read: refused
+        texts = [
+            p.prefix + p.suffix or tokenizer.decode(a + b) for p, (a, b) in zip(probes, ids, strict=True)
+        ]
+        source = str(args.probes)
     else:
         texts, source = iter_documents(args.text, args.text_column), args.text
     config = MineArguments(
@@ -104,6 +119,6 @@ def _run(args: argparse.Namespace) -> int:
     if not probes:
         print("nothing memorized found; no file written")
         return 0
-    out = write_probe_set(probes, args.out or memkfac_home() / "probes" / "mined.jsonl")
+    out = write_probe_set(probes, out, overwrite=args.overwrite, inputs=inputs)
     print(f"wrote {out}")
     return 0
