@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 import memkfac
 from memkfac.checkpoint import load_manifest, save_checkpoint
+from memkfac.devices import resolve_device
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
 from memkfac.models import load_model
@@ -146,13 +147,16 @@ def train_balanced_subnet(
     args: BSNArguments,
     out_dir: Path,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Train a BalancedSubnet mask on ``model_dir``, bake it in, save to ``out_dir``; return the manifest.
 
     forget: token ids of the memorized sequences to unlearn (prefix + suffix); retain: token ids of
-    general text blocks. Scores are fp32 and the only trainable tensors.
+    general text blocks. Scores are fp32 and the only trainable tensors. ``device``: where the model
+    and the scores live (checked before anything runs).
     """
     start = time.perf_counter()
+    device = resolve_device(device)
     args.check()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.resolve() == model_dir.resolve():
@@ -165,7 +169,7 @@ def train_balanced_subnet(
             f"forget, {len(retain)} retain)",
             "pass the sweep split of a memorized probe set and general text blocks",
         )
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, device=device)
     pad_id = tokenizer.pad_token_id or 0
     for p in model.parameters():
         p.requires_grad_(False)

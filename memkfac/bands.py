@@ -302,6 +302,8 @@ def run_band_analysis(
     plot_path: Path | None = None,
     root: Path | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
 ) -> pa.Table:
     """Band analysis of ``model_dir``'s MLP maps in ``layers``; writes the table and the plot.
 
@@ -309,8 +311,11 @@ def run_band_analysis(
     is predicted; "clean" = ``clean_blocks`` (n_blocks, block_len), general held-out text; one per
     generated downstream task in ``tasks`` (query + gold answer). ``eig_dir`` must hold the eigenbasis
     of factors collected on this very model. The plot goes to ``plot_path`` (default
-    ``MEMKFAC_HOME/plots/bands-<variant>-<probe_set>.png``). Returns the ``band_activation`` table.
+    ``MEMKFAC_HOME/plots/bands-<variant>-<probe_set>.png``). The model runs on ``device`` in ``dtype``
+    (both checked first); only the analysed maps' eigenvectors are read. Returns the
+    ``band_activation`` table.
     """
+    from memkfac.devices import resolve_device
     from memkfac.eigen import load_eigenbasis
     from memkfac.fingerprint import model_fingerprint
     from memkfac.models import load_model
@@ -318,18 +323,22 @@ def run_band_analysis(
     from memkfac.targets import find_targets
     from memkfac.tasks import generate_items
 
+    device = resolve_device(device)
     unknown = sorted(set(bases) - {"kfac", "svd"})
     if unknown:
         raise MemkfacError(f"unknown band basis {unknown}", "use kfac, svd or both")
-    eigen, meta = load_eigenbasis(Path(eig_dir)) if "kfac" in bases else ({}, None)
-    if meta is not None and meta["model_fingerprint"] != model_fingerprint(model_dir):
-        raise MemkfacError(
-            f"the eigenbasis in {eig_dir} was computed for another model than {model_dir}",
-            "analyse the model the factors were collected on (band analysis uses the unedited model)",
-        )
-    model, tokenizer = load_model(Path(model_dir))
+    if "kfac" in bases:
+        _, meta = load_eigenbasis(Path(eig_dir), names=())  # the meta only: checked before the model loads
+        if meta["model_fingerprint"] != model_fingerprint(model_dir):
+            raise MemkfacError(
+                f"the eigenbasis in {eig_dir} was computed for another model than {model_dir}",
+                "analyse the model the factors were collected on (band analysis uses the unedited model)",
+            )
+    model, tokenizer = load_model(Path(model_dir), dtype=dtype, device=device)
+    targets = find_targets(model, layers, projections)
+    eigen = load_eigenbasis(Path(eig_dir), names=[t.name for t in targets])[0] if "kfac" in bases else {}
     band_bases = []
-    for target in find_targets(model, layers, projections):
+    for target in targets:
         found = []
         if "kfac" in bases:
             if target.name not in eigen:

@@ -28,6 +28,7 @@ from transformers import AutoConfig
 
 import memkfac
 from memkfac.checkpoint import load_manifest, save_checkpoint
+from memkfac.devices import resolve_device
 from memkfac.eigen import ModuleEigen, load_eigenbasis
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
@@ -230,9 +231,11 @@ def edit_model(
     (``memkfac_manifest.json``) records the base model, the eigenbasis, the config and per-module
     diagnostics. The same inputs give bit-identical weights on one device. ``device`` runs the float64
     projections there, one weight at a time (a GPU makes 7B-scale edits take seconds, not minutes);
-    the model itself is loaded and written on the CPU.
+    the model itself is loaded and written on the CPU. Only the edited maps' eigenvectors are read
+    from the eigenbasis file.
     """
     start = time.perf_counter()
+    device = resolve_device(device)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.resolve() == model_dir.resolve():
         raise MemkfacError(
@@ -243,7 +246,7 @@ def edit_model(
     if config.method != "svd":
         if eig_dir is None:
             raise MemkfacError(f"method {config.method!r} needs an eigenbasis", "pass the factors directory")
-        eig_modules, eig_meta = load_eigenbasis(Path(eig_dir))
+        _, eig_meta = load_eigenbasis(Path(eig_dir), names=())  # the meta: checked before the model loads
         if eig_meta["model_fingerprint"] != base_fingerprint:
             raise MemkfacError(
                 f"the eigenbasis in {eig_dir} was computed for the model with fingerprint "
@@ -261,6 +264,8 @@ def edit_model(
         )
     model, tokenizer = load_model(model_dir, dtype=_stored_dtype(hf_config))
     targets = find_targets(model, config.layers, config.projections)
+    if config.method != "svd":
+        eig_modules, _ = load_eigenbasis(Path(eig_dir), names=[t.name for t in targets])
     for target in targets:
         if not torch.isfinite(model.get_submodule(target.name).weight).all():
             raise MemkfacError(

@@ -12,14 +12,17 @@ targets, tokens).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from memkfac.devices import resolve_device
 from memkfac.errors import MemkfacError
 from memkfac.factors import INDEX_FILE, load_factor_sums
 from memkfac.fingerprint import sha256_file
@@ -75,6 +78,7 @@ def compute_eigenbasis(
 
     ``device`` runs the fp64 eigh there (a GPU is much faster for d in the thousands).
     """
+    device = resolve_device(device)
     sums, index = load_factor_sums(Path(factor_dir))
     n = sums.tokens
     jobs = [(f"A.{group}", "mu", "U_A", f"A of {group}", a) for group, a in sums.A.items()]
@@ -107,8 +111,13 @@ def eigenbasis_is_current(eig_dir: Path, factor_dir: Path) -> bool:
     return json.loads(meta.read_text()).get("factor_index_sha256") == index_sha
 
 
-def load_eigenbasis(eig_dir: Path) -> tuple[dict[str, ModuleEigen], dict]:
-    """Eigenbases per tracked map (gate and up share their A tensors) and the meta dict."""
+def load_eigenbasis(eig_dir: Path, names: Iterable[str] | None = None) -> tuple[dict[str, ModuleEigen], dict]:
+    """Eigenbases per tracked map (gate and up share their A tensors) and the meta dict.
+
+    ``names`` (full module names) reads only those maps' tensors from the file (safetensors reads
+    lazily, tensor by tensor): an edit of three layers of a 7B model reads their ~3 GiB, not the whole
+    eigenbasis. Names the eigenbasis does not hold are left out of the result. None reads every map.
+    """
     eig_dir = Path(eig_dir)
     if not (eig_dir / EIGEN_FILE).is_file() or not (eig_dir / META_FILE).is_file():
         raise MemkfacError(
@@ -116,14 +125,20 @@ def load_eigenbasis(eig_dir: Path) -> tuple[dict[str, ModuleEigen], dict]:
             "compute it with `memkfac factors ...` (writes DIR/eigenbasis) or `memkfac eigen FACTOR_DIR`",
         )
     meta = json.loads((eig_dir / META_FILE).read_text())
-    t = load_file(str(eig_dir / EIGEN_FILE))
-    modules = {
-        target["name"]: ModuleEigen(
-            lam=t[f"G.{target['name']}.lam"],
-            U_G=t[f"G.{target['name']}.U_G"],
-            mu=t[f"A.{target['input_group']}.mu"],
-            U_A=t[f"A.{target['input_group']}.U_A"],
-        )
-        for target in meta["targets"]
-    }
+    wanted = None if names is None else set(names)
+    targets = [t for t in meta["targets"] if wanted is None or t["name"] in wanted]
+    modules = {}
+    with safe_open(str(eig_dir / EIGEN_FILE), framework="pt") as f:
+        read = {}  # gate and up share A: each tensor is read once
+
+        def tensor(key: str) -> Tensor:
+            if key not in read:
+                read[key] = f.get_tensor(key)
+            return read[key]
+
+        for target in targets:
+            G, A = f"G.{target['name']}", f"A.{target['input_group']}"
+            modules[target["name"]] = ModuleEigen(
+                lam=tensor(f"{G}.lam"), U_G=tensor(f"{G}.U_G"), mu=tensor(f"{A}.mu"), U_A=tensor(f"{A}.U_A")
+            )
     return modules, meta

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from memkfac.checkpoint import save_checkpoint
+from memkfac.devices import resolve_device
 from memkfac.errors import MemkfacError
 from memkfac.finetune import FinetuneArguments, finetune, mixed_batches
 from memkfac.fingerprint import model_fingerprint
@@ -72,6 +73,7 @@ def inject_canaries(
     out_dir: Path,
     general_fingerprint: str = "",
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Fine-tune ``base_dir`` on the ``memorized`` probes mixed with general text; write ``out_dir``.
 
@@ -80,10 +82,12 @@ def inject_canaries(
         general_blocks: (n_blocks, block_len) token ids (e.g. the corpus ``finetune`` split), cut into
             ``recipe.general_len``-token chunks.
         heldout_blocks: (n_blocks, block_len) token ids for perplexity (the ``heldout`` split).
+        device: where the model trains and is measured (fp32 weights; checked before anything runs).
     Returns:
         the manifest written to ``out_dir/memkfac_manifest.json``.
     """
     start = time.perf_counter()
+    device = resolve_device(device)
     trained = [p for p in probes if p.kind == "memorized"]
     control = [p for p in probes if p.kind == "control"]
     if not trained:
@@ -96,7 +100,7 @@ def inject_canaries(
             f"general blocks {tuple(general_blocks.shape)}: none as long as general_len {recipe.general_len}",
             "build the corpus with --block-len at least general_len, or lower general_len",
         )
-    model, tokenizer = load_model(base_dir)
+    model, tokenizer = load_model(base_dir, device=device)
     heldout = heldout_blocks[: recipe.heldout_blocks]
     base_ppl = perplexity(model, heldout, progress=progress)
 

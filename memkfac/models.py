@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from memkfac.devices import resolve_device, resolve_dtype
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint, sha256_file
 from memkfac.paths import atomic_dir, memkfac_home, safe_name, write_json
@@ -49,8 +50,6 @@ BUILTIN_MODELS: dict[str, WheelModel] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def is_hub_id(spec: str) -> bool:
@@ -87,17 +86,18 @@ def validate_model_dir(model_dir: Path) -> Path:
     return model_dir.resolve()
 
 
-def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu"):
-    """Load ``(model, tokenizer)``: the model in eval mode, the tokenizer with a pad token set.
+def load_model(model_dir: Path, dtype: str = "float32", device: str | torch.device = "cpu"):
+    """Load ``(model, tokenizer)``: the model in eval mode on ``device``, the tokenizer with a pad token set.
 
-    Without a pad token the EOS token is used for padding (attention masks keep it out of the loss).
+    ``device`` and ``dtype`` are checked before the weights are read (``memkfac.devices``). Without a
+    pad token the EOS token is used for padding (attention masks keep it out of the loss).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in _DTYPES:
-        raise MemkfacError(f"unknown dtype {dtype!r}", f"use one of {sorted(_DTYPES)}")
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
     model_dir = validate_model_dir(Path(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[dtype]).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from memkfac.devices import resolve_device
 from memkfac.errors import MemkfacError
 from memkfac.finetune import Batch, FinetuneArguments, finetune, mixed_batches
 from memkfac.generation import probe_token_ids
@@ -116,6 +117,7 @@ def resurgence_rows(
     general_blocks: torch.Tensor,
     args: ResurgenceArguments = ResurgenceArguments(),
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> list[dict]:
     """Rows of the ``resurgence`` table (without keys) for one model.
 
@@ -126,9 +128,11 @@ def resurgence_rows(
         probes: the canary probe set (see ``split_canaries``).
         general_blocks: (n_blocks, block_len) token ids of general text, the ``general`` recipe's data,
             cut into sequences of ``args.general_len`` tokens (a block's remainder is dropped).
+        device: where the models are fine-tuned and measured (checked before anything runs).
     """
+    device = resolve_device(device)
     relearn, measured = split_canaries(probes)
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, device=device)
     pad_id = tokenizer.pad_token_id
     pools = {
         "general": general_sequences(general_blocks, args.general_len).tolist(),
@@ -163,12 +167,12 @@ def resurgence_rows(
     before_edit = (
         at_zero
         if Path(reference_dir).resolve() == Path(model_dir).resolve()
-        else measure(load_model(reference_dir)[0])
+        else measure(load_model(reference_dir, device=device)[0])
     )
     rows = [row for recipe in args.recipes for row in rows_for(recipe, 0, at_zero)]
     checkpoints = set(args.steps)
     for recipe in tqdm(args.recipes, desc="resurgence", unit="recipe", disable=not progress):
-        model, _ = load_model(model_dir)
+        model, _ = load_model(model_dir, device=device)
         plan = n_step_plan(pools[recipe], max(args.steps), args.batch_size, pad_id, args.seed)
         config = FinetuneArguments(
             epochs=1,
