@@ -8,12 +8,28 @@ misspelt device fails at once with a message naming the setting (``what``: ``--d
 
 from __future__ import annotations
 
-import torch
+import re
+from typing import TYPE_CHECKING
 
 from memkfac.errors import MemkfacError
 
+if TYPE_CHECKING:  # torch is imported where a device is resolved: settings check names without it
+    import torch
+
 DEVICE_TYPES = ("cpu", "cuda", "mps")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
+_DEVICE_NAME = re.compile(r"(cpu|mps|cuda)(:\d+)?")
+
+
+def check_device_name(device: str, what: str = "device") -> str:
+    """``device`` if it names a device memkfac runs on ("cpu", "cuda", "cuda:1", "mps"); whether it
+    exists is ``resolve_device``'s question, asked where the work runs."""
+    if not _DEVICE_NAME.fullmatch(str(device)):
+        raise MemkfacError(
+            f"{what} is {str(device)!r}, which is not a device memkfac runs on",
+            f"use one of {', '.join(DEVICE_TYPES)} (or cuda:N for the N-th GPU)",
+        )
+    return str(device)
 
 
 def resolve_device(device: str | torch.device, what: str = "device") -> torch.device:
@@ -21,15 +37,9 @@ def resolve_device(device: str | torch.device, what: str = "device") -> torch.de
 
     ``what`` names the setting in errors. "cuda" without an index is the current CUDA device.
     """
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        resolved = None
-    if resolved is None or resolved.type not in DEVICE_TYPES:
-        raise MemkfacError(
-            f"{what} is {str(device)!r}, which is not a device memkfac runs on",
-            f"use one of {', '.join(DEVICE_TYPES)} (or cuda:N for the N-th GPU)",
-        )
+    import torch
+
+    resolved = torch.device(check_device_name(device, what))
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             cuda = torch.version.cuda
@@ -56,6 +66,8 @@ def resolve_device(device: str | torch.device, what: str = "device") -> torch.de
 
 def resolve_dtype(dtype: str, device: str | torch.device = "cpu", what: str = "dtype") -> torch.dtype:
     """The ``torch.dtype`` named ``dtype``, checked to be usable on ``device`` (bf16 on a GPU that has it)."""
+    import torch
+
     if dtype not in DTYPES:
         raise MemkfacError(f"{what} is {dtype!r}, an unknown dtype", f"use one of {', '.join(DTYPES)}")
     device = torch.device(device)
@@ -64,4 +76,4 @@ def resolve_dtype(dtype: str, device: str | torch.device = "cpu", what: str = "d
             f"{what} is bfloat16 but {torch.cuda.get_device_name(device)} has no bfloat16 support",
             f"set {what} to float32 (or float16) on this GPU",
         )
-    return DTYPES[dtype]
+    return getattr(torch, dtype)
