@@ -73,10 +73,11 @@ class FactorRunner(dg.ConfigurableResource):
             return MemkfacError(reported["message"])  # a bad setting found where the step ran: it names it
         if reported is not None:
             problem += f"; the collection reported {reported.get('name')}: {reported.get('message')}"
+        out_dir = extras.get("out_dir", "the output directory")
         return MemkfacError(
             problem,
-            f"the completed factor shards in {extras.get('out_dir', 'the output directory')} are kept: remove the cause and "
-            "rematerialize kfac_factors, which resumes from them",
+            f"the completed factor shards in {out_dir} are kept: remove the cause and rematerialize "
+            "kfac_factors, which resumes from them",
         )
 
 
@@ -161,9 +162,9 @@ class SlurmFactorRunner(FactorRunner):
     """Submits the collection as a Slurm batch job and waits for it; the Dagster step is its client.
 
     ``sbatch --parsable`` returns the job id at once; ``scontrol show job`` is polled, at growing
-    intervals up to ``poll_seconds``, until the job ends. Interrupting the Dagster step cancels the job (``scancel``).
-    The job's output goes to ``log_dir/factors-<job id>.out``; the job shows in Slurm's records
-    (``scontrol show job``, the job completion log, ``sacct`` where slurmdbd runs).
+    intervals up to ``poll_seconds``, until the job ends. Interrupting the Dagster step cancels the
+    job (``scancel``). The job's output goes to ``log_dir/factors-<job id>.out``; the job shows in
+    Slurm's records (``scontrol show job``, the job completion log, ``sacct`` where slurmdbd runs).
     """
 
     python: str

@@ -1,4 +1,4 @@
-"""An edit reads only the edited maps' tensors from the eigenbasis file (what makes 7B edits fit in memory)."""
+"""An edit reads only the edited maps' tensors from the eigenbasis file (so 7B edits fit in memory)."""
 
 from __future__ import annotations
 

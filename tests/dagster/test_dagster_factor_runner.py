@@ -107,7 +107,7 @@ def test_bad_launch_settings_name_the_variable(monkeypatch, variable, value, mes
     [
         (
             {"MEMKFAC_FACTOR_DEVICE": "cuda:1", "MEMKFAC_FACTOR_PROCESSES": "2"},
-            "MEMKFAC_FACTOR_DEVICE is 'cuda:1' with MEMKFAC_FACTOR_PROCESSES=2: each process takes its own GPU",
+            "MEMKFAC_FACTOR_DEVICE is 'cuda:1' with MEMKFAC_FACTOR_PROCESSES=2: each process takes its",
         ),
         (
             {"MEMKFAC_FACTOR_DEVICE": "cuda", "MEMKFAC_FACTOR_PROCESSES": "2", "MEMKFAC_K8S_GPUS": "1"}
