@@ -89,7 +89,8 @@ class FileChannel:
         self._tmp = tempfile.TemporaryDirectory(dir=exchange_dir)
         self.dir = Path(self._tmp.name)
         self.injector = dg.PipesFileContextInjector(str(self.dir / "context.json"))
-        self.reader = dg.PipesFileMessageReader(str(self.dir / "messages.jsonl"))
+        # kept until the directory goes, so that a failure can quote the exception the collection reported
+        self.reader = dg.PipesFileMessageReader(str(self.dir / "messages.jsonl"), cleanup_file=False)
 
     def reported_exception(self) -> dict | None:
         """The exception the collection closed Pipes with (name, message), if any."""

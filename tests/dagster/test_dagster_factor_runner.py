@@ -126,3 +126,84 @@ def test_inconsistent_compute_settings_are_refused(monkeypatch, env, message):
         monkeypatch.setenv(name, value)
     with pytest.raises(MemkfacError, match=re.escape(message)):
         Settings.from_env()
+
+
+def test_kubernetes_pod_is_rendered_and_valid(tiny_home, monkeypatch):
+    """The pod PipesK8sClient would create, captured where it is sent to the (absent) cluster: image,
+    torchrun command, GPU limits, the data root's volume, the Pipes context; it round-trips through the
+    kubernetes client's V1Pod model (its schema)."""
+    import json
+
+    import kubernetes
+    from dagster_k8s.client import DagsterKubernetesClient
+    from dagster_pipes import decode_param
+
+    from resources.config import load_config
+
+    created = []
+
+    class NoCluster:
+        def create_namespaced_pod(self, namespace, body):
+            created.append((namespace, body))
+            raise kubernetes.client.ApiException(status=503, reason="no cluster in this test")
+
+    production_client = DagsterKubernetesClient.production_client
+    monkeypatch.setattr(
+        DagsterKubernetesClient,
+        "production_client",
+        staticmethod(lambda: production_client(core_api_override=NoCluster(), batch_api_override=object())),
+    )
+    monkeypatch.setattr(kubernetes.config, "load_kube_config", lambda *a, **k: None)
+    env = {
+        "MEMKFAC_ENV": "k8s",
+        "MEMKFAC_K8S_IMAGE": "registry.example.com/memkfac:1",
+        "MEMKFAC_K8S_VOLUME": "memkfac-data",
+        "MEMKFAC_K8S_NAMESPACE": "research",
+        "MEMKFAC_K8S_MEMORY": "64Gi",
+        "MEMKFAC_FACTOR_DEVICE": "cuda",
+        "MEMKFAC_FACTOR_PROCESSES": "2",
+        "MEMKFAC_FACTOR_ENV": "NCCL_DEBUG=INFO",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings.from_env()
+    runner = build_resources(settings, load_config(settings.config_path))["factor_runner"]
+
+    result = dg.materialize([collected], resources={"factor_runner": runner}, raise_on_error=False)
+
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert "the factor pod failed" in failure.step_failure_data.error.to_string()
+    (namespace, pod) = created[0]
+    assert namespace == "research" and isinstance(pod, kubernetes.client.V1Pod)
+    api = kubernetes.client.ApiClient()
+    as_json = api.sanitize_for_serialization(pod)
+
+    class Response:
+        data = json.dumps(as_json)
+
+    assert api.deserialize(Response(), "V1Pod") == pod  # a valid V1Pod, field for field
+    spec = as_json["spec"]
+    (container,) = spec["containers"]
+    assert container["image"] == "registry.example.com/memkfac:1" and container["workingDir"] == "/app"
+    assert container["command"] == [
+        "python",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "resources/pipes_collect_factors.py",
+    ]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "2", "memory": "64Gi"}
+    assert container["resources"]["requests"] == container["resources"]["limits"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {"memkfac-home": str(tiny_home), "dshm": "/dev/shm"}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["memkfac-home"]["persistentVolumeClaim"] == {"claimName": "memkfac-data"}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory"}
+    assert spec["restartPolicy"] == "Never"
+    variables = {e["name"]: e["value"] for e in container["env"]}
+    assert variables["MEMKFAC_HOME"] == str(tiny_home) and variables["NCCL_DEBUG"] == "INFO"
+    context = decode_param(variables["DAGSTER_PIPES_CONTEXT"])["data"]
+    assert context["extras"]["tokens"] == 7
+    assert context["extras"]["compute"]["device"] == "cuda" and context["extras"]["compute"]["processes"] == 2
