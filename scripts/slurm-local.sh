@@ -108,22 +108,27 @@ wait_for() {  # wait_for SECONDS COMMAND...: until the command succeeds
     until "$@" >/dev/null 2>&1; do [ $SECONDS -lt $deadline ] || return 1; sleep 0.5; done
 }
 
+log_size() { stat -c %s "$1" 2>/dev/null || echo 0; }
+new_log_lines() { tail -c +$(($2 + 1)) "$1" 2>/dev/null | tail -n 5; }  # what $1 got past offset $2
+
 node_idle() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | grep -Eq '^(idle|mixed|allocated)'; }
 
 start_daemons() {
+    local ctld_log=$LOG_DIR/slurmctld.log d_log=$LOG_DIR/slurmd.log ctld_at d_at
+    ctld_at=$(log_size "$ctld_log") d_at=$(log_size "$d_log")
     if ! running /run/slurmctld.pid; then
-        slurmctld 2>"$STATE_DIR/slurmctld.err" || fail "slurmctld did not start: $(cat "$STATE_DIR/slurmctld.err")"
+        slurmctld 2>"$STATE_DIR/slurmctld.err" \
+            || fail "slurmctld did not start: $(cat "$STATE_DIR/slurmctld.err") $(new_log_lines "$ctld_log" "$ctld_at")"
     fi
-    wait_for 30 scontrol ping || fail "slurmctld does not answer: $(tail -n 5 "$LOG_DIR/slurmctld.log" 2>/dev/null)"
+    wait_for 30 scontrol ping || fail "slurmctld does not answer: $(new_log_lines "$ctld_log" "$ctld_at")"
     if ! running /run/slurmd.pid; then
-        if ! slurmd 2>"$STATE_DIR/slurmd.err"; then
-            fail "slurmd did not start: $(cat "$STATE_DIR/slurmd.err") $(tail -n 5 "$LOG_DIR/slurmd.log" 2>/dev/null)"
-        fi
+        slurmd 2>"$STATE_DIR/slurmd.err" \
+            || fail "slurmd did not start: $(cat "$STATE_DIR/slurmd.err") $(new_log_lines "$d_log" "$d_at")"
     fi
     if ! wait_for 30 node_idle; then
         scontrol update nodename="$NODE" state=resume >/dev/null 2>&1
         wait_for 15 node_idle || fail "slurmd runs but node $NODE is $(sinfo -h -N -o '%T %E' 2>/dev/null):" \
-            "$(grep -i error "$LOG_DIR/slurmd.log" 2>/dev/null | tail -n 5)"
+            "$(new_log_lines "$d_log" "$d_at")"
     fi
 }
 

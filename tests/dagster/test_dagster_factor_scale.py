@@ -206,7 +206,7 @@ def slurm_status() -> tuple[bool, str]:
     if not SLURM_SCRIPT.is_file():
         return False, f"{SLURM_SCRIPT} is missing"
     run = subprocess.run([str(SLURM_SCRIPT), "status"], capture_output=True, text=True)
-    return run.returncode == 0, (run.stdout + run.stderr).strip()
+    return run.returncode == 0, " | ".join((run.stdout + run.stderr).strip().splitlines())
 
 
 @pytest.fixture(scope="module")
