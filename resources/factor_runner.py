@@ -69,10 +69,12 @@ class FactorRunner(dg.ConfigurableResource):
 
     def failure(self, problem: str, extras: Mapping[str, object], reported: dict | None) -> MemkfacError:
         """The error of a collection that did not finish: what the collection reported, else ``problem``."""
+        said = (reported or {}).get("message", "").strip()  # "module.Type: message", as Python prints it
         if reported is not None and reported.get("name") == "MemkfacError":
-            return MemkfacError(reported["message"])  # a bad setting found where the step ran: it names it
+            # a bad setting found where the step ran, or a stop the collection explained: it says the fix
+            return MemkfacError(said.removeprefix(f"{MemkfacError.__module__}.MemkfacError: "))
         if reported is not None:
-            problem += f"; the collection reported {reported.get('name')}: {reported.get('message')}"
+            problem += f"; the collection reported {said}"
         out_dir = extras.get("out_dir", "the output directory")
         return MemkfacError(
             problem,
@@ -190,12 +192,19 @@ class SlurmFactorRunner(FactorRunner):
         shown = subprocess.run(
             ["scontrol", "show", "partition", self.partition], capture_output=True, text=True
         )
+        said = (shown.stderr or shown.stdout).strip()
         if shown.returncode == 0:
             return
+        if "not found" not in said:
+            raise MemkfacError(
+                f"the Slurm controller does not answer ({said})",
+                "check that slurmctld runs (`scontrol ping`); for the one-node cluster of this project: "
+                "sudo scripts/slurm-local.sh start",
+            )
         listed = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True).stdout.split()
         raise MemkfacError(
             f"{self._name('partition')} is {self.partition!r}, which is not a partition of this Slurm "
-            f"cluster ({(shown.stderr or shown.stdout).strip()}); it has: {', '.join(listed) or 'none'}",
+            f"cluster ({said}); it has: {', '.join(listed) or 'none'}",
             f"set {self._name('partition')} to one of them, or unset it for the cluster's default partition",
         )
 
