@@ -231,7 +231,7 @@ def test_factors_as_a_slurm_job_match_the_local_run(root, one_process, slurm):
     import shutil
 
     shutil.rmtree(factor_dir(root))
-    result = factors(root, **slurm, MEMKFAC_FACTOR_PROCESSES="2")
+    result = factors(root, **slurm, MEMKFAC_FACTOR_PROCESSES="2", MEMKFAC_SLURM_CPUS="1")
     assert result.success, failure_text(result)
     assert shard_records(root) == one_process
     metadata = result.asset_materializations_for_node("kfac_factors")[0].metadata
