@@ -1,8 +1,8 @@
 """Benchmark: K-FAC factor collection against a plain training step, on the same batches.
 
 Model: a randomly initialised SmolLM2-135M config (Llama: 30 layers, hidden 576, MLP 1536, 9 heads,
-3 KV heads, vocab 49152, tied embeddings), or with ``--model olmo2-7b`` OLMo-2-7B's (built directly
-on ``--device``). Tracked: layers 22-24, gate/up/down.
+3 KV heads, vocab 49152, tied embeddings), or with ``--model olmo2-1b`` / ``olmo2-7b`` OLMo-2's
+(built directly on ``--device``). Tracked: layers 22-24 (OLMo-2-1B, 16 layers: 11-13), gate/up/down.
 
 - collection: ``memkfac.factors.accumulate_batch`` through ``KFACHooks`` on the frozen model (the
   exact per-batch step of ``collect_factors``: forward, sampled labels, backward from the lowest
@@ -47,7 +47,7 @@ from memkfac.tiny import BENCH_CONFIGS
 
 from common import timed, write_result  # bench/common.py: run as python bench/NAME.py
 
-LAYERS = [22, 23, 24]
+LAYERS = {"smollm2-135m": [22, 23, 24], "olmo2-1b": [11, 12, 13], "olmo2-7b": [22, 23, 24]}
 
 
 def training_step(model, ids: torch.Tensor) -> None:
@@ -86,8 +86,9 @@ def main() -> None:
         torch.randint(0, config.vocab_size, (opts.batch_size, opts.seq_len), generator=gen)
         for _ in range(opts.batches + 1)
     ]
-    args = FactorArguments(layers=LAYERS, model_dtype=opts.dtype, batch_size=opts.batch_size)
-    targets = find_targets(model, LAYERS)
+    layers = LAYERS[opts.model]
+    args = FactorArguments(layers=layers, model_dtype=opts.dtype, batch_size=opts.batch_size)
+    targets = find_targets(model, layers)
     sums = FactorSums.zeros(targets, torch.float32, device)
     valid = contributing_positions(opts.batch_size, opts.seq_len, None)
     tokens_per_batch = int(valid.sum())  # both methods see the same (seq_len - 1) positions per block
@@ -126,7 +127,7 @@ def main() -> None:
     result = {
         "model": f"{opts.model} config, random init",
         "parameters": n_params,
-        "tracked": f"layers {LAYERS[0]}-{LAYERS[-1]} gate/up/down ({len(targets)} maps)",
+        "tracked": f"layers {layers[0]}-{layers[-1]} gate/up/down ({len(targets)} maps)",
         "device": str(device),
         "dtype": opts.dtype,
         "batch": [opts.batch_size, opts.seq_len],
@@ -148,7 +149,7 @@ def main() -> None:
     }
     rows = [
         ("training step (fwd, bwd, all weight grads)", train_tps),
-        ("factor collection (layers 22-24, gate/up/down)", collect_tps),
+        (f"factor collection (layers {layers[0]}-{layers[-1]}, gate/up/down)", collect_tps),
         (f"  + shard writes every {shard_tokens} tokens", amortised_tps),
     ]
     print(f"\n{'method':<48} {'tokens/s':>10} {'vs train':>9}")

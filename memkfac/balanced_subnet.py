@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 import memkfac
 from memkfac.arguments import BSNArguments
 from memkfac.checkpoint import checkpoint_kind, load_manifest, save_checkpoint
+from memkfac.devices import resolve_device
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
 from memkfac.models import load_model
@@ -123,16 +124,19 @@ def train_balanced_subnet(
     out_dir: Path,
     progress: bool = True,
     overwrite: bool = False,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Train a BalancedSubnet mask on ``model_dir``, bake it in, save to ``out_dir``; return the manifest.
 
     forget: token ids of the memorized sequences to unlearn (prefix + suffix); retain: token ids of
-    general text blocks. Scores are fp32 and the only trainable tensors. ``out_dir`` must be new, empty
-    or, with ``overwrite``, an earlier BalancedSubnet checkpoint, and may not overlap ``model_dir``; it
-    is locked from the first step.
+    general text blocks. Scores are fp32 and the only trainable tensors. ``device``: where the model
+    and the scores live (checked before anything runs). ``out_dir`` must be new, empty or, with
+    ``overwrite``, an earlier BalancedSubnet checkpoint, and may not overlap ``model_dir``; it is locked
+    from the first step.
     """
+    device = resolve_device(device)
     with claim_output(out_dir, BSN_CHECKPOINT, overwrite=overwrite, inputs=[model_dir]):
-        return _train_balanced_subnet(model_dir, forget, retain, args, out_dir, progress, overwrite)
+        return _train_balanced_subnet(model_dir, forget, retain, args, out_dir, progress, overwrite, device)
 
 
 def _train_balanced_subnet(
@@ -143,6 +147,7 @@ def _train_balanced_subnet(
     out_dir: Path,
     progress: bool,
     overwrite: bool,
+    device: torch.device,
 ) -> dict:
     """The body of ``train_balanced_subnet``, run holding the output's claim."""
     start = time.perf_counter()
@@ -153,7 +158,7 @@ def _train_balanced_subnet(
             f"forget, {len(retain)} retain)",
             "pass the sweep split of a memorized probe set and general text blocks",
         )
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, device=device)
     args = resolve_layers(args, model.config.num_hidden_layers)
     pad_id = tokenizer.pad_token_id or 0
     for p in model.parameters():

@@ -369,6 +369,8 @@ def run_band_analysis(
     root: Path | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
 ) -> pa.Table:
     """Band analysis of ``model_dir``'s MLP maps; writes the table and the plot.
 
@@ -379,8 +381,10 @@ def run_band_analysis(
     (query + gold answer). ``eig_dir`` must hold the eigenbasis of factors collected on this very
     model. The plot goes to ``plot_path`` (default ``MEMKFAC_HOME/plots/bands-<variant>-<probe_set>.png``);
     an existing file there is replaced only if it is an earlier band plot, or with ``overwrite``.
-    Returns the ``band_activation`` table.
+    The model runs on ``device`` in ``dtype`` (both checked first); only the analysed maps'
+    eigenvectors are read. Returns the ``band_activation`` table.
     """
+    from memkfac.devices import resolve_device
     from memkfac.eigen import load_eigenbasis
     from memkfac.fingerprint import model_fingerprint
     from memkfac.generation import model_vocab_size
@@ -389,24 +393,28 @@ def run_band_analysis(
     from memkfac.targets import find_targets
     from memkfac.tasks import generate_items
 
+    device = resolve_device(device)
     bases = args.bases
     root = memkfac_home() if root is None else Path(root)
     plot_path = plot_path or root / "plots" / f"bands-{safe_name(variant)}-{safe_name(probe_set)}.png"
     inputs = [Path(model_dir), None if eig_dir is None else Path(eig_dir)]
     check_output_file(plot_path, overwrite=overwrite, inputs=inputs, owns=is_band_plot)  # before measuring
-    eigen, meta = load_eigenbasis(Path(eig_dir)) if "kfac" in bases else ({}, None)
-    if meta is not None and meta["model_fingerprint"] != model_fingerprint(model_dir):
-        raise MemkfacError(
-            f"the eigenbasis in {eig_dir} was computed for another model than {model_dir}",
-            "analyse the model the factors were collected on (band analysis uses the unedited model)",
-        )
-    model, tokenizer = load_model(Path(model_dir))
+    if "kfac" in bases:
+        _, meta = load_eigenbasis(Path(eig_dir), names=())  # the meta only: checked before the model loads
+        if meta["model_fingerprint"] != model_fingerprint(model_dir):
+            raise MemkfacError(
+                f"the eigenbasis in {eig_dir} was computed for another model than {model_dir}",
+                "analyse the model the factors were collected on (band analysis uses the unedited model)",
+            )
+    model, tokenizer = load_model(Path(model_dir), dtype=dtype, device=device)
     if args.layers is None:
         layers, projections = edited_modules(edits, model.config.num_hidden_layers)
     else:
         layers, projections = resolve_layers(args, model.config.num_hidden_layers).layers, args.projections
+    targets = find_targets(model, layers, projections)
+    eigen = load_eigenbasis(Path(eig_dir), names=[t.name for t in targets])[0] if "kfac" in bases else {}
     band_bases = []
-    for target in find_targets(model, layers, projections):
+    for target in targets:
         found = []
         if "kfac" in bases:
             if target.name not in eigen:

@@ -32,9 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from memkfac.arguments import CompareArguments
 from memkfac.canaries import check_canary_kinds
+from memkfac.devices import resolve_device, resolve_dtype
 from memkfac.editing import EditArguments, edit_model
 from memkfac.errors import MemkfacError
 from memkfac.evaluate import EvalArguments, HeldOut, evaluate_model, reference_topk, write_tables
@@ -92,7 +94,18 @@ def _pooled(rows: list[dict]) -> dict:
 class Comparison:
     """State of one comparison run: inputs, the cache directory and the measurement helpers."""
 
-    def __init__(self, model_dir: Path, probes, corpus_dir: Path, args: CompareArguments, progress: bool):
+    def __init__(
+        self,
+        model_dir: Path,
+        probes,
+        corpus_dir: Path,
+        args: CompareArguments,
+        progress: bool,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+    ):
+        self.device, self.dtype = resolve_device(device), dtype
+        resolve_dtype(dtype, self.device)
         args.check()
         self.model_dir, self.corpus_dir = Path(model_dir), Path(corpus_dir)
         self.args, self.progress = args, progress
@@ -140,6 +153,7 @@ class Comparison:
             layers=layers,
             projections=a.projections,
             batch_size=a.factor_batch_size,
+            model_dtype=self.dtype,
             max_tokens=a.factor_tokens,
             seed=a.seed,
         )
@@ -150,7 +164,7 @@ class Comparison:
         factor_dir = self.cache / "factors" / _key(self.base_fp, corpus_fp, key_args)
         eig_dir = factor_dir / EIGEN_SUBDIR
         if not eigenbasis_is_current(eig_dir, factor_dir):
-            model, _ = load_model(self.model_dir)
+            model, _ = self.load(self.model_dir)
             collect_factors(
                 model,
                 load_split(self.corpus_dir, "factor"),
@@ -161,9 +175,15 @@ class Comparison:
                 progress=self.progress,
             )
             del model
-            compute_eigenbasis(factor_dir, eig_dir, progress=self.progress, overwrite=True)
+            compute_eigenbasis(
+                factor_dir, eig_dir, progress=self.progress, overwrite=True, device=self.device
+            )
         self.eig_dir = eig_dir
         return eig_dir
+
+    def load(self, model_dir: Path):
+        """``(model, tokenizer)`` on the comparison's device, in its dtype."""
+        return load_model(model_dir, dtype=self.dtype, device=self.device)
 
     # -- edits and measurements --------------------------------------------------------------------
     def _edit_key(self, config: EditArguments) -> str:
@@ -175,7 +195,12 @@ class Comparison:
         out = self.cache / "edits" / self._edit_key(config)
         if not (out / "memkfac_manifest.json").is_file():
             edit_model(
-                self.model_dir, None if config.method == "svd" else self.eig_dir, config, out, progress=False
+                self.model_dir,
+                None if config.method == "svd" else self.eig_dir,
+                config,
+                out,
+                progress=False,
+                device=self.device,
             )
         return out
 
@@ -193,7 +218,7 @@ class Comparison:
             return json.loads(path.read_text())
         was_cached = (self.cache / "edits" / self._edit_key(config)).exists()
         edit_dir = self.edit(config)
-        model, tokenizer = load_model(edit_dir)
+        model, tokenizer = self.load(edit_dir)
         point = {"ppl": perplexity(model, self.sweep_heldout.blocks, progress=False)["perplexity"]}
         if with_recall:
             point |= _pooled(
@@ -205,7 +230,7 @@ class Comparison:
         return point
 
     def base_sweep_ppl(self) -> float:
-        model, _ = load_model(self.model_dir)
+        model, _ = self.load(self.model_dir)
         return perplexity(model, self.sweep_heldout.blocks, progress=False)["perplexity"]
 
     # -- the K-FAC sweep ---------------------------------------------------------------------------
@@ -287,7 +312,9 @@ class Comparison:
         )
         out = self.cache / "bsn" / key
         if not (out / "memkfac_manifest.json").is_file():
-            train_balanced_subnet(self.model_dir, forget, retain, bsn_args, out, progress=self.progress)
+            train_balanced_subnet(
+                self.model_dir, forget, retain, bsn_args, out, progress=self.progress, device=self.device
+            )
         return out, asdict(bsn_args)
 
     # -- reported evaluation -------------------------------------------------------------------------
@@ -295,7 +322,9 @@ class Comparison:
         """Per-task item scores of ``model_dir`` on the suite, cached by weights and suite."""
         from memkfac.downstream import DownstreamArguments, load_item_scores, run_downstream, save_item_scores
 
-        dargs = DownstreamArguments(n_items=self.args.downstream_items, seed=self.args.seed)
+        dargs = DownstreamArguments(
+            n_items=self.args.downstream_items, seed=self.args.seed, device=str(self.device), dtype=self.dtype
+        )
         if self.args.downstream_tasks:
             dargs.tasks = tuple(self.args.downstream_tasks)
         key = _key(model_fingerprint(model_dir), asdict(dargs))
@@ -328,8 +357,13 @@ def run_comparison(
     progress: bool = True,
     log=print,
     overwrite: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
 ) -> list[MethodResult]:
     """Run the whole comparison; write its tables and a Markdown report; return one row per method.
+
+    Every model (factors, sweep, controls, BalancedSubnet, evaluations, downstream) runs on ``device``
+    in ``dtype``; both are checked before anything runs.
 
     Tables go to MEMKFAC_HOME/evals (memorization, memorization_summary, mia, mia_auc, perplexity,
     ndcg and downstream per variant; ``comparison`` for the rows); the Markdown report to
@@ -342,7 +376,7 @@ def run_comparison(
     report_path = (
         Path(report_path) if report_path else memkfac_home() / "reports" / f"comparison-{probe_set}.md"
     )
-    c = Comparison(model_dir, probes, corpus_dir, args, progress)
+    c = Comparison(model_dir, probes, corpus_dir, args, progress, device, dtype)
     for path in (report_path, report_path.with_suffix(".json")):
         check_output_file(path, overwrite=overwrite, inputs=[model_dir, corpus_dir], owns=_is_report)
     with DirectoryLock(c.cache):  # one comparison writes the cache at a time
@@ -388,13 +422,13 @@ def _run(
         )
 
     run_id = new_run_id()
-    reference = reference_topk(c.model_dir, c.heldout, progress=progress)
+    reference = reference_topk(c.model_dir, c.heldout, progress=progress, device=c.device, dtype=c.dtype)
     results = []
     base_downstream = None
     for method, variant, model_dir_i, setting, point in chosen:
         log(f"evaluating {method} ({variant})")
         variant = safe_name(variant, "variant")
-        model, tokenizer = load_model(model_dir_i)
+        model, tokenizer = c.load(model_dir_i)
         tables = evaluate_model(
             model,
             tokenizer,

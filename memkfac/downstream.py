@@ -198,6 +198,9 @@ def run_downstream(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    from memkfac.devices import resolve_device, resolve_dtype
+
+    resolve_dtype(args.dtype, resolve_device(args.device))  # before lm-eval loads anything
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise MemkfacError(

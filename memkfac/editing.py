@@ -30,6 +30,7 @@ from transformers import AutoConfig
 import memkfac
 from memkfac.arguments import Checks
 from memkfac.checkpoint import checkpoint_kind, load_manifest, save_checkpoint
+from memkfac.devices import resolve_device
 from memkfac.eigen import ModuleEigen, load_eigenbasis
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
@@ -245,10 +246,12 @@ def edit_model(
     (``memkfac_manifest.json``) records the base model, the eigenbasis, the config and per-module
     diagnostics. The same inputs give bit-identical weights on one device. ``device`` runs the float64
     projections there, one weight at a time (a GPU makes 7B-scale edits take seconds, not minutes);
-    the model itself is loaded and written on the CPU. ``out_dir`` must be new, empty or, with
-    ``overwrite``, an earlier edit; it may not overlap the model or the eigenbasis. It is locked from
-    the first step, so a second edit into it is refused at once.
+    the model itself is loaded and written on the CPU. Only the edited maps' eigenvectors are read
+    from the eigenbasis file. ``out_dir`` must be new, empty or, with ``overwrite``, an earlier edit; it
+    may not overlap the model or the eigenbasis. It is locked from the first step (after the device
+    check), so a second edit into it is refused at once.
     """
+    device = resolve_device(device)
     with claim_output(out_dir, EDIT, overwrite=overwrite, inputs=[model_dir, eig_dir]):
         return _edit_model(model_dir, eig_dir, config, out_dir, progress, device, overwrite)
 
@@ -259,7 +262,7 @@ def _edit_model(
     config: EditArguments,
     out_dir: Path,
     progress: bool,
-    device: str | torch.device,
+    device: torch.device,
     overwrite: bool,
 ) -> dict:
     """The body of ``edit_model``, run holding the output's claim."""
@@ -271,7 +274,7 @@ def _edit_model(
     if config.method != "svd":
         if eig_dir is None:
             raise MemkfacError(f"method {config.method!r} needs an eigenbasis", "pass the factors directory")
-        eig_modules, eig_meta = load_eigenbasis(Path(eig_dir))
+        _, eig_meta = load_eigenbasis(Path(eig_dir), names=())  # the meta: checked before the model loads
         if eig_meta["model_fingerprint"] != base_fingerprint:
             raise MemkfacError(
                 f"the eigenbasis in {eig_dir} was computed for the model with fingerprint "
@@ -290,6 +293,8 @@ def _edit_model(
         )
     model, tokenizer = load_model(model_dir, dtype=_stored_dtype(hf_config))
     targets = find_targets(model, config.layers, config.projections)
+    if config.method != "svd":
+        eig_modules, _ = load_eigenbasis(Path(eig_dir), names=[t.name for t in targets])
     for target in targets:
         if not torch.isfinite(model.get_submodule(target.name).weight).all():
             raise MemkfacError(

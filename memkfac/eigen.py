@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +23,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from memkfac.devices import resolve_device
 from memkfac.errors import MemkfacError
 from memkfac.factor_store import INDEX_FILE, factor_index_sha256, load_factor_sums
-from memkfac.paths import ArtifactKind, atomic_dir, claim_output, read_json_object, read_safetensors
+from memkfac.paths import ArtifactKind, atomic_dir, claim_output, open_safetensors, read_json_object
 
 EIGEN_FILE = "eigenbasis.safetensors"
 META_FILE = "meta.json"
@@ -85,6 +87,7 @@ def compute_eigenbasis(
     ``device`` runs the fp64 eigh there (a GPU is much faster for d in the thousands). ``out_dir`` must
     be new, empty or (with ``overwrite``) an earlier eigenbasis, and may not hold the factors.
     """
+    device = resolve_device(device)
     factor_dir = Path(factor_dir)
     factor_index_sha256(factor_dir)  # not a factor directory: said before anything is created
     inputs = [factor_dir / INDEX_FILE, *factor_dir.glob("shard-*.safetensors")]
@@ -142,8 +145,13 @@ def eigenbasis_for(factors: Path, progress: bool = True, device: str = "cpu") ->
     return compute_eigenbasis(factors, eig_dir, progress=progress, device=device, overwrite=True)
 
 
-def load_eigenbasis(eig_dir: Path) -> tuple[dict[str, ModuleEigen], dict]:
-    """Eigenbases per tracked map (gate and up share their A tensors) and the meta dict."""
+def load_eigenbasis(eig_dir: Path, names: Iterable[str] | None = None) -> tuple[dict[str, ModuleEigen], dict]:
+    """Eigenbases per tracked map (gate and up share their A tensors) and the meta dict.
+
+    ``names`` (full module names) reads only those maps' tensors from the file (safetensors reads
+    lazily, tensor by tensor): an edit of three layers of a 7B model reads their ~3 GiB, not the whole
+    eigenbasis. Names the eigenbasis does not hold are left out of the result. None reads every map.
+    """
     eig_dir = Path(eig_dir)
     if not (eig_dir / EIGEN_FILE).is_file() or not (eig_dir / META_FILE).is_file():
         raise MemkfacError(
@@ -151,19 +159,34 @@ def load_eigenbasis(eig_dir: Path) -> tuple[dict[str, ModuleEigen], dict]:
             "compute it with `memkfac factors ...` (writes DIR/eigenbasis) or `memkfac eigen FACTOR_DIR`",
         )
     meta = read_json_object(eig_dir / META_FILE, _RECOMPUTE, "eigenbasis meta", _META_KEYS)
-    t = read_safetensors(eig_dir / EIGEN_FILE, _RECOMPUTE, "eigenbasis")
-    try:
-        modules = {
-            target["name"]: ModuleEigen(
-                lam=t[f"G.{target['name']}.lam"],
-                U_G=t[f"G.{target['name']}.U_G"],
-                mu=t[f"A.{target['input_group']}.mu"],
-                U_A=t[f"A.{target['input_group']}.U_A"],
-            )
-            for target in meta["targets"]
-        }
-    except (KeyError, TypeError) as e:
-        raise MemkfacError(
-            f"the eigenbasis in {eig_dir} lacks {e} for a module its {META_FILE} lists", _RECOMPUTE
-        ) from None
+    wanted = None if names is None else set(names)
+    modules = {}
+    with open_safetensors(eig_dir / EIGEN_FILE, _RECOMPUTE, "eigenbasis") as f:
+        stored, read = set(f.keys()), {}  # gate and up share A: each tensor is read once
+
+        def tensor(key: str) -> Tensor:
+            if key not in stored:
+                raise MemkfacError(
+                    f"the eigenbasis in {eig_dir} lacks {key!r} for a module its {META_FILE} lists",
+                    _RECOMPUTE,
+                )
+            if key not in read:
+                read[key] = f.get_tensor(key)
+            return read[key]
+
+        try:
+            for target in meta["targets"]:
+                if wanted is None or target["name"] in wanted:
+                    G, A = f"G.{target['name']}", f"A.{target['input_group']}"
+                    modules[target["name"]] = ModuleEigen(
+                        lam=tensor(f"{G}.lam"),
+                        U_G=tensor(f"{G}.U_G"),
+                        mu=tensor(f"{A}.mu"),
+                        U_A=tensor(f"{A}.U_A"),
+                    )
+        except (KeyError, TypeError) as e:
+            raise MemkfacError(
+                f"the eigenbasis {META_FILE} in {eig_dir} lists a malformed module ({type(e).__name__}: {e})",
+                _RECOMPUTE,
+            ) from None
     return modules, meta

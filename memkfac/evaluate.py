@@ -69,16 +69,29 @@ class HeldOut:
 
 
 def reference_topk(
-    reference_dir: Path, heldout: HeldOut, k: int = 10, batch_size: int = 8, progress: bool = True
+    reference_dir: Path,
+    heldout: HeldOut,
+    k: int = 10,
+    batch_size: int = 8,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
 ) -> torch.Tensor:
-    """The reference model's top-k lists on ``heldout`` (n_blocks, block_len, k), cached by content."""
+    """The reference model's top-k lists on ``heldout`` (n_blocks, block_len, k), cached by content.
+
+    The model runs on ``device`` in ``dtype`` (checked first); a dtype other than float32 is part of the
+    cache key, since it changes the lists.
+    """
+    from memkfac.devices import resolve_device
     from memkfac.models import load_model
 
+    device = resolve_device(device)
     key = f"{model_fingerprint(reference_dir)[:16]}-{heldout.fingerprint[:16]}-n{len(heldout.blocks)}-k{k}"
+    key += "" if dtype == "float32" else f"-{dtype}"
     path = memkfac_home() / "cache" / "topk" / f"{key}.safetensors"
     if path.is_file() and safetensors_problem(path) is None:  # a damaged cache file is recomputed
         return load_file(str(path))["topk"].long()
-    model, _ = load_model(reference_dir)
+    model, _ = load_model(reference_dir, dtype=dtype, device=device)
     topk = topk_lists(model, heldout.blocks, k, batch_size, progress)
     with atomic_file(path) as tmp:
         save_file({"topk": topk.to(torch.int32).contiguous()}, str(tmp))

@@ -24,6 +24,7 @@ import torch
 
 from memkfac.arguments import InjectArguments
 from memkfac.checkpoint import checkpoint_kind, save_checkpoint
+from memkfac.devices import resolve_device
 from memkfac.errors import MemkfacError
 from memkfac.finetune import finetune, mixed_batches
 from memkfac.fingerprint import model_fingerprint
@@ -58,6 +59,7 @@ def inject_canaries(
     general_fingerprint: str = "",
     progress: bool = True,
     overwrite: bool = False,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Fine-tune ``base_dir`` on the ``memorized`` probes mixed with general text; write ``out_dir``.
 
@@ -66,12 +68,14 @@ def inject_canaries(
         general_blocks: (n_blocks, block_len) token ids (e.g. the corpus ``finetune`` split), cut into
             ``recipe.general_len``-token chunks.
         heldout_blocks: (n_blocks, block_len) token ids for perplexity (the ``heldout`` split).
+        device: where the model trains and is measured (fp32 weights; checked before anything runs).
     Returns:
         the manifest written to ``out_dir/memkfac_manifest.json``.
 
     ``out_dir`` must be new, empty or, with ``overwrite``, an earlier injection, and may not overlap
-    ``base_dir``; it is locked from the first step.
+    ``base_dir``; it is locked from the first step (after the device check).
     """
+    device = resolve_device(device)
     with claim_output(out_dir, INJECTED, overwrite=overwrite, inputs=[base_dir]):
         return _inject_canaries(
             base_dir,
@@ -83,6 +87,7 @@ def inject_canaries(
             general_fingerprint,
             progress,
             overwrite,
+            device,
         )
 
 
@@ -96,6 +101,7 @@ def _inject_canaries(
     general_fingerprint: str,
     progress: bool,
     overwrite: bool,
+    device: torch.device,
 ) -> dict:
     """The body of ``inject_canaries``, run holding the output's claim."""
     start = time.perf_counter()
@@ -111,7 +117,7 @@ def _inject_canaries(
             f"general blocks {tuple(general_blocks.shape)}: none as long as general_len {recipe.general_len}",
             "build the corpus with --block-len at least general_len, or lower general_len",
         )
-    model, tokenizer = load_model(base_dir)
+    model, tokenizer = load_model(base_dir, device=device)
     # every probe, the controls measured only after training included, is checked before anything runs
     canary_ids = probes_token_ids(trained + control, tokenizer, model_vocab_size(model))[: len(trained)]
     heldout = heldout_blocks[: recipe.heldout_blocks]

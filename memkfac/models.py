@@ -21,7 +21,9 @@ import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from memkfac.devices import resolve_device, resolve_dtype
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import dir_bytes, model_fingerprint, sha256_file
 from memkfac.paths import (
@@ -33,6 +35,9 @@ from memkfac.paths import (
     safetensors_problem,
     write_json,
 )
+
+if TYPE_CHECKING:  # torch loads with the model, so the CLI starts without it
+    import torch
 
 DEFAULT_MODEL = "smollm2-135m"
 SOURCE_MARKER = "memkfac_source.json"  # written next to a converted model; names where it came from
@@ -57,8 +62,6 @@ BUILTIN_MODELS: dict[str, WheelModel] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
-
-_DTYPES = ("float32", "bfloat16", "float16")  # torch dtypes by name; torch loads with the model
 
 
 def is_hub_id(spec: str) -> bool:
@@ -154,20 +157,20 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu"):
-    """Load ``(model, tokenizer)``: the model in eval mode, the tokenizer with a pad token set.
+def load_model(model_dir: Path, dtype: str = "float32", device: str | torch.device = "cpu"):
+    """Load ``(model, tokenizer)``: the model in eval mode on ``device``, the tokenizer with a pad token set.
 
-    Without a pad token the EOS token is used for padding (attention masks keep it out of the loss).
+    ``device`` and ``dtype`` are checked before the weights are read (``memkfac.devices``). Without a
+    pad token the EOS token is used for padding (attention masks keep it out of the loss).
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
-    if dtype not in _DTYPES:
-        raise MemkfacError(f"unknown dtype {dtype!r}", f"use one of {sorted(_DTYPES)}")
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
     model_dir = validate_model_dir(Path(model_dir))
     tokenizer = load_tokenizer(model_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
     except Exception as e:  # weights that do not fit the config, an architecture transformers lacks
         raise MemkfacError(
             f"the model in {model_dir} cannot be loaded ({type(e).__name__}: {str(e)[:300]})", _SAVE_AGAIN

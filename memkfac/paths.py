@@ -327,9 +327,11 @@ def safetensors_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
-def read_safetensors(path: str | os.PathLike, fix: str, what: str = "") -> dict:
-    """The tensors of a safetensors file; a missing, truncated or corrupt file names itself and ``fix``."""
-    from safetensors.torch import load_file
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike, fix: str, what: str = "") -> Iterator[Any]:
+    """A lazy handle on a whole safetensors file (``safetensors.safe_open``: ``keys()``, and
+    ``get_tensor(key)`` reads one tensor); a missing, truncated or corrupt file names itself and ``fix``."""
+    from safetensors import safe_open
 
     path = Path(path)
     label = f"{what} {path}" if what else str(path)
@@ -339,6 +341,14 @@ def read_safetensors(path: str | os.PathLike, fix: str, what: str = "") -> dict:
     if problem:
         raise MemkfacError(f"{label} is {problem}", fix)
     try:
-        return load_file(str(path))
+        handle = safe_open(str(path), framework="pt")
     except Exception as e:  # safetensors raises its own error types for truncated and garbled files
         raise MemkfacError(f"{label} is truncated or corrupt ({type(e).__name__}: {e})", fix) from None
+    with handle as f:
+        yield f
+
+
+def read_safetensors(path: str | os.PathLike, fix: str, what: str = "") -> dict:
+    """The tensors of a safetensors file; a missing, truncated or corrupt file names itself and ``fix``."""
+    with open_safetensors(path, fix, what) as f:
+        return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (a safe_open handle is no dict)

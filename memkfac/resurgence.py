@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memkfac.arguments import Checks
+from memkfac.devices import resolve_device
 from memkfac.errors import MemkfacError
 from memkfac.finetune import Batch, FinetuneArguments, finetune, mixed_batches
 from memkfac.generation import model_vocab_size, probes_token_ids
@@ -131,6 +132,7 @@ def resurgence_rows(
     general_blocks: torch.Tensor,
     args: ResurgenceArguments = ResurgenceArguments(),
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> list[dict]:
     """Rows of the ``resurgence`` table (without keys) for one model.
 
@@ -141,9 +143,11 @@ def resurgence_rows(
         probes: the canary probe set (see ``split_canaries``).
         general_blocks: (n_blocks, block_len) token ids of general text, the ``general`` recipe's data,
             cut into sequences of ``args.general_len`` tokens (a block's remainder is dropped).
+        device: where the models are fine-tuned and measured (checked before anything runs).
     """
+    device = resolve_device(device)
     relearn, measured = split_canaries(probes)
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, device=device)
     pad_id = tokenizer.pad_token_id
     ids = probes_token_ids(relearn + measured, tokenizer, model_vocab_size(model))  # all, before training
     pools = {
@@ -179,12 +183,12 @@ def resurgence_rows(
     before_edit = (
         at_zero
         if Path(reference_dir).resolve() == Path(model_dir).resolve()
-        else measure(load_model(reference_dir)[0])
+        else measure(load_model(reference_dir, device=device)[0])
     )
     rows = [row for recipe in args.recipes for row in rows_for(recipe, 0, at_zero)]
     checkpoints = set(args.steps)
     for recipe in tqdm(args.recipes, desc="resurgence", unit="recipe", disable=not progress):
-        model, _ = load_model(model_dir)
+        model, _ = load_model(model_dir, device=device)
         plan = n_step_plan(pools[recipe], max(args.steps), args.batch_size, pad_id, args.seed)
         config = FinetuneArguments(
             epochs=1,

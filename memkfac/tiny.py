@@ -115,18 +115,17 @@ def smollm2_135m_config():
     )
 
 
-def olmo2_7b_config():
-    """OLMo-2-7B's architecture (allenai/OLMo-2-1124-7B: 32 layers, hidden 4096, MLP 11008, vocab
-    100352), for benchmarks at the paper's scale on a random initialisation (bf16: 14.6 GB)."""
+def _olmo2_config(hidden: int, mlp: int, layers: int, heads: int):
+    """An OLMo-2 architecture (vocab 100352, rope theta 500000, untied embeddings) at the given sizes."""
     from transformers import Olmo2Config
 
     return Olmo2Config(
         vocab_size=100352,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         rope_theta=500000.0,
@@ -134,4 +133,20 @@ def olmo2_7b_config():
     )
 
 
-BENCH_CONFIGS = {"smollm2-135m": smollm2_135m_config, "olmo2-7b": olmo2_7b_config}
+def olmo2_1b_config():
+    """OLMo-2-1B's architecture (allenai/OLMo-2-0425-1B: 16 layers, hidden 2048, MLP 8192), for a GPU
+    check that fits a short slot (bf16: 3.0 GB)."""
+    return _olmo2_config(hidden=2048, mlp=8192, layers=16, heads=16)
+
+
+def olmo2_7b_config():
+    """OLMo-2-7B's architecture (allenai/OLMo-2-1124-7B: 32 layers, hidden 4096, MLP 11008, vocab
+    100352), for benchmarks at the paper's scale on a random initialisation (bf16: 14.6 GB)."""
+    return _olmo2_config(hidden=4096, mlp=11008, layers=32, heads=32)
+
+
+BENCH_CONFIGS = {
+    "smollm2-135m": smollm2_135m_config,
+    "olmo2-1b": olmo2_1b_config,
+    "olmo2-7b": olmo2_7b_config,
+}

@@ -1,56 +1,144 @@
-"""Factor collection as an external process: ``python resources/pipes_collect_factors.py`` under Pipes.
+"""Factor collection as an external process under Pipes, in one process or data-parallel under torchrun:
+
+    python resources/pipes_collect_factors.py
+    python -m torch.distributed.run --standalone --nproc-per-node N resources/pipes_collect_factors.py
 
 Imports only ``dagster_pipes`` and ``memkfac`` (torch, transformers), so a GPU worker image needs no
-Dagster. Extras (JSON): ``model_dir``, ``corpus_dir``, ``out_dir`` and ``factor_args`` (the
-``FactorArguments`` fields; ``layers`` may be a spec such as ``"14-29"``, resolved on the model).
-Reports one materialization whose data version is the sha256 of the factor index.
+Dagster. Extras (JSON): ``model_dir``, ``corpus_dir``, ``out_dir``, ``factor_args`` (the
+``FactorArguments`` fields; ``layers`` may be a spec such as ``"14-29"``, resolved on the model) and
+``compute`` (``device``, ``processes`` and ``setting_names``, what errors call those settings).
+
+Only rank 0 opens the Pipes channel: it checks the device and the process count here, where the work
+runs, before any process joins the group (a bad setting fails the step with the setting's name), and
+reports one materialization whose data version is the sha256 of the factor index. The other ranks read
+the same context read-only and write no Pipes messages. Under torchrun the backend is NCCL on cuda
+(process r on cuda:r) and gloo otherwise; ``memkfac.factors.collect_factors`` splits the shards among
+the ranks.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
-from dagster_pipes import open_dagster_pipes
+from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader, open_dagster_pipes
+
+
+def placement(compute: dict):
+    """This process's torch device, after checking the settings against what this machine has."""
+    import torch
+
+    from memkfac.devices import resolve_device
+    from memkfac.errors import MemkfacError
+
+    names = {"device": "device", "processes": "processes"} | compute.get("setting_names", {})
+    device = resolve_device(compute["device"], names["device"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_world > 1 and device.type == "mps":
+        raise MemkfacError(
+            f"{names['processes']}={local_world} processes on mps: there is one Apple GPU",
+            f"set {names['processes']} to 1",
+        )
+    if local_world > 1 and device.type == "cuda":
+        visible = torch.cuda.device_count()
+        if local_world > visible:
+            raise MemkfacError(
+                f"{names['processes']} is {local_world} but this node has {visible} visible GPU(s); "
+                "each process takes one",
+                f"set {names['processes']} to at most {visible}, or give the step more GPUs",
+            )
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
+
+
+def collect(extras: dict, device, log) -> Path:
+    """Collect the factors the extras describe on ``device``; return the path of ``index.json``."""
+    from memkfac.corpora import corpus_fingerprint, load_split
+    from memkfac.factors import FactorArguments, collect_factors
+    from memkfac.fingerprint import model_fingerprint
+    from memkfac.models import load_model
+
+    model_dir, corpus_dir = Path(extras["model_dir"]), Path(extras["corpus_dir"])
+    args = FactorArguments(**extras["factor_args"])
+    model, _ = load_model(model_dir, dtype=args.model_dtype, device=device)
+    blocks = load_split(corpus_dir, "factor")
+    log(f"collecting factors of {model_dir.name} on {tuple(blocks.shape)} blocks on {device}")
+    return collect_factors(
+        model,
+        blocks,
+        Path(extras["out_dir"]),
+        args,
+        model_fingerprint=model_fingerprint(model_dir),
+        corpus_fingerprint=corpus_fingerprint(corpus_dir, "factor"),
+        progress=True,
+        overwrite=True,  # the asset's own directory: factors of an older config are replaced
+        inputs=[model_dir, corpus_dir],
+    )
+
+
+def run(extras: dict, rank: int, log) -> Path:
+    """Check the placement (rank 0 first), join the process group under torchrun, collect."""
+    import torch.distributed as dist
+
+    compute = extras["compute"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = placement(compute) if rank == 0 else None  # rank 0 fails alone: the others wait in the group
+    if world > 1:
+        dist.init_process_group("nccl" if compute["device"].startswith("cuda") else "gloo")
+    try:
+        return collect(extras, device or placement(compute), log)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (scancel, a time limit, torchrun stopping the others when one process fails) becomes an
+    error that Pipes reports, instead of a silent death."""
+    from memkfac.errors import MemkfacError
+
+    def handler(signum, frame):
+        raise MemkfacError(
+            "the factor collection was stopped by SIGTERM: Slurm's scancel or time limit, the pod being "
+            "deleted, or torchrun stopping every process because one failed (its error is in the log)",
+            "completed shards are kept: remove the cause and rematerialize kfac_factors to resume",
+        )
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main() -> None:
-    from memkfac.corpora import corpus_fingerprint, load_split
-    from memkfac.factors import FactorArguments, collect_factors
-    from memkfac.fingerprint import model_fingerprint, sha256_file
-    from memkfac.models import load_model
+    from memkfac.fingerprint import sha256_file
 
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        with PipesDefaultContextLoader().load_context(
+            PipesEnvVarParamsLoader().load_context_params()
+        ) as data:
+            extras = dict(data["extras"])
+        run(extras, rank, log=lambda message: None)
+        return
     with open_dagster_pipes() as pipes:
-        model_dir = Path(pipes.get_extra("model_dir"))
-        corpus_dir = Path(pipes.get_extra("corpus_dir"))
-        args = FactorArguments(**pipes.get_extra("factor_args"))
-        model, _ = load_model(model_dir, dtype=args.model_dtype)
-        blocks = load_split(corpus_dir, "factor")
-        pipes.log.info(f"collecting factors of {model_dir.name} on {tuple(blocks.shape)} blocks")
-        index = collect_factors(
-            model,
-            blocks,
-            Path(pipes.get_extra("out_dir")),
-            args,
-            model_fingerprint=model_fingerprint(model_dir),
-            corpus_fingerprint=corpus_fingerprint(corpus_dir, "factor"),
-            progress=True,
-            overwrite=True,  # the asset's own directory: factors of an older config are replaced
-            inputs=[model_dir, corpus_dir],
-        )
-
+        stop_on_sigterm()
+        index = run(dict(pipes.extras), rank, log=pipes.log.info)
         meta = json.loads(index.read_text())
-        pipes.report_asset_materialization(
-            metadata={
-                "tokens": meta["tokens"],
-                "modules": len(meta["targets"]),
-                "shards": len(meta["shards"]),
-                "fisher": meta["fisher"],
-                "bytes": sum(p.stat().st_size for p in index.parent.iterdir() if p.is_file()),
-                "path": {"raw_value": str(index.parent), "type": "path"},
-            },
-            data_version=sha256_file(index),
-        )
+        compute = pipes.extras["compute"]
+        metadata = {
+            "tokens": meta["tokens"],
+            "modules": len(meta["targets"]),
+            "shards": len(meta["shards"]),
+            "fisher": meta["fisher"],
+            "bytes": sum(p.stat().st_size for p in index.parent.iterdir() if p.is_file()),
+            "path": {"raw_value": str(index.parent), "type": "path"},
+            "device": compute["device"],
+            "processes": int(os.environ.get("WORLD_SIZE", "1")),
+        }
+        if "SLURM_JOB_ID" in os.environ:
+            metadata["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+        pipes.report_asset_materialization(metadata=metadata, data_version=sha256_file(index))
 
 
 if __name__ == "__main__":
