@@ -4,11 +4,16 @@ Every engine entry point that loads a model takes ``device`` (and ``dtype``) and
 ``resolve_device`` first, so that ``cuda`` on a machine without CUDA, ``cuda:3`` with one GPU or a
 misspelt device fails at once with a message naming the setting (``what``: ``--device``,
 ``MEMKFAC_FACTOR_DEVICE``, ...), never as a traceback from inside torch halfway through a run.
+Under torchrun, ``rank_device`` places each process of a node on its own GPU and ``process_group``
+joins the ranks (the ``memkfac factors`` command and the pipeline's Pipes factor script share both).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from memkfac.errors import MemkfacError
@@ -77,3 +82,47 @@ def resolve_dtype(dtype: str, device: str | torch.device = "cpu", what: str = "d
             f"set {what} to float32 (or float16) on this GPU",
         )
     return getattr(torch, dtype)
+
+
+def rank_device(device: str, what: str = "device", processes: str = "processes") -> torch.device:
+    """This process's ``torch.device``: ``device`` checked (``resolve_device``); under torchrun with
+    several processes on this node (``LOCAL_WORLD_SIZE``), local process r takes cuda:r, after checking
+    that the node has a GPU for each (several processes on mps are refused). ``what`` and ``processes``
+    name the device and the process-count settings in errors."""
+    import torch
+
+    resolved = resolve_device(device, what)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_world > 1 and resolved.type == "mps":
+        raise MemkfacError(
+            f"{processes}={local_world} processes on mps: there is one Apple GPU", f"set {processes} to 1"
+        )
+    if local_world > 1 and resolved.type == "cuda":
+        visible = torch.cuda.device_count()
+        if local_world > visible:
+            raise MemkfacError(
+                f"{processes} is {local_world} but this node has {visible} visible GPU(s); "
+                "each process takes one",
+                f"set {processes} to at most {visible}, or give the step more GPUs",
+            )
+        resolved = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(resolved)
+    return resolved
+
+
+@contextlib.contextmanager
+def process_group(device: str | torch.device) -> Iterator[tuple[int, int]]:
+    """Under torchrun (``WORLD_SIZE`` > 1), this process in the process group for the block: NCCL on
+    cuda, gloo otherwise. Yields ``(rank, world)``; ``(0, 1)`` outside torchrun."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        yield 0, 1
+        return
+    dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    try:
+        yield dist.get_rank(), world
+    finally:
+        dist.destroy_process_group()

@@ -26,34 +26,6 @@ from pathlib import Path
 from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader, open_dagster_pipes
 
 
-def placement(compute: dict):
-    """This process's torch device, after checking the settings against what this machine has."""
-    import torch
-
-    from memkfac.devices import resolve_device
-    from memkfac.errors import MemkfacError
-
-    names = {"device": "device", "processes": "processes"} | compute.get("setting_names", {})
-    device = resolve_device(compute["device"], names["device"])
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if local_world > 1 and device.type == "mps":
-        raise MemkfacError(
-            f"{names['processes']}={local_world} processes on mps: there is one Apple GPU",
-            f"set {names['processes']} to 1",
-        )
-    if local_world > 1 and device.type == "cuda":
-        visible = torch.cuda.device_count()
-        if local_world > visible:
-            raise MemkfacError(
-                f"{names['processes']} is {local_world} but this node has {visible} visible GPU(s); "
-                "each process takes one",
-                f"set {names['processes']} to at most {visible}, or give the step more GPUs",
-            )
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return device
-
-
 def collect(extras: dict, device, log) -> Path:
     """Collect the factors the extras describe on ``device``; return the path of ``index.json``."""
     from memkfac.corpora import corpus_fingerprint, load_split
@@ -81,18 +53,17 @@ def collect(extras: dict, device, log) -> Path:
 
 def run(extras: dict, rank: int, log) -> Path:
     """Check the placement (rank 0 first), join the process group under torchrun, collect."""
-    import torch.distributed as dist
+    from memkfac.devices import process_group, rank_device
 
     compute = extras["compute"]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = placement(compute) if rank == 0 else None  # rank 0 fails alone: the others wait in the group
-    if world > 1:
-        dist.init_process_group("nccl" if compute["device"].startswith("cuda") else "gloo")
-    try:
-        return collect(extras, device or placement(compute), log)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    names = {"device": "device", "processes": "processes"} | compute.get("setting_names", {})
+
+    def place():  # this process's device, the settings checked against what this machine has
+        return rank_device(compute["device"], names["device"], names["processes"])
+
+    device = place() if rank == 0 else None  # rank 0 fails alone: the others wait in the group
+    with process_group(compute["device"]):
+        return collect(extras, device or place(), log)
 
 
 def stop_on_sigterm() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -141,33 +140,19 @@ def _corpus_dir(spec: str, tokenizer, block_len: int, tokens: int, progress: boo
     return out
 
 
-def _init_distributed(device: str) -> tuple[int, int, str]:
-    """Join the torchrun process group if launched by torchrun; returns (rank, world, device)."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world, device
-
-
 def run_factors(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from memkfac.corpora import corpus_fingerprint, load_split
+    from memkfac.devices import process_group, rank_device
     from memkfac.eigen import EIGEN_SUBDIR, compute_eigenbasis, eigenbasis_is_current
     from memkfac.factors import FactorArguments, collect_factors
     from memkfac.fingerprint import model_fingerprint
     from memkfac.models import load_model, resolve_model
 
-    rank, world, device = _init_distributed(args.device)
-    progress = not args.quiet and rank == 0
-    try:
+    device = rank_device(args.device, "--device", "torchrun --nproc-per-node")
+    with process_group(device) as (rank, world):
+        progress = not args.quiet and rank == 0
         # rank 0 resolves (and may download or convert) first; the others then find it cached
         model_dir = resolve_model(args.model, progress=progress) if rank == 0 else None
         if world > 1:
@@ -221,9 +206,6 @@ def run_factors(args: argparse.Namespace) -> int:
                 else:  # the factor directory's own eigenbasis: a stale one is replaced
                     compute_eigenbasis(args.out, eig, progress=progress, device=device, overwrite=True)
                     print(f"eigenbasis -> {eig}")
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
     return 0
 
 
