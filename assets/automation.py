@@ -1,4 +1,4 @@
-"""Declarative automation conditions shared by the assets (verified idioms, dagster_notes section 4).
+"""Declarative automation conditions shared by the assets (public Dagster idioms).
 
 - ``BUILD``: materialize when an upstream's *data version* changed (not merely re-materialized with the
   same content), when this asset's ``code_version`` was bumped, or on the first evaluation if it is

@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill, a CI timeout: like Ctrl-C
     try:
         from definitions import build_definitions
+        from jobs.ui import make_command
         from resources.config import load_config
         from resources.settings import Settings
         from resources.store import ArtifactStore
@@ -343,9 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"\nDone in {minutes:.1f} min.")
     print(
-        "\nWhere to look:\n"
-        f"  Dagster UI:  DAGSTER_HOME={home} dagster dev -w workspace.yaml   (then http://127.0.0.1:3000)\n"
-        f"  MLflow UI:   mlflow ui --backend-store-uri {settings.mlflow_uri(config)}\n"
+        "\nWhere to look (from the project directory):\n"
+        f"  Dagster UI:  {make_command('ui', settings, home)}   (http://127.0.0.1:3000; runs in {home})\n"
+        f"  MLflow UI:   {make_command('mlflow-ui', settings, home)}   "
+        f"(http://127.0.0.1:5000; store {settings.mlflow_uri(config)})\n"
         f"  Reports:     {store.duckdb_path} (schema main_reports)\n\n"
         f"{report_table(store)}"
     )

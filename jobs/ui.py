@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -35,6 +36,26 @@ def ui_command(ui: str, host: str, port: int) -> tuple[list[str], dict[str, str]
         argv = ["mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
         reads = uri
     return [sys.executable, "-m", *argv], env, reads
+
+
+# the variables the UIs read, as `make ui` must be given them when the main job was given them
+UI_VARIABLES = ("MEMKFAC_HOME", "MEMKFAC_CONFIG", "DAGSTER_HOME", "MLFLOW_TRACKING_URI")
+
+
+def make_command(target: str, settings, dagster_dir: Path) -> str:
+    """``make <target>`` with the variables a UI needs to read what the main job wrote: those set in
+    this environment, and ``DAGSTER_HOME`` when it is not the default ``$MEMKFAC_HOME/dagster``."""
+    values = {
+        "MEMKFAC_HOME": str(settings.home),
+        "MEMKFAC_CONFIG": str(settings.config_path),
+        "DAGSTER_HOME": str(dagster_dir),
+        "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", ""),
+    }
+    given = {name for name in UI_VARIABLES if os.environ.get(name)}
+    if Path(dagster_dir).resolve() == (settings.home / "dagster").resolve():
+        given.discard("DAGSTER_HOME")  # the main job set the default; make ui derives the same
+    prefix = "".join(f"{name}={shlex.quote(values[name])} " for name in UI_VARIABLES if name in given)
+    return f"{prefix}make {target}"
 
 
 def main(argv: list[str] | None = None) -> int:

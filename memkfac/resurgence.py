@@ -1,6 +1,6 @@
 """Resurgence: does removed memorization come back after a little fine-tuning?
 
-The protocol (kfac_engine_notes section 5, adapted to verbatim memorization). For a model (an edit or
+The protocol (relearning attacks, adapted to verbatim memorization). For a model (an edit or
 the unedited reference) and a canary probe set:
 - the trained canaries (kind ``memorized``) are split by their ``split`` field: the ``sweep`` half is
   the relearn set T, the ``holdout`` half V is measured; ``control`` canaries (never trained) are

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -86,3 +87,54 @@ def test_the_pipes_factor_script_needs_only_dagster_pipes_and_memkfac():
     }
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported - set(sys.stdlib_module_names) == {"dagster_pipes", "memkfac"}
+
+
+DOCUMENTS = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")  # [text](target) and ![alt](target)
+
+
+def _anchors(markdown: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation but '-' and '_' dropped, spaces as '-'."""
+    anchors, fenced = set(), False
+    for line in markdown.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (heading := re.match(r"#{1,6} (.+)", line)):
+            anchors.add(re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=[d.name for d in DOCUMENTS])
+def test_every_relative_link_in_the_docs_resolves(document):
+    broken = []
+    for target in LINK.findall(document.read_text()):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:: not checked offline
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (document.parent / path).resolve() if path else document
+        if not linked.exists() or not linked.resolve().is_relative_to(PROJECT):
+            broken.append(f"{target}: no such file in the project")
+        elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+            broken.append(f"{target}: no heading #{anchor} in {linked.name}")
+    assert not broken, f"{document.name}: " + "; ".join(broken)
+
+
+def test_nothing_refers_to_files_outside_the_repository():
+    """Notes and paths of the machine the project was developed on are not part of the project."""
+    if shutil.which("git") is None or not (PROJECT / ".git").exists():
+        pytest.skip("not a git checkout: the tracked files are unknown")
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=PROJECT, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    outside = re.compile(r"DESIGN\.md|/work/|\.\./shared|paper_spec|kfac_engine_notes|dagster_notes")
+    found = []
+    for name in filter(None, tracked):
+        path = PROJECT / name
+        if path == Path(__file__).resolve() or not path.is_file():
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:  # images
+            continue
+        found += [f"{name}:{i}" for i, line in enumerate(text.splitlines(), 1) if outside.search(line)]
+    assert not found, found

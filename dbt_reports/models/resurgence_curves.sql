@@ -1,7 +1,7 @@
 -- Resurgence after N fine-tuning steps. Two forms:
 --   resurgence          = recall_e(N) / recall before the edit (the base model's, no fine-tuning)
 --   removed_fraction_back = (recall_e(N) - recall_e(0)) / (recall_0(0) - recall_e(0)),
---                          the fraction of the removed recall that came back (kfac_engine_notes section 5);
+--                          the fraction of the removed recall that came back;
 --                          null when the edit removed nothing.
 with r as (
     {{ with_model_and_edit(source('evals', 'resurgence')) }}

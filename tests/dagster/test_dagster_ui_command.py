@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from jobs.ui import WORKSPACE, main, ui_command
+from jobs.ui import WORKSPACE, main, make_command, ui_command
 
 
 def test_the_dagster_ui_reads_the_main_jobs_instance_and_config(tiny_home):
@@ -48,3 +48,39 @@ def test_a_bad_config_is_reported_without_starting_a_ui(tiny_home, tmp_path, mon
     monkeypatch.setenv("MEMKFAC_CONFIG", str(bad))
     assert main(["mlflow"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_the_ui_hint_is_plain_make_on_the_defaults(tmp_path, monkeypatch):
+    from resources.settings import Settings
+
+    for name in ("MEMKFAC_HOME", "MEMKFAC_CONFIG", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    settings = Settings.from_env()
+    assert make_command("ui", settings, settings.home / "dagster") == "make ui"
+
+
+def test_the_ui_hint_passes_on_the_variables_the_main_job_was_given(tiny_home, monkeypatch):
+    from resources.settings import Settings
+
+    settings = Settings.from_env()
+    dagster_dir = tiny_home.parent / "dagster"  # not $MEMKFAC_HOME/dagster: tiny_env sets its own
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////srv/my store.db")
+    command = make_command("mlflow-ui", settings, dagster_dir)
+    assert command == (
+        f"MEMKFAC_HOME={tiny_home.resolve()} MEMKFAC_CONFIG={settings.config_path} "
+        f"DAGSTER_HOME={dagster_dir} MLFLOW_TRACKING_URI='sqlite:////srv/my store.db' make mlflow-ui"
+    )
+    monkeypatch.setenv("DAGSTER_HOME", str(tiny_home / "dagster"))  # the default, though set
+    assert "DAGSTER_HOME" not in make_command("ui", settings, tiny_home / "dagster")
+
+
+def test_the_main_job_ends_with_the_make_targets_of_the_uis(tiny_home, monkeypatch, capsys):
+    from jobs import main as main_job
+
+    monkeypatch.setattr(main_job, "run_pipeline", lambda *a, **k: [])
+    assert main_job.main([]) == 0
+    out = capsys.readouterr().out
+    assert "Where to look" in out
+    assert f"MEMKFAC_CONFIG={WORKSPACE.parent / 'configs' / 'tiny.yaml'}" in out
+    assert "make ui" in out and "make mlflow-ui" in out
