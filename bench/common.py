@@ -1,7 +1,7 @@
 """What the benchmarks share: timing that waits for the device, and the result file.
 
 Each benchmark writes ``bench/results/<name>.json`` (atomically) with the machine it ran on, so that a
-number in the README can be traced to a run and the conditions it ran under.
+number in docs/results.md can be traced to a run and the conditions it ran under.
 """
 
 from __future__ import annotations

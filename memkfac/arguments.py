@@ -200,7 +200,7 @@ class FinetuneArguments:
 
 def _default_finetune() -> FinetuneArguments:
     # Layers 14-29 of 30 stay trainable (edits target late layers); the lower half and the tied
-    # embeddings are frozen, so backward stops at layer 14. Measured on SmolLM2-135M: see README.
+    # embeddings are frozen, so backward stops at layer 14. Measured on SmolLM2-135M: see docs/results.md.
     return FinetuneArguments(
         epochs=14, lr=6e-4, warmup_steps=12, decay="linear", train_layers="14-29", train_embeddings=False
     )

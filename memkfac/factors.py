@@ -297,7 +297,7 @@ def shard_token_count(targets: list[Target], args: FactorArguments) -> int:
     """Tokens per shard: ``args.shard_tokens``, or by default at least 65,536 and one token per 512
     factor entries. A shard holds every factor (4 bytes per entry) whatever its token count, so at
     OLMo-2-7B scale a fixed 65,536 would spend twice as long writing shards as computing them
-    (measured on an H100, README "On a GPU"); one token per 512 entries keeps writes to a few percent
+    (measured on an H100, docs/results.md "On a GPU"); one token per 512 entries keeps writes to a few percent
     there and changes nothing for small models, where compute dominates."""
     if args.shard_tokens is not None:
         return args.shard_tokens

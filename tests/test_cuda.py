@@ -2,7 +2,7 @@
 eigenbasis, edits, greedy generation and perplexity.
 
 These need a GPU and are skipped (with that reason, shown by ``-ra``) elsewhere; CI has none. They
-were run on a lent H100 with ``python -m pytest tests/test_cuda.py`` (see README "On a GPU").
+were run on a lent H100 with ``python -m pytest tests/test_cuda.py`` (see docs/results.md "On a GPU").
 ``MEMKFAC_TEST_DEVICE`` picks another device (``mps``; ``cpu`` checks the tests themselves).
 """
 
