@@ -54,10 +54,6 @@ class ArtifactStore(dg.ConfigurableResource):
     def edit_dir(self, variant: str) -> Path:
         return self.root / "edits" / safe_name(variant, "variant")
 
-    def work_dir(self, what: str, key: str) -> Path:
-        """Scratch space of one step (fine-tuned copies, lm-eval suites); safe to delete."""
-        return self.root / "work" / safe_name(what) / safe_name(key)
-
     def eval_table(self, table: str, variant: str, probe_set: str = "none") -> Path:
         """``evals/<table>/variant=<v>/probe_set=<p>/part.parquet`` (hive layout, read by dbt)."""
         return (
