@@ -92,9 +92,7 @@ def test_reports_give_each_run_and_the_mean_and_spread_over_runs(tmp_path, monke
             "resurgence", make_table("resurgence", rows, variant=edited, probe_set="canaries", run_id=run_id)
         )
     dbt = DbtCliResource(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE)
-    dbt.cli(
-        ["build", "--select", "resurgence_curves", "resurgence_spread"], target_path=tmp_path / "target"
-    ).wait()
+    dbt.cli(["build", "--select", "resurgence_curves+"], target_path=tmp_path / "target").wait()
     with duckdb.connect(str(tmp_path / "reports.duckdb"), read_only=True) as con:
         curves = con.execute(
             "select run_id, seed, steps, recovered, removed_fraction_back "
