@@ -16,7 +16,9 @@ TICKS = (dt.datetime(2026, 11, 29, 3, tzinfo=dt.UTC), dt.datetime(2026, 12, 6, 3
 
 
 def test_two_scheduled_ticks_append_two_evaluations_with_different_seeds(tiny_home, tmp_path, monkeypatch):
-    """The unedited variant alone (no edits, no factors): the least the resurgence asset reads."""
+    """A run without the schedule's tag (as automation or the main job starts it) uses the configured
+    seed; each of two ticks appends a run with its own. The unedited variant alone (no edits, no
+    factors): the least the resurgence asset reads."""
     from assets.resurgence import SEED_TAG
     from jobs.schedules import RESURGENCE_JOB
     from memkfac.resurgence import ARMS
@@ -30,6 +32,11 @@ def test_two_scheduled_ticks_append_two_evaluations_with_different_seeds(tiny_ho
     assert _execute(defs, instance, ["probe_sets"], "canaries").success
     assert _execute(defs, instance, ["base_model", "corpus", "subject_model"], "tiny-llama").success
     assert _execute(defs, instance, ["edited_model"], BASE).success
+    config = load_config(os.environ["MEMKFAC_CONFIG"])
+    assert _execute(defs, instance, ["resurgence"], BASE).success
+    assert set(read_table("resurgence", tiny_home).column("seed").to_pylist()) == {
+        config.resurgence.arguments.seed
+    }
 
     schedule = defs.resolve_schedule_def("weekly_resurgence")
     job = defs.resolve_job_def(RESURGENCE_JOB)
@@ -45,11 +52,14 @@ def test_two_scheduled_ticks_append_two_evaluations_with_different_seeds(tiny_ho
         (materialization,) = result.asset_materializations_for_node("resurgence")
         assert materialization.metadata["seed"].value == int(request.tags[SEED_TAG])
 
-    rows = read_table("resurgence", tiny_home).to_pylist()
+    rows = read_table("resurgence", tiny_home).to_pylist()  # the history: nothing overwritten
     runs = {(r["run_id"], r["seed"]) for r in rows}
-    assert sorted(seed for _, seed in runs) == [int(t.timestamp()) for t in TICKS]
-    assert len({run_id for run_id, _ in runs}) == 2
-    steps = (0, *load_config(os.environ["MEMKFAC_CONFIG"]).resurgence.arguments.steps)
+    assert sorted(seed for _, seed in runs) == [
+        config.resurgence.arguments.seed,
+        *(int(t.timestamp()) for t in TICKS),
+    ]
+    assert len({run_id for run_id, _ in runs}) == 3
+    steps = (0, *config.resurgence.arguments.steps)
     per_run = {(a, n, k) for a in ARMS for n in steps for k in ("memorized", "control")}
     for run_id, _ in runs:
         assert {(r["arm"], r["steps"], r["kind"]) for r in rows if r["run_id"] == run_id} == per_run
