@@ -75,7 +75,12 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
                 "batch_size": args.batch_size,
                 "seed": seed,
             },
-            metrics={f"{x['arm']}.{x['kind']}.strict_pct.step{x['steps']}": x["strict_pct"] for x in rows},
+            metrics={
+                f"{x['arm']}.{x['kind']}.{column}.step{x['steps']}": x[column]
+                for x in rows
+                for column in ("strict_pct", "recovered")
+                if x[column] is not None
+            },
             tags={"dagster_run_id": context.run.run_id, "variant": variant, "kind": "resurgence"},
             artifacts={"tables": path},
         )
