@@ -118,15 +118,19 @@ def n_step_plan(pool: Sequence[Sequence[int]], n_steps: int, batch_size: int, pa
     return lambda _epoch: batches
 
 
-def general_sequences(blocks: torch.Tensor, length: int, what: str = "general_len") -> torch.Tensor:
-    """(n_blocks * (block_len // length), length) token ids: each block cut into consecutive pieces
-    of ``length`` tokens, its remainder dropped; ``blocks`` is (n_blocks, block_len)."""
-    block_len = blocks.shape[1]
+def _check_fits(length: int, block_len: int, what: str) -> None:
     if length > block_len:
         raise MemkfacError(
             f"resurgence {what} {length} is longer than the corpus blocks ({block_len} tokens)",
             f"use {what} <= {block_len}, or build the corpus with a larger block_len",
         )
+
+
+def general_sequences(blocks: torch.Tensor, length: int, what: str = "general_len") -> torch.Tensor:
+    """(n_blocks * (block_len // length), length) token ids: each block cut into consecutive pieces
+    of ``length`` tokens, its remainder dropped; ``blocks`` is (n_blocks, block_len)."""
+    block_len = blocks.shape[1]
+    _check_fits(length, block_len, what)
     return blocks[:, : block_len // length * length].reshape(-1, length)
 
 
@@ -135,8 +139,7 @@ def general_pools(blocks: torch.Tensor, args: ResurgenceArguments) -> tuple[torc
     ``unrelated`` (unrelated_count, unrelated_len) is cut from the last blocks, as few as hold it;
     ``retain`` (n, general_len) from all the blocks before those, so the two never share a block.
     Both are the same whichever arms run."""
-    if args.unrelated_len > blocks.shape[1]:
-        general_sequences(blocks, args.unrelated_len, "unrelated_len")  # raises, naming the key
+    _check_fits(args.unrelated_len, blocks.shape[1], "unrelated_len")
     reserved = math.ceil(args.unrelated_count / (blocks.shape[1] // args.unrelated_len))
     if len(blocks) <= reserved:
         raise MemkfacError(
