@@ -177,7 +177,8 @@ def attack_rows(
             ``recovered`` (the same directory as ``model_dir`` when the unedited model itself is tested).
         probes: the canary probe set (see ``split_canaries``).
         general_blocks: (n_blocks, block_len) token ids of general text (the corpus ``finetune``
-            split), split between the retain and unrelated arms by ``general_pools``.
+            split), split between the retain and unrelated arms by ``general_pools``; not read when
+            ``args.arms`` is ``("relearn",)``.
         device: where the models are fine-tuned and measured (checked before anything runs).
 
     Returns:
@@ -188,15 +189,14 @@ def attack_rows(
     """
     device = resolve_device(device)
     relearn, measured = split_canaries(probes)
-    retain, unrelated = general_pools(general_blocks, args)
+    pools = {}
+    if {"retain", "unrelated"} & set(args.arms):
+        retain, unrelated = general_pools(general_blocks, args)
+        pools |= {"retain": retain.tolist(), "unrelated": unrelated.tolist()}
     model, tokenizer = load_model(model_dir, device=device)
     pad_id = tokenizer.pad_token_id
     ids = probes_token_ids(relearn + measured, tokenizer, model_vocab_size(model))  # all, before training
-    pools = {
-        "retain": retain.tolist(),
-        "relearn": [prompt + gold for prompt, gold in ids[: len(relearn)]],
-        "unrelated": unrelated.tolist(),
-    }
+    pools["relearn"] = [prompt + gold for prompt, gold in ids[: len(relearn)]]
 
     def measure(m) -> dict[str, dict]:
         return recall_by_kind(memorization_rows(m, tokenizer, measured, args.eval_batch_size, progress=False))

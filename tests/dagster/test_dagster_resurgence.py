@@ -55,14 +55,24 @@ def test_attack_rows_cover_every_arm_step_and_kind(tiny_model_dir):
         assert 0 <= r["strict_pct"] <= 100 and r["seed"] == 7
         # an unedited random model recites nothing: recovered is undefined, not a division by zero
         assert r["strict_pct_before_edit"] == 0 and r["recovered"] is None
+    # one arm, as `memkfac compare` calls it; relearning alone reads no general text
+    no_text = torch.zeros(0, 16, dtype=torch.long)
     only = attack_rows(
         tiny_model_dir,
         tiny_model_dir,
         trained + control,
-        blocks,
-        ResurgenceArguments(**SMALL, arms=("unrelated",)),
+        no_text,
+        ResurgenceArguments(**SMALL, arms=("relearn",)),
     )
-    assert {r["arm"] for r in only} == {"unrelated"}
+    assert {r["arm"] for r in only} == {"relearn"} and len(only) == 3 * 2
+    with pytest.raises(MemkfacError, match="holds 0 blocks"):
+        attack_rows(
+            tiny_model_dir,
+            tiny_model_dir,
+            trained + control,
+            no_text,
+            ResurgenceArguments(**SMALL, arms=("unrelated",)),
+        )
 
 
 def test_recovered_is_recall_after_n_over_the_unedited_models_before_fine_tuning(
