@@ -7,7 +7,10 @@
   evaluation cells are still missing, but not before the other reports a report reads exist. No
   bootstrap clause: with no probe set registered yet an evaluation has zero partitions, none
   "missing", and a bootstrap would run a report over no files.
-- ``weekly(cron)``: ``BUILD`` or once per cron tick (the resurgence test).
+
+The weekly attack suite has no condition of its own: the resurgence asset is ``BUILD`` (rebuilt when
+its inputs change) and the ``weekly_resurgence`` schedule is its one clock (jobs/schedules.py), so a
+tick starts one run, not two.
 """
 
 from __future__ import annotations
@@ -26,8 +29,3 @@ _REPORT_INPUTS_MISSING = AC.any_deps_match(AC.missing()).allow(dg.AssetSelection
 REPORT = (
     (AC.eager().without(~AC.any_deps_missing()) | AC.code_version_changed()) & ~_REPORT_INPUTS_MISSING
 ).with_label("memkfac_report")
-
-
-def weekly(cron: str) -> dg.AutomationCondition:
-    """``BUILD``, or at every ``cron`` tick regardless of upstream changes."""
-    return (BUILD | (AC.cron_tick_passed(cron) & ~AC.in_progress())).with_label(f"memkfac_build_or_{cron}")

@@ -4,7 +4,9 @@ Every table starts with the same key columns (variant, probe_set, run_id, create
 ``MEMKFAC_HOME/evals/<table>/variant=<v>/probe_set=<p>/part.parquet``; dbt reads them with
 ``read_parquet(..., hive_partitioning=true)``. ``probe_set`` names the evaluation data: a probe set
 for memorization and MIA tables, the held-out text for perplexity and nDCG, the task suite for
-downstream scores. A partition holds the latest run; ``run_id`` and ``created_at`` say which.
+downstream scores. A partition holds the latest run; ``run_id`` and ``created_at`` say which. A
+history table (``HISTORY_TABLES``) keeps every run instead: one file per run,
+``part-<run_id>.parquet`` in the partition, never overwritten; readers glob ``part-*.parquet``.
 
 Write rows with ``make_table`` (which fills the keys and casts to the schema) and ``write_table``
 (which validates: a wrong schema is an error naming the column).
@@ -135,17 +137,18 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("mean_activation", pa.float64()),
         pa.field("ratio_to_clean", pa.float64()),
     ),
-    # Recall after N fine-tuning steps of an edited (or base) model.
+    # Recall after N fine-tuning steps of an edited (or base) model, per attack arm; every run kept.
     "resurgence": _schema(
-        pa.field("recipe", pa.string()),  # what was fine-tuned on: general | canaries | ...
+        pa.field("arm", pa.string()),  # what was fine-tuned on: retain | relearn | unrelated
+        pa.field("seed", pa.int64()),  # the run's batch-order seed (a scheduled run draws its own)
         pa.field("steps", pa.int64()),
         pa.field("kind", pa.string()),
         pa.field("n_probes", pa.int64()),
         pa.field("strict_pct", pa.float64()),
         pa.field("loose_pct", pa.float64()),
         pa.field("avg_lev", pa.float64()),
-        pa.field("strict_pct_before_edit", pa.float64()),  # the unedited model's recall
-        pa.field("resurgence", pa.float64()),  # strict_pct / strict_pct_before_edit
+        pa.field("strict_pct_before_edit", pa.float64()),  # the unedited model's recall, no fine-tuning
+        pa.field("recovered", pa.float64()),  # strict_pct / strict_pct_before_edit
     ),
     # Paper Table 1: one row per method at its chosen strength (written by memkfac.compare).
     "comparison": _schema(
@@ -164,6 +167,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("downstream_ci_high", pa.float64()),
     ),
 }
+
+
+# Tables whose partitions keep every run (one file per run_id) rather than the latest.
+HISTORY_TABLES = frozenset({"resurgence"})
 
 
 def new_run_id() -> str:
@@ -233,12 +240,21 @@ def validate_table(table_name: str, table: pa.Table) -> None:
             raise MemkfacError(f"table {table_name!r} key column {field.name!r} has nulls", "fill every key")
 
 
-def table_path(table_name: str, variant: str, probe_set: str, root: Path | None = None) -> Path:
-    """``root/evals/<table>/variant=<v>/probe_set=<p>/part.parquet`` (root defaults to MEMKFAC_HOME)."""
+def table_path(
+    table_name: str, variant: str, probe_set: str, root: Path | None = None, run_id: str | None = None
+) -> Path:
+    """``root/evals/<table>/variant=<v>/probe_set=<p>/part.parquet`` (root defaults to MEMKFAC_HOME);
+    ``part-<run_id>.parquet`` for a history table, whose runs each have their own file."""
     _schema_of(table_name)
+    if (table_name in HISTORY_TABLES) != (run_id is not None):
+        raise MemkfacError(
+            f"table {table_name!r}: a file per run is for history tables {sorted(HISTORY_TABLES)} only",
+            "pass run_id for a history table and for no other",
+        )
     root = memkfac_home() if root is None else Path(root)
     v, p = safe_name(variant, "variant"), safe_name(probe_set, "probe set")
-    return root / "evals" / table_name / f"variant={v}" / f"probe_set={p}" / "part.parquet"
+    name = "part.parquet" if run_id is None else f"part-{safe_name(run_id, 'run id')}.parquet"
+    return root / "evals" / table_name / f"variant={v}" / f"probe_set={p}" / name
 
 
 def write_table(
@@ -250,7 +266,9 @@ def write_table(
 ) -> Path:
     """Validate ``table`` and write it atomically to its partition; returns the file path.
 
-    ``variant`` and ``probe_set`` default to the table's (single) key values and must match them.
+    ``variant`` and ``probe_set`` default to the table's (single) key values and must match them. A
+    history table's rows are one run (one ``run_id``), appended next to the partition's earlier runs;
+    writing a run that is already there is an error.
     """
     validate_table(table_name, table)
     for key, given in (("variant", variant), ("probe_set", probe_set)):
@@ -264,17 +282,34 @@ def write_table(
         raise MemkfacError(f"empty table {table_name!r} without a partition", "pass variant and probe_set")
     variant = variant if variant is not None else table.column("variant")[0].as_py()
     probe_set = probe_set if probe_set is not None else table.column("probe_set")[0].as_py()
-    path = table_path(table_name, variant, probe_set, root)
+    run_id = None
+    if table_name in HISTORY_TABLES:
+        run_ids = set(table.column("run_id").to_pylist())
+        if len(run_ids) != 1:
+            raise MemkfacError(
+                f"history table {table_name!r} is appended one run at a time; these rows hold run ids "
+                f"{sorted(run_ids)}",
+                "write the rows of one run per call (make_table gives them one run_id)",
+            )
+        (run_id,) = run_ids
+    path = table_path(table_name, variant, probe_set, root, run_id)
+    if run_id is not None and path.exists():
+        raise MemkfacError(
+            f"run {run_id} of history table {table_name!r} is already written ({path})",
+            "give each run a new run id (memkfac.tables.new_run_id); a history is never overwritten",
+        )
     with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
     return path
 
 
 def read_table(table_name: str, root: Path | None = None) -> pa.Table:
-    """All partitions of one table (empty with the schema if none were written)."""
+    """All partitions of one table, every run of a history table (empty with the schema if none
+    were written)."""
     schema = _schema_of(table_name)
     root = memkfac_home() if root is None else Path(root)
-    files = sorted((root / "evals" / table_name).glob("variant=*/probe_set=*/part.parquet"))
+    name = "part-*.parquet" if table_name in HISTORY_TABLES else "part.parquet"
+    files = sorted((root / "evals" / table_name).glob(f"variant=*/probe_set=*/{name}"))
     if not files:
         return schema.empty_table()
     return pa.concat_tables(pq.read_table(f, schema=schema) for f in files)

@@ -67,6 +67,11 @@ BASE_EDIT = "base"  # the unedited reference variant of every model
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "configs" / "pipeline.schema.json"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _CRON_ALIASES = ("@hourly", "@daily", "@weekly", "@monthly", "@yearly", "@annually")
+# keys of older configs -> what replaced them (the unknown-key error says so)
+_RENAMED = {
+    "resurgence.recipes": "did you mean 'arms'? The recipes became attack arms: general -> retain, "
+    "partial_forget -> relearn, and the new unrelated (arms: [retain, relearn, unrelated])",
+}
 
 
 def _fail(problem: str, fix: str, *field: str) -> PydanticCustomError:
@@ -232,11 +237,15 @@ def _cron(value: str) -> str:
 
 
 class ResurgenceSection(EngineSection):
-    """``memkfac.resurgence.ResurgenceArguments`` and which edits are tested, how often."""
+    """``memkfac.resurgence.ResurgenceArguments`` (the attack suite) and which edits it tests, how often."""
 
     arguments: ResurgenceArguments = Field(default_factory=ResurgenceArguments)
-    edits: list[str] = Field(default_factory=list, description="edits given the test (plus base); empty: all")
-    cron: Annotated[str, AfterValidator(_cron)] = Field("0 3 * * 0", description="when the weekly test runs")
+    edits: list[str] = Field(
+        default_factory=list, description="edits given the attack suite (plus base); empty: all"
+    )
+    cron: Annotated[str, AfterValidator(_cron)] = Field(
+        "0 3 * * 0", description="when the weekly_resurgence schedule reruns the suite, each tick a new seed"
+    )
 
 
 class MlflowSection(Section):
@@ -277,15 +286,17 @@ class PipelineConfig(Section):
                         f"use some of {list(self.edits)}",
                     )
                 )
-        general_len, block_len = self.resurgence.arguments.general_len, self.corpus.block_len
-        if general_len > block_len:
-            problems.append(
-                (
-                    "resurgence.general_len",
-                    f"is {general_len}; the corpus blocks hold {block_len} tokens",
-                    f"use a resurgence.general_len from 1 to corpus.block_len ({block_len})",
+        block_len = self.corpus.block_len
+        for key in ("general_len", "unrelated_len"):
+            length = getattr(self.resurgence.arguments, key)
+            if length > block_len:
+                problems.append(
+                    (
+                        f"resurgence.{key}",
+                        f"is {length}; the corpus blocks hold {block_len} tokens",
+                        f"use a resurgence.{key} from 1 to corpus.block_len ({block_len})",
+                    )
                 )
-            )
         if problems:
             raise PydanticCustomError(
                 "memkfac_cross", "{n} cross-section problems", {"n": len(problems), "problems": problems}
@@ -541,11 +552,9 @@ def _describe(error: dict, schema: _Schema) -> tuple[list[ConfigProblem], int | 
     kind, loc, ctx, value = error["type"], tuple(error["loc"]), error.get("ctx") or {}, error.get("input")
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         parts, node, label_at = schema.walk(loc[:-1])
-        return [
-            ConfigProblem(
-                _join([*parts, str(loc[-1])]), "is not a known key", _did_you_mean(loc[-1], schema.keys(node))
-            )
-        ], label_at
+        key = _join([*parts, str(loc[-1])])
+        fix = _RENAMED.get(key) or _did_you_mean(loc[-1], schema.keys(node))
+        return [ConfigProblem(key, "is not a known key", fix)], label_at
     if kind == "literal_error" and loc[-1] == "[key]":  # a key of a mapping with fixed keys
         parts, node, label_at = schema.walk(loc[:-2])
         fix = _did_you_mean(loc[-2], schema.choices(node))

@@ -908,13 +908,13 @@ def test_resurgence_refuses_foreign_probe_ids_before_training(world, tmp_path, m
     import memkfac.resurgence
     from memkfac.errors import MemkfacError
     from memkfac.probes import load_probe_set
-    from memkfac.resurgence import ResurgenceArguments, resurgence_rows
+    from memkfac.resurgence import ResurgenceArguments, attack_rows
 
     monkeypatch.setattr(memkfac.resurgence, "finetune", lambda *a, **k: pytest.fail("trained on bad probes"))
     probes = load_probe_set(oov_probes(tmp_path))
-    args = ResurgenceArguments(steps=(1,), batch_size=2, general_len=8)
+    args = ResurgenceArguments(steps=(1,), batch_size=2, general_len=8, unrelated_count=2, unrelated_len=8)
     with pytest.raises(MemkfacError, match="foreign-2") as e:
-        resurgence_rows(world.model, world.model, probes, torch.zeros(4, 16, dtype=torch.long), args, False)
+        attack_rows(world.model, world.model, probes, torch.zeros(4, 16, dtype=torch.long), args, False)
     assert "line 2" in str(e.value)
 
 

@@ -70,7 +70,7 @@ def _entry_points(tmp_path):
     from memkfac.evaluate import HeldOut, reference_topk
     from memkfac.inject import InjectArguments, inject_canaries
     from memkfac.models import load_model
-    from memkfac.resurgence import resurgence_rows
+    from memkfac.resurgence import attack_rows
 
     missing, out, blocks = tmp_path / "missing", tmp_path / "out", torch.zeros(2, 8, dtype=torch.long)
     return {
@@ -81,7 +81,7 @@ def _entry_points(tmp_path):
         "train_balanced_subnet": lambda: train_balanced_subnet(
             missing, [], [], BSNArguments(layers=[0]), out, device="cuda"
         ),
-        "resurgence_rows": lambda: resurgence_rows(missing, missing, [], blocks, device="cuda"),
+        "attack_rows": lambda: attack_rows(missing, missing, [], blocks, device="cuda"),
         "run_comparison": lambda: run_comparison(missing, [], missing, device="cuda"),
         "run_band_analysis": lambda: run_band_analysis(
             missing, missing, [], blocks, BandArguments(layers=[0]), device="cuda"
@@ -97,7 +97,7 @@ ENTRY_POINTS = [
     "load_model",
     "inject_canaries",
     "train_balanced_subnet",
-    "resurgence_rows",
+    "attack_rows",
     "run_comparison",
     "run_band_analysis",
     "edit_model",

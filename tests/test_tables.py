@@ -86,3 +86,53 @@ def test_wrong_schema_names_the_column(tmp_path):
     with pytest.raises(MemkfacError, match="invalid variant"):
         table_path("perplexity", "../escape", "heldout", tmp_path)
     assert not (tmp_path / "evals").exists()
+
+
+def _attack_row(recovered: float | None, seed: int) -> dict:
+    return dict(
+        arm="relearn",
+        seed=seed,
+        steps=10,
+        kind="memorized",
+        n_probes=4,
+        strict_pct=25.0,
+        loose_pct=50.0,
+        avg_lev=0.3,
+        strict_pct_before_edit=100.0,
+        recovered=recovered,
+    )
+
+
+def test_a_history_table_appends_each_run_and_never_overwrites(memkfac_home):
+    import duckdb
+
+    from memkfac.tables import HISTORY_TABLES
+
+    assert "resurgence" in HISTORY_TABLES
+    paths = []
+    for run_id, seed in (("r1", 1), ("r2", 2)):
+        t = make_table("resurgence", [_attack_row(0.25, seed)], variant="base", probe_set="c", run_id=run_id)
+        paths.append(write_table("resurgence", t))
+    partition = memkfac_home / "evals/resurgence/variant=base/probe_set=c"
+    assert paths == [partition / "part-r1.parquet", partition / "part-r2.parquet"]
+    rows = read_table("resurgence").to_pylist()
+    assert sorted((r["run_id"], r["seed"]) for r in rows) == [("r1", 1), ("r2", 2)]
+    # dbt's source glob (dbt_reports/models/sources.yml) reads every run
+    glob = (memkfac_home / "evals/resurgence/*/*/part-*.parquet").as_posix()
+    assert duckdb.sql(f"select count(distinct seed) from read_parquet('{glob}')").fetchall() == [(2,)]
+    again = make_table("resurgence", [_attack_row(0.5, 3)], variant="base", probe_set="c", run_id="r1")
+    with pytest.raises(MemkfacError, match="run r1 of history table 'resurgence' is already written"):
+        write_table("resurgence", again)
+    two_runs = pa.concat_tables(
+        [
+            make_table("resurgence", [_attack_row(None, s)], variant="base", probe_set="c", run_id=f"x{s}")
+            for s in (1, 2)
+        ]
+    )
+    with pytest.raises(MemkfacError, match="one run at a time"):
+        write_table("resurgence", two_runs)
+    assert read_table("resurgence").num_rows == 2
+    with pytest.raises(MemkfacError, match="pass run_id for a history table"):
+        table_path("resurgence", "base", "c")
+    with pytest.raises(MemkfacError, match="pass run_id for a history table"):
+        table_path("perplexity", "base", "heldout", run_id="r1")

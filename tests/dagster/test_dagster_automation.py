@@ -212,11 +212,20 @@ def test_code_version_bump_rebuilds_the_asset_and_what_follows(two_model_defs):
     assert "kfac_factors" not in requested and "base_model" not in requested
 
 
-def test_weekly_cron_requests_resurgence(two_model_defs):
+def test_the_weekly_tick_is_the_schedules_alone(two_model_defs):
+    """The schedule is the attack suite's one clock: its automation condition has no cron clause, so
+    at the tick automation requests nothing (it would start a second run beside the schedule's)."""
     defs, config, instance = two_model_defs
+    assert config.resurgence.cron == "0 3 * * 0"
+    condition = defs.resolve_asset_graph().get(dg.AssetKey("resurgence")).automation_condition
+
+    def nodes(c):
+        return [c, *(n for child in c.children for n in nodes(child))]
+
+    assert not [n for n in nodes(condition) if "cron" in type(n).__name__.lower()]
     cursor = _settled(defs, instance)
     sunday_after_3 = dt.datetime(2026, 11, 29, 3, 5, tzinfo=dt.UTC)
     result = dg.evaluate_automation_conditions(
         defs=defs, instance=instance, cursor=cursor, evaluation_time=sunday_after_3
     )
-    assert _requested(result, defs) == {"resurgence": set(config.resurgence_variants)}
+    assert _requested(result, defs) == {}

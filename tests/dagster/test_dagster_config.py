@@ -78,7 +78,10 @@ MISSPELLED = [
     (_set("downstream", "n_itemz", value=10), "downstream.n_itemz", "did you mean 'n_items'"),
     (_set("bands", "taks", value=["copying"]), "bands.taks", "did you mean 'tasks'"),
     (_set("resurgence", "stepz", value=[1]), "resurgence.stepz", "did you mean 'steps'"),
-    (_set("resurgence", "recipes", value=["genral"]), "resurgence.recipes[0]", "did you mean 'general'"),
+    (_set("resurgence", "arms", value=["retian"]), "resurgence.arms[0]", "did you mean 'retain'"),
+    # the key before the attack arms: its replacement named, with the mapping of its values
+    (_set("resurgence", "recipes", value=["general"]), "resurgence.recipes", "did you mean 'arms'"),
+    (_set("resurgence", "recipes", value=["general"]), "resurgence.recipes", "partial_forget -> relearn"),
     (_set("mlflow", "experimnt", value="x"), "mlflow.experimnt", "did you mean 'experiment'"),
 ]
 WRONG_TYPE = [
@@ -112,6 +115,8 @@ WRONG_TYPE = [
     (_set("downstream", "tasks", value="copying"), "downstream.tasks", "list"),
     (_set("bands", "max_tokens", value=[500]), "bands.max_tokens", "whole number"),
     (_set("resurgence", "edits", value="kfac-r0.9"), "resurgence.edits", "list"),
+    (_set("resurgence", "unrelated_count", value="ten"), "resurgence.unrelated_count", "whole number"),
+    (_set("resurgence", "arms", value="retain"), "resurgence.arms", "list"),
     (_set("mlflow", "tracking_uri", value=5), "mlflow.tracking_uri", "string"),
 ]
 OUT_OF_RANGE = [
@@ -146,6 +151,10 @@ OUT_OF_RANGE = [
     (_set("resurgence", "general_len", value=64), "resurgence.general_len", "corpus.block_len (32)"),
     (_set("resurgence", "edits", value=["nope"]), "resurgence.edits[0]", "not under edits"),
     (_set("resurgence", "cron", value="weekly"), "resurgence.cron", "five fields"),
+    (_set("resurgence", "unrelated_count", value=0), "resurgence.unrelated_count", "below 1"),
+    (_set("resurgence", "unrelated_len", value=64), "resurgence.unrelated_len", "corpus.block_len (32)"),
+    (_set("resurgence", "seed", value=-1), "resurgence.seed", "below 0"),
+    (_set("resurgence", "arms", value=[]), "resurgence.arms", "non-empty selection"),
 ]
 
 
@@ -233,8 +242,14 @@ def test_default_and_tiny_configs_load_into_engine_arguments(monkeypatch, tmp_pa
     default = load_config(default_config_path())
     assert list(default.models) == ["smollm2-135m"]
     assert default.variants[0] == "smollm2-135m__base"
-    assert default.resurgence_variants == ["smollm2-135m__base", "smollm2-135m__kfac-r0.95"]
+    # the attack suite tests the edit expected to be the champion on the default (README numbers)
+    assert default.resurgence_variants == ["smollm2-135m__base", "smollm2-135m__kfac-r0.9"]
     assert default.resurgence.arguments.steps == (10, 50, 200)
+    assert default.resurgence.arguments.arms == ("retain", "relearn", "unrelated")
+    assert (default.resurgence.arguments.unrelated_count, default.resurgence.arguments.unrelated_len) == (
+        10,
+        16,
+    )
     assert default.resurgence.arguments.eval_batch_size == default.evaluation.arguments.batch_size == 64
     assert default.corpus.max_tokens == {"factor": 102400, "finetune": 65536, "heldout": 16384}
     assert default.injection.finetune == FinetuneArguments(

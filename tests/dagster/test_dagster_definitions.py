@@ -52,6 +52,7 @@ def test_default_definitions_load():
         "reports/utility_retention",
         "reports/recall_vs_perplexity",
         "reports/resurgence_curves",
+        "reports/resurgence_spread",
         "reports/mia_auc_by_variant",
     } <= keys
     checks = {c.name for c in graph.asset_check_keys}
@@ -89,6 +90,8 @@ def test_sensors_and_schedules_run_on_a_fresh_instance():
 def test_weekly_schedule_requests_each_tested_variant(tiny_defs):
     import datetime as dt
 
+    from assets.resurgence import SEED_TAG
+
     defs, config, _ = tiny_defs
     schedule = defs.resolve_schedule_def("weekly_resurgence")
     context = dg.build_schedule_context(
@@ -98,6 +101,8 @@ def test_weekly_schedule_requests_each_tested_variant(tiny_defs):
     requests = list(schedule.evaluate_tick(context).run_requests)
     assert [r.partition_key for r in requests] == config.resurgence_variants
     assert len({r.run_key for r in requests}) == len(requests)
+    # every run of a tick carries the tick's seed (its Unix time): a new one each week
+    assert {r.tags[SEED_TAG] for r in requests} == {str(int(context.scheduled_execution_time.timestamp()))}
 
 
 def test_partitions_follow_the_config(tiny_defs):
