@@ -44,6 +44,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
 
         variant = context.partition_key
         model, _ = split_variant(variant)
+        run_on = config.compute.of("resurgence").start()
         plot = store.root / "plots" / f"resurgence-{variant}.png"
         table = run_resurgence(
             variant_model_dir(config, store, variant),
@@ -56,6 +57,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
             plot_path=plot,
             root=store.root,
             progress=False,
+            device=run_on.device,
         )
         rows = table.to_pylist()
         path = store.eval_table("resurgence", variant, CANARY_PROBE_SET)

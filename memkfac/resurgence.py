@@ -219,13 +219,14 @@ def run_resurgence(
     plot_path: Path | None = None,
     root: Path | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> pa.Table:
-    """``resurgence_rows`` as the ``resurgence`` table, written under ``root`` (default MEMKFAC_HOME),
-    and their recall curves as a PNG at ``plot_path`` (default
+    """``resurgence_rows`` (on ``device``) as the ``resurgence`` table, written under ``root`` (default
+    MEMKFAC_HOME), and their recall curves as a PNG at ``plot_path`` (default
     ``<root>/plots/resurgence-<variant>-<probe_set>.png``). Returns the table."""
     from memkfac.tables import make_table, new_run_id, write_table
 
-    rows = resurgence_rows(model_dir, reference_dir, probes, general_blocks, args, progress)
+    rows = resurgence_rows(model_dir, reference_dir, probes, general_blocks, args, progress, device)
     table = make_table("resurgence", rows, variant=variant, probe_set=probe_set, run_id=new_run_id())
     write_table("resurgence", table, root=root)
     root = memkfac_home() if root is None else Path(root)
