@@ -48,16 +48,20 @@ def test_launcher_and_env_reach_the_child(tiny_home, tmp_path, monkeypatch):
     assert metadata["launched"].value == "1"
     assert metadata["extra"].value == "two words"
     assert metadata["tokens"].value == 7
-    assert metadata["compute"].data == {
+    compute = metadata["compute"].data
+    assert {k: compute[k] for k in ("device", "dtype", "threads", "processes")} == {
         "device": "cpu",
+        "dtype": "float32",
+        "threads": None,
         "processes": 1,
-        "setting_names": {
-            "device": "MEMKFAC_FACTOR_DEVICE",
-            "processes": "MEMKFAC_FACTOR_PROCESSES",
-            "partition": "MEMKFAC_SLURM_PARTITION",
-            "time": "MEMKFAC_SLURM_TIME",
-            "mem": "MEMKFAC_SLURM_MEM",
-        },
+    }
+    # what errors call each setting: the variable that set it, else its config key
+    assert {k: compute["setting_names"][k] for k in ("device", "dtype", "processes", "partition", "time")} == {
+        "device": "MEMKFAC_FACTOR_DEVICE",
+        "dtype": "compute.dtype",
+        "processes": "compute.processes",
+        "partition": "compute.slurm.partition",
+        "time": "compute.slurm.time",
     }
     assert list((tiny_home / "pipes").iterdir()) == []  # the exchange files are removed
 
@@ -93,7 +97,7 @@ def test_collection_command_uses_torchrun_for_several_processes():
         ("MEMKFAC_FACTOR_PROCESSES", "two", "not a whole number >= 1"),
         ("MEMKFAC_FACTOR_DEVICE", "gpu", "not a device memkfac runs on"),
         ("MEMKFAC_ENV", "cloud", "has no resource binding"),
-        ("MEMKFAC_ENV", "k8s", "needs MEMKFAC_K8S_IMAGE and MEMKFAC_K8S_VOLUME"),
+        ("MEMKFAC_ENV", "k8s", "needs compute.k8s.image and compute.k8s.volume_claim"),
     ],
 )
 def test_bad_launch_settings_name_the_variable(monkeypatch, variable, value, message):
