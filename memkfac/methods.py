@@ -24,6 +24,7 @@ import torch
 
 from memkfac import editing
 from memkfac.balanced_subnet import BSNArguments, train_balanced_subnet
+from memkfac.devices import resolve_device
 from memkfac.editing import EditArguments, edit_model
 from memkfac.generation import probe_token_ids
 from memkfac.probes import Probe
@@ -94,6 +95,7 @@ def apply_edit(
     ``out_dir`` must be new, empty or, with ``overwrite``, an earlier checkpoint of the same method.
     ``device`` is where the weights are edited (or the mask trained); checked before anything runs.
     """
+    resolve_device(device)  # before a method reads anything (BalancedSubnet tokenizes the forget set)
     return METHODS[args.method].run(args, inputs, out_dir, progress, overwrite, device)
 
 

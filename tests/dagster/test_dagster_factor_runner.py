@@ -56,7 +56,9 @@ def test_launcher_and_env_reach_the_child(tiny_home, tmp_path, monkeypatch):
         "processes": 1,
     }
     # what errors call each setting: the variable that set it, else its config key
-    assert {k: compute["setting_names"][k] for k in ("device", "dtype", "processes", "partition", "time")} == {
+    assert {
+        k: compute["setting_names"][k] for k in ("device", "dtype", "processes", "partition", "time")
+    } == {
         "device": "MEMKFAC_FACTOR_DEVICE",
         "dtype": "compute.dtype",
         "processes": "compute.processes",
