@@ -316,9 +316,17 @@ class Placement:
 
         device = resolve_device(self.device, self.keys["device"])
         resolve_dtype(self.dtype, device, self.keys["dtype"])
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
+        # steps may share a process (the main job runs them in process): an earlier step's count is undone
+        torch.set_num_threads(self.threads or _process_threads())
         return self
+
+
+@functools.cache
+def _process_threads() -> int:
+    """torch's thread count in this process before any step set its own."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 class ComputeSection(EngineSection):

@@ -61,9 +61,14 @@ def test_an_absent_device_fails_at_the_start_naming_the_key(section, key):
     assert f"set {key} to cpu" in error.value.fix
 
 
-def test_start_sets_the_threads():
-    _compute(threads=1, steps={"bands": {"threads": 2}}).of("bands").start()
-    assert torch.get_num_threads() == 2  # the conftest fixture restores the count
+def test_start_sets_the_threads_and_a_later_step_without_them_gets_the_process_count():
+    compute = _compute(steps={"bands": {"threads": 2}})
+    before = torch.get_num_threads()
+    compute.of("factors").start()  # the first start remembers the process's count
+    compute.of("bands").start()
+    assert torch.get_num_threads() == 2
+    compute.of("resurgence").start()
+    assert torch.get_num_threads() == before  # the conftest fixture restores the count anyway
 
 
 # --- in the Dagster steps ---------------------------------------------------------------------------
