@@ -1,14 +1,17 @@
 """The factor runner as settings bind it: launcher prefix, environment and compute settings reach the Pipes
 child; bad settings are refused naming the variable; the Kubernetes pod is rendered and validated."""
 
+import os
 import re
 
 import dagster as dg
 import pytest
+import yaml
 
 from memkfac.errors import MemkfacError
 from resources.factor_runner import FactorRunner, collection_command
 from resources.settings import Settings, build_resources
+from tests.dagster.conftest import TINY_CONFIG
 
 CHILD = """
 import os
@@ -160,16 +163,13 @@ def test_kubernetes_pod_is_rendered_and_valid(tiny_home, monkeypatch):
         staticmethod(lambda: production_client(core_api_override=NoCluster(), batch_api_override=object())),
     )
     monkeypatch.setattr(kubernetes.config, "load_kube_config", lambda *a, **k: None)
-    env = {
-        "MEMKFAC_ENV": "k8s",
-        "MEMKFAC_K8S_IMAGE": "registry.example.com/memkfac:1",
-        "MEMKFAC_K8S_VOLUME": "memkfac-data",
-        "MEMKFAC_K8S_NAMESPACE": "research",
-        "MEMKFAC_K8S_MEMORY": "64Gi",
-        "MEMKFAC_FACTOR_DEVICE": "cuda",
-        "MEMKFAC_FACTOR_PROCESSES": "2",
-        "MEMKFAC_FACTOR_ENV": "NCCL_DEBUG=INFO",
-    }
+    pod = {"image": "registry.example.com/memkfac:1", "volume_claim": "memkfac-data", "namespace": "research"}
+    compute = {"device": "cuda", "processes": 2, "k8s": pod | {"memory": "64Gi"}}  # the pod from the config
+    config = tiny_home / "k8s.yaml"
+    config.write_text(yaml.safe_dump(yaml.safe_load(TINY_CONFIG.read_text()) | {"compute": compute}))
+    for name in [n for n in os.environ if n.startswith(("MEMKFAC_FACTOR_", "MEMKFAC_K8S_"))]:
+        monkeypatch.delenv(name)
+    env = {"MEMKFAC_ENV": "k8s", "MEMKFAC_CONFIG": str(config), "MEMKFAC_FACTOR_ENV": "NCCL_DEBUG=INFO"}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = Settings.from_env()
