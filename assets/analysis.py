@@ -47,7 +47,7 @@ def _downstream(config: PipelineConfig, parts: Partitions) -> list:
         model = context.partition_key
         table = evaluate_downstream(
             subject_model_dir(config, store, model),
-            config.downstream,
+            _downstream_arguments(config),
             variant_key(model, BASE_EDIT),
             root=store.root,
             progress=False,
@@ -75,7 +75,7 @@ def _downstream(config: PipelineConfig, parts: Partitions) -> list:
         model, _ = split_variant(variant)
         table = evaluate_downstream(
             variant_model_dir(config, store, variant),
-            config.downstream,
+            _downstream_arguments(config),
             variant,
             base_variant=variant_key(model, BASE_EDIT),
             root=store.root,
@@ -84,6 +84,14 @@ def _downstream(config: PipelineConfig, parts: Partitions) -> list:
         return _downstream_result(table, store)
 
     return [downstream_base, downstream_eval]
+
+
+def _downstream_arguments(config: PipelineConfig):
+    """``downstream``'s arguments on the device and dtype ``compute`` gives the step, checked here first."""
+    import dataclasses
+
+    run_on = config.compute.of("downstream").start()
+    return dataclasses.replace(config.downstream, device=run_on.device, dtype=run_on.dtype)
 
 
 def _model_of(config: PipelineConfig, parts: Partitions) -> dg.StaticPartitionMapping:
@@ -127,6 +135,7 @@ def _band_analysis(config: PipelineConfig, parts: Partitions):
         from memkfac.probes import load_probe_set
 
         model = context.partition_key
+        run_on = config.compute.of("bands").start()
         variant = variant_key(model, BASE_EDIT)
         plot = store.root / "plots" / f"bands-{model}.png"
         table = run_band_analysis(
@@ -142,6 +151,8 @@ def _band_analysis(config: PipelineConfig, parts: Partitions):
             root=store.root,
             progress=False,
             overwrite=True,
+            device=run_on.device,
+            dtype=run_on.dtype,
         )
         rows = table.to_pylist()
         bottom = [r["ratio_to_clean"] for r in rows if r["band"] == "bottom50" and r["source"] == "memorized"]

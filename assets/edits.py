@@ -58,6 +58,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         variant = context.partition_key
         model, _ = split_variant(variant)
         args = config.edit_of(variant)
+        run_on = config.compute.of("edits").start()
         if args is None:
             path = variant_model_dir(config, store, variant)
             fingerprint = model_fingerprint(path)
@@ -78,7 +79,9 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
             probes=_canaries(store),
             retain=load_split(store.corpus_dir(model), "finetune"),
         )
-        manifest = apply_edit(args, inputs, store.edit_dir(variant), progress=False, overwrite=True)
+        manifest = apply_edit(
+            args, inputs, store.edit_dir(variant), progress=False, overwrite=True, device=run_on.device
+        )
         return dg.MaterializeResult(
             metadata={
                 "path": dg.MetadataValue.path(str(store.edit_dir(variant))),
@@ -112,6 +115,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
             args=config.edit_of(variant),
             subject_dir=subject_model_dir(config, store, model),
             factor_index=store.factor_dir(model) / "index.json",
+            device=config.compute.of("edits").start().device,
         )
         problems = found.pop("problems")
         return dg.AssetCheckResult(

@@ -95,7 +95,10 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         from memkfac.probes import load_probe_set
 
         variant, probe_set = _variant_and_probe_set(context)
-        model, tokenizer = load_model(variant_model_dir(config, store, variant))
+        run_on = config.compute.of("memorization_eval").start()
+        model, tokenizer = load_model(
+            variant_model_dir(config, store, variant), dtype=run_on.dtype, device=run_on.device
+        )
         probes = load_probe_set(store.validated_probes(probe_set))
         result = evaluate_model(
             model, tokenizer, probes, variant=variant, probe_set=probe_set, args=eval_args, progress=False
@@ -161,6 +164,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
 
         variant = context.partition_key
         model, _ = split_variant(variant)
+        run_on = config.compute.of("utility_eval").start()
         reference = variant_key(model, BASE_EDIT)
         heldout = HeldOut.from_corpus(store.corpus_dir(model), eval_args.heldout_blocks, name=HELDOUT)
         tables = evaluate_utility(
@@ -172,6 +176,8 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
             reference_name=reference,
             root=store.root,
             progress=False,
+            device=run_on.device,
+            dtype=run_on.dtype,
         )
         ppl, scores = tables["perplexity"].to_pylist()[0], tables["ndcg"].to_pylist()[0]
         path = store.eval_table("perplexity", variant, HELDOUT)

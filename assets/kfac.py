@@ -71,8 +71,13 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         from memkfac.fingerprint import sha256_file
 
         model = context.partition_key
+        run_on = config.compute.of("eigenbasis").start()
         out = compute_eigenbasis(
-            store.factor_dir(model), store.eigen_dir(model), progress=False, overwrite=True
+            store.factor_dir(model),
+            store.eigen_dir(model),
+            progress=False,
+            device=run_on.device,
+            overwrite=True,
         )
         modules, meta = load_eigenbasis(out)
         spectra = {

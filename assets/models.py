@@ -140,6 +140,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         from memkfac.inject import inject_canaries
         from memkfac.probes import load_probe_set
 
+        run_on = config.compute.of("injection").start()
         corpus_dir = store.corpus_dir(model)
         manifest = inject_canaries(
             base_model_dir(config, model),
@@ -149,6 +150,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
             config.injection,
             store.injected_model_dir(model),
             general_fingerprint=corpus_fingerprint(corpus_dir, "finetune"),
+            device=run_on.device,
             progress=False,
             overwrite=True,
         )

@@ -51,6 +51,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         model, _ = split_variant(variant)
         seed = int(context.run.tags.get(SEED_TAG, args.seed))
         run_args: ResurgenceArguments = dataclasses.replace(args, seed=seed)
+        run_on = config.compute.of("resurgence").start()
         plot = store.root / "plots" / f"resurgence-{variant}.png"
         table, path = run_resurgence(
             variant_model_dir(config, store, variant),
@@ -63,6 +64,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
             plot_path=plot,
             root=store.root,
             progress=False,
+            device=run_on.device,
         )
         rows = table.to_pylist()
         run_id = mlflow.log_run(

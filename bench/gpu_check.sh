@@ -3,8 +3,8 @@
 #
 #   1. tests/test_cuda.py: the engine on CUDA against the CPU reference (factors, eigenbasis, edits,
 #      generation, perplexity);
-#   2. the tiny pipeline's main job end to end, its factor step on cuda through Pipes
-#      (MEMKFAC_FACTOR_DEVICE=cuda; with 2+ GPUs as 2 torchrun processes on NCCL);
+#   2. the tiny pipeline's main job end to end with `compute.device: cuda`: every step that runs a model
+#      on the GPU, the factor step through Pipes (with 2+ GPUs as 2 torchrun processes on NCCL);
 #   3. factor collection against a training step at OLMo-2-1B shapes in bf16 (bench/bench_factors.py).
 #
 # Run from the project directory: bench/gpu_check.sh. Needs a CUDA build of torch in .venv (PYTHON=...
@@ -48,8 +48,10 @@ step "tests/test_cuda.py" 150 "$PYTHON" -m pytest -q -ra -p no:cacheprovider tes
 
 HOME_DIR=$(mktemp -d)
 "$PYTHON" -c "from memkfac.tiny import build_tiny_model; build_tiny_model('$HOME_DIR/inputs/tiny-llama', arch='llama', seed=0)"
-step "tiny main job, factors on cuda x $PROCESSES process(es)" 240 env MEMKFAC_HOME="$HOME_DIR" \
-    MEMKFAC_CONFIG=configs/tiny.yaml MEMKFAC_FACTOR_DEVICE=cuda MEMKFAC_FACTOR_PROCESSES=$PROCESSES \
+# the tiny config with every model-running step on the GPU (the MEMKFAC_FACTOR_* overrides unset)
+{ cat configs/tiny.yaml; printf '\ncompute: {device: cuda, processes: %d}\n' "$PROCESSES"; } >"$HOME_DIR/cuda.yaml"
+step "tiny main job, compute.device cuda, factors x $PROCESSES process(es)" 240 env -u MEMKFAC_FACTOR_DEVICE \
+    -u MEMKFAC_FACTOR_PROCESSES MEMKFAC_HOME="$HOME_DIR" MEMKFAC_CONFIG="$HOME_DIR/cuda.yaml" \
     "$PYTHON" -m jobs.main
 rm -rf "$HOME_DIR"
 

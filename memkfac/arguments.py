@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from memkfac.devices import DTYPES, check_device_name
 from memkfac.errors import MemkfacError
 from memkfac.targets import PROJECTIONS, LayerSpec, Projection, check_layers
 
@@ -89,6 +90,25 @@ class Checks:
 
 
 CONTROLS = ("svd", "per_side", "random")
+
+
+@dataclass
+class ComputeArguments:
+    """Where a step runs its model: the pipeline config's ``compute`` and each ``compute.steps`` entry."""
+
+    device: str = "cpu"  # cpu, cuda, cuda:N or mps; checked to exist when the step starts
+    dtype: Literal["float32", "bfloat16", "float16"] = (
+        "float32"  # the model's dtype where it only runs forward
+    )
+    threads: int | None = None  # torch CPU threads of the step (torch.set_num_threads); null: torch's default
+
+    def __post_init__(self):
+        check = Checks()
+        with check.field("device"):
+            check_device_name(self.device, "device")
+        check.one_of("dtype", self.dtype, DTYPES)
+        check.at_least("threads", self.threads, 1)
+        check.done()
 
 
 @dataclass

@@ -161,13 +161,18 @@ def evaluate_utility(
     reference_name: str,
     root: Path | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, pa.Table]:
     """Perplexity of ``model_dir`` on ``heldout`` and nDCG of its top-k lists against the reference
-    model's (cached, ``reference_topk``); writes and returns the ``perplexity`` and ``ndcg`` tables."""
+    model's (cached, ``reference_topk``); writes and returns the ``perplexity`` and ``ndcg`` tables.
+    Both models run on ``device`` in ``dtype`` (checked first)."""
     from memkfac.models import load_model
 
-    reference = reference_topk(reference_dir, heldout, args.ndcg_k, args.ppl_batch_size, progress)
-    model, _ = load_model(model_dir)
+    reference = reference_topk(
+        reference_dir, heldout, args.ndcg_k, args.ppl_batch_size, progress, device=device, dtype=dtype
+    )
+    model, _ = load_model(model_dir, dtype=dtype, device=device)
     tables = utility_tables(
         model, heldout, variant, new_run_id(), reference, reference_name, args.ppl_batch_size, progress
     )

@@ -8,7 +8,7 @@ the K-FAC edit's tuning) and general-text blocks to retain.
 
 To add a method: an ``*Arguments`` dataclass with a ``method: Literal["<name>"]`` field and a
 ``__post_init__`` that checks the values, a run function ``(args, inputs, out_dir, progress,
-overwrite) -> manifest`` that writes a checkpoint with ``memkfac.checkpoint.save_checkpoint`` (its
+overwrite, device) -> manifest`` that writes a checkpoint with ``memkfac.checkpoint.save_checkpoint`` (its
 manifest records the arguments under ``"arguments"``), and an entry in ``METHODS``.
 """
 
@@ -24,6 +24,7 @@ import torch
 
 from memkfac import editing
 from memkfac.balanced_subnet import BSNArguments, train_balanced_subnet
+from memkfac.devices import resolve_device
 from memkfac.editing import EditArguments, edit_model
 from memkfac.generation import probe_token_ids
 from memkfac.probes import Probe
@@ -41,7 +42,8 @@ class EditInputs:
 @dataclass(frozen=True)
 class EditMethod:
     arguments: type  # the method's *Arguments dataclass
-    run: Callable[[Any, EditInputs, Path, bool, bool], dict]  # (args, inputs, out_dir, progress, overwrite)
+    # (args, inputs, out_dir, progress, overwrite, device: where the model is edited or trained)
+    run: Callable[[Any, EditInputs, Path, bool, bool, str], dict]
 
 
 def probe_sequences(probes: Sequence[Probe], tokenizer) -> list[list[int]]:
@@ -55,20 +57,22 @@ def forget_sequences(probes: Sequence[Probe], tokenizer) -> list[list[int]]:
 
 
 def _curvature_edit(
-    args: EditArguments, inputs: EditInputs, out_dir: Path, progress: bool, overwrite: bool
+    args: EditArguments, inputs: EditInputs, out_dir: Path, progress: bool, overwrite: bool, device: str
 ) -> dict:
     eigen_dir = None if args.method == "svd" else inputs.eigen_dir
-    return edit_model(inputs.model_dir, eigen_dir, args, out_dir, progress=progress, overwrite=overwrite)
+    return edit_model(
+        inputs.model_dir, eigen_dir, args, out_dir, progress=progress, overwrite=overwrite, device=device
+    )
 
 
 def _balanced_subnet(
-    args: BSNArguments, inputs: EditInputs, out_dir: Path, progress: bool, overwrite: bool
+    args: BSNArguments, inputs: EditInputs, out_dir: Path, progress: bool, overwrite: bool, device: str
 ) -> dict:
     from transformers import AutoTokenizer
 
     forget = forget_sequences(inputs.probes, AutoTokenizer.from_pretrained(inputs.model_dir))
     retain = [] if inputs.retain is None else inputs.retain.tolist()
-    return train_balanced_subnet(inputs.model_dir, forget, retain, args, out_dir, progress, overwrite)
+    return train_balanced_subnet(inputs.model_dir, forget, retain, args, out_dir, progress, overwrite, device)
 
 
 METHODS: dict[str, EditMethod] = {
@@ -79,13 +83,20 @@ DEFAULT_METHOD = EditArguments.method  # what an edit entry without ``method`` r
 
 
 def apply_edit(
-    args, inputs: EditInputs, out_dir: Path, progress: bool = True, overwrite: bool = False
+    args,
+    inputs: EditInputs,
+    out_dir: Path,
+    progress: bool = True,
+    overwrite: bool = False,
+    device: str = "cpu",
 ) -> dict:
     """Run the method ``args.method`` names on ``inputs.model_dir``, writing ``out_dir``; its manifest.
 
     ``out_dir`` must be new, empty or, with ``overwrite``, an earlier checkpoint of the same method.
+    ``device`` is where the weights are edited (or the mask trained); checked before anything runs.
     """
-    return METHODS[args.method].run(args, inputs, out_dir, progress, overwrite)
+    resolve_device(device)  # before a method reads anything (BalancedSubnet tokenizes the forget set)
+    return METHODS[args.method].run(args, inputs, out_dir, progress, overwrite, device)
 
 
 def mean_fraction_kept(manifest: dict) -> float | None:
@@ -106,6 +117,7 @@ def check_edited_model(
     args=None,
     subject_dir: Path | None = None,
     factor_index: Path | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Load ``model_dir`` and run the probes (prefix + suffix) through it; for an edit (``args``), also
     check that its manifest names the current inputs: the ``subject_dir`` it was made from, its own
@@ -118,11 +130,12 @@ def check_edited_model(
     from memkfac.fingerprint import model_fingerprint, sha256_file
     from memkfac.models import load_model
 
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, device=device)
     batch = collate(probe_sequences(probes, tokenizer), tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    finite = bool(torch.isfinite(logits[batch["attention_mask"].bool()]).all())  # padding aside
+        ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    finite = bool(torch.isfinite(logits[mask.bool()]).all())  # padding aside
     problems = [] if finite else ["non-finite logits"]
     if args is not None:
         manifest = load_manifest(model_dir)

@@ -263,14 +263,15 @@ def run_resurgence(
     plot_path: Path | None = None,
     root: Path | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> tuple[pa.Table, Path]:
-    """``attack_rows`` as one run of the ``resurgence`` table, appended under ``root`` (default
-    MEMKFAC_HOME) next to the earlier runs, and its recall curves as a PNG at ``plot_path`` (default
+    """``attack_rows`` (on ``device``) as one run of the ``resurgence`` table, appended under ``root``
+    (default MEMKFAC_HOME) next to the earlier runs, and its recall curves as a PNG at ``plot_path`` (default
     ``<root>/plots/resurgence-<variant>-<probe_set>.png``, the latest run's). Returns the table and
     the file it was written to."""
     from memkfac.tables import make_table, new_run_id, write_table
 
-    rows = attack_rows(model_dir, reference_dir, probes, general_blocks, args, progress)
+    rows = attack_rows(model_dir, reference_dir, probes, general_blocks, args, progress, device)
     table = make_table("resurgence", rows, variant=variant, probe_set=probe_set, run_id=new_run_id())
     path = write_table("resurgence", table, root=root)
     root = memkfac_home() if root is None else Path(root)

@@ -33,7 +33,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -49,14 +49,14 @@ from pydantic import (
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticCustomError
 
-from memkfac.arguments import ArgumentError
+from memkfac.arguments import ArgumentError, ComputeArguments
 from memkfac.bands import BandArguments
 from memkfac.canaries import CanaryArguments
 from memkfac.corpora import CorpusArguments
 from memkfac.downstream import DownstreamArguments
 from memkfac.errors import MemkfacError
 from memkfac.evaluate import EvalArguments
-from memkfac.factors import FactorArguments
+from memkfac.factors import MODEL_DTYPES, FactorArguments
 from memkfac.inject import InjectArguments
 from memkfac.methods import DEFAULT_METHOD, METHODS
 from memkfac.paths import memkfac_home, safe_name
@@ -255,6 +255,164 @@ class MlflowSection(Section):
     experiment: str = "memkfac"
 
 
+# The steps that run a model, as ``compute.steps`` names them, and whether the model's dtype is theirs to
+# choose: training steps and the edit keep the checkpoint's float32 weights, the eigh runs in float64.
+COMPUTE_STEPS = {
+    "injection": False,  # subject_model: fine-tunes the base on the canaries
+    "factors": True,  # kfac_factors (in its own process; see compute.processes)
+    "eigenbasis": False,  # kfac_eigenbasis
+    "edits": False,  # edited_model and its check (the edit, or BalancedSubnet's training)
+    "memorization_eval": True,
+    "utility_eval": True,
+    "downstream": True,  # downstream_base and downstream_eval
+    "bands": True,  # band_analysis
+    "resurgence": False,
+}
+
+
+class StepCompute(Section):
+    """``compute`` keys that one step sets differently; the keys left out are ``compute``'s."""
+
+    device: str | None = None
+    dtype: str | None = None
+    threads: int | None = None
+
+
+class SlurmSection(Section):
+    """The factor job under ``MEMKFAC_ENV=slurm`` (``sbatch`` options)."""
+
+    partition: str | None = Field(None, description="sbatch --partition; null: the cluster's default")
+    gpus: int | None = Field(
+        None, ge=0, description="sbatch --gpus-per-node; null: processes on cuda, else 0"
+    )
+    cpus: int | None = Field(None, ge=1, description="sbatch --cpus-per-task; null: threads x processes")
+    time: str = Field("4:00:00", description="sbatch --time, e.g. 30:00 or 1-12:00:00")
+    mem: str | None = Field(None, description="sbatch --mem, e.g. 64G; null: the partition's default")
+    extra_args: list[str] = Field(default_factory=list, description="more sbatch options (--account=x)")
+
+
+class K8sSection(Section):
+    """The factor pod under ``MEMKFAC_ENV=k8s`` (dagster-k8s ``PipesK8sClient``)."""
+
+    image: str | None = Field(None, description="image holding the project at workdir, and its Python")
+    volume_claim: str | None = Field(
+        None, description="PersistentVolumeClaim holding MEMKFAC_HOME, mounted at the same path"
+    )
+    namespace: str | None = Field(None, description="the pod's namespace; null: the current one")
+    gpus: int | None = Field(None, ge=0, description='limits["nvidia.com/gpu"]; null: processes on cuda')
+    cpus: str | None = Field(None, description="CPU request and limit, e.g. '8'")
+    memory: str | None = Field(None, description="memory request and limit, e.g. '64Gi'")
+    workdir: str = Field("/app", description="the project directory inside the image")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one step runs: its ``device``, ``dtype`` and ``threads``, and the config key each came
+    from (``keys["device"]`` is ``compute.device`` or ``compute.steps.<step>.device``), for errors."""
+
+    step: str
+    device: str
+    dtype: str
+    threads: int | None
+    keys: dict[str, str]
+
+    def start(self) -> Placement:
+        """Check the device and dtype on this machine and set the thread count; call first in a step.
+        A device this machine lacks fails here, naming the config key, before any model loads."""
+        import torch
+
+        from memkfac.devices import resolve_device, resolve_dtype
+
+        device = resolve_device(self.device, self.keys["device"])
+        resolve_dtype(self.dtype, device, self.keys["dtype"])
+        # steps may share a process (the main job runs them in process): an earlier step's count is undone
+        torch.set_num_threads(self.threads or _process_threads())
+        return self
+
+
+@functools.cache
+def _process_threads() -> int:
+    """torch's thread count in this process before any step set its own."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+class ComputeSection(EngineSection):
+    """Where the steps that run a model run: ``memkfac.arguments.ComputeArguments`` for every step,
+    ``steps`` for the steps that differ, the factor step's processes and its Slurm job or pod."""
+
+    arguments: ComputeArguments = Field(default_factory=ComputeArguments)
+    processes: int = Field(
+        1, ge=1, description="factor collection: data-parallel processes (torchrun), one GPU each on cuda"
+    )
+    steps: dict[Literal[tuple(COMPUTE_STEPS)], StepCompute] = Field(
+        default_factory=dict, description="per step, the device, dtype or threads that differ from compute's"
+    )
+    slurm: SlurmSection = Field(default_factory=SlurmSection)
+    k8s: K8sSection = Field(default_factory=K8sSection)
+
+    def of(self, step: str) -> Placement:
+        """The placement of ``step`` (a ``COMPUTE_STEPS`` name)."""
+        own = self.steps.get(step, StepCompute()).model_dump(exclude_none=True)
+        merged = dataclasses.asdict(self.arguments) | own
+        keys = {k: f"compute.steps.{step}.{k}" if k in own else f"compute.{k}" for k in merged}
+        return Placement(step, **merged, keys=keys)
+
+    @model_validator(mode="after")
+    def _steps_are_valid(self) -> ComputeSection:
+        problems = []
+        for step, override in self.steps.items():
+            try:
+                ComputeArguments(
+                    **dataclasses.asdict(self.arguments) | override.model_dump(exclude_none=True)
+                )
+            except ArgumentError as e:
+                problems += [(f"compute.steps.{step}.{p.field}", p.problem, p.fix or "") for p in e.problems]
+            if override.dtype is not None and not COMPUTE_STEPS[step]:
+                problems.append(
+                    (
+                        f"compute.steps.{step}.dtype",
+                        f"is set, but {step} keeps the checkpoint's weights (float32 training or float64 "
+                        "algebra)",
+                        f"remove compute.steps.{step}.dtype",
+                    )
+                )
+        factors = self.of("factors")
+        if factors.dtype not in MODEL_DTYPES:
+            problems.append(
+                (
+                    factors.keys["dtype"],
+                    f"is {factors.dtype!r}, which factor collection does not run in",
+                    "use float32 or bfloat16 (compute.steps.factors.dtype keeps another dtype elsewhere)",
+                )
+            )
+        if self.processes > 1 and re.fullmatch(r"cuda:\d+", factors.device):
+            problems.append(
+                (
+                    factors.keys["device"],
+                    f"is {factors.device!r} with compute.processes={self.processes}: each process takes its "
+                    "own GPU (process r uses cuda:r)",
+                    "use cuda, or compute.processes: 1 to use that one GPU",
+                )
+            )
+        for runner in ("slurm", "k8s"):
+            gpus = getattr(self, runner).gpus
+            if gpus is not None and factors.device.startswith("cuda") and gpus < self.processes:
+                problems.append(
+                    (
+                        f"compute.{runner}.gpus",
+                        f"is {gpus} for compute.processes={self.processes} on {factors.device}",
+                        f"request one GPU per process: {self.processes} (or leave it out)",
+                    )
+                )
+        if problems:
+            raise PydanticCustomError(
+                "memkfac_cross", "{n} compute problems", {"n": len(problems), "problems": problems}
+            )
+        return self
+
+
 class PipelineConfig(Section):
     """The whole pipeline YAML. Sections left out take the engine's defaults."""
 
@@ -273,6 +431,7 @@ class PipelineConfig(Section):
     bands: BandArguments = Field(default_factory=BandArguments)
     resurgence: ResurgenceSection = Field(default_factory=ResurgenceSection)
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
+    compute: ComputeSection = Field(default_factory=ComputeSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
@@ -407,10 +566,39 @@ def parse_config(raw: Any, source: str = "<dict>") -> PipelineConfig:
     raw = _expand_env(raw, "", unset)
     if unset:
         raise ConfigError(source, unset)
+    moved = _compute_keys_elsewhere(raw)
     try:
-        return PipelineConfig.model_validate_json(json.dumps(_prepare(raw), default=str))
+        config = PipelineConfig.model_validate_json(json.dumps(_prepare(raw), default=str))
     except ValidationError as e:
-        raise ConfigError(source, _problems(e)) from None
+        raise ConfigError(source, moved + _problems(e)) from None
+    if moved:
+        raise ConfigError(source, moved)
+    return config
+
+
+# engine fields that the compute section sets for the pipeline: one place says where a step runs
+_COMPUTE_KEYS = {
+    ("factors", "model_dtype"): "factors",
+    ("downstream", "device"): "downstream",
+    ("downstream", "dtype"): "downstream",
+}
+
+
+def _compute_keys_elsewhere(raw: dict) -> list[ConfigProblem]:
+    """Problems for the engine keys ``compute`` sets (``factors.model_dtype``), removed from ``raw``."""
+    problems = []
+    for (section, key), step in _COMPUTE_KEYS.items():
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            value = raw[section].pop(key)
+            field = key.removeprefix("model_")
+            problems.append(
+                ConfigProblem(
+                    f"{section}.{key}",
+                    "is set by the compute section in the pipeline",
+                    f"write compute.steps.{step}.{field}: {value} (or compute.{field} for every step)",
+                )
+            )
+    return problems
 
 
 def _prepare(raw: dict) -> dict:

@@ -50,11 +50,14 @@ def collection_command(python: str, entrypoint: str, processes: int) -> list[str
 class FactorRunner(dg.ConfigurableResource):
     """Interface: run the factor-collection entrypoint for one asset partition.
 
-    ``device`` and ``processes`` reach the entrypoint, which checks them where it runs (a GPU node);
-    ``setting_names`` say what its errors call them (``MEMKFAC_FACTOR_DEVICE``, ...).
+    ``device``, ``dtype``, ``threads`` and ``processes`` reach the entrypoint, which checks them where it
+    runs (a GPU node); ``setting_names`` say what its errors call them (``compute.device``, or the
+    variable that overrode it, ``MEMKFAC_FACTOR_DEVICE``, ...).
     """
 
     device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
     processes: int = 1
     setting_names: dict[str, str] = {}
 
@@ -64,7 +67,8 @@ class FactorRunner(dg.ConfigurableResource):
         raise NotImplementedError("bind a concrete runner such as SubprocessFactorRunner")
 
     def pipes_extras(self, extras: Mapping[str, object]) -> dict:
-        compute = {"device": self.device, "processes": self.processes, "setting_names": self.setting_names}
+        compute = {"device": self.device, "dtype": self.dtype, "threads": self.threads}
+        compute |= {"processes": self.processes, "setting_names": self.setting_names}
         return {**extras, "compute": compute}
 
     def failure(self, problem: str, extras: Mapping[str, object], reported: dict | None) -> MemkfacError:
@@ -250,7 +254,8 @@ class SlurmFactorRunner(FactorRunner):
                 if submitted.returncode != 0:
                     raise MemkfacError(
                         f"sbatch refused the factor job: {submitted.stderr.strip()}",
-                        "check the MEMKFAC_SLURM_* settings against `sinfo` (partitions, GPUs, time limits)",
+                        "check compute.slurm (or the MEMKFAC_SLURM_* variables) against `sinfo` (partitions, "
+                        "GPUs, time limits)",
                     )
                 job = submitted.stdout.strip().split(";")[0]
                 log = Path(self.log_dir) / f"factors-{job}.out"

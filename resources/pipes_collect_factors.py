@@ -6,7 +6,8 @@
 Imports only ``dagster_pipes`` and ``memkfac`` (torch, transformers), so a GPU worker image needs no
 Dagster. Extras (JSON): ``model_dir``, ``corpus_dir``, ``out_dir``, ``factor_args`` (the
 ``FactorArguments`` fields; ``layers`` may be a spec such as ``"14-29"``, resolved on the model) and
-``compute`` (``device``, ``processes`` and ``setting_names``, what errors call those settings).
+``compute`` (``device``, ``dtype`` the model runs in, ``threads``, ``processes`` and ``setting_names``, what
+errors call those settings: the config keys, ``compute.device`` ..., or the variables that overrode them).
 
 Only rank 0 opens the Pipes channel: it checks the device and the process count here, where the work
 runs, before any process joins the group (a bad setting fails the step with the setting's name), and
@@ -26,7 +27,7 @@ from pathlib import Path
 from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader, open_dagster_pipes
 
 
-def collect(extras: dict, device, log) -> Path:
+def collect(extras: dict, device, dtype: str, log) -> Path:
     """Collect the factors the extras describe on ``device``; return the path of ``index.json``."""
     from memkfac.corpora import corpus_fingerprint, load_split
     from memkfac.factors import FactorArguments, collect_factors
@@ -34,7 +35,7 @@ def collect(extras: dict, device, log) -> Path:
     from memkfac.models import load_model
 
     model_dir, corpus_dir = Path(extras["model_dir"]), Path(extras["corpus_dir"])
-    args = FactorArguments(**extras["factor_args"])
+    args = FactorArguments(**extras["factor_args"] | {"model_dtype": dtype})
     model, _ = load_model(model_dir, dtype=args.model_dtype, device=device)
     blocks = load_split(corpus_dir, "factor")
     log(f"collecting factors of {model_dir.name} on {tuple(blocks.shape)} blocks on {device}")
@@ -53,17 +54,25 @@ def collect(extras: dict, device, log) -> Path:
 
 def run(extras: dict, rank: int, log) -> Path:
     """Check the placement (rank 0 first), join the process group under torchrun, collect."""
-    from memkfac.devices import process_group, rank_device
+    import torch
+
+    from memkfac.devices import process_group, rank_device, resolve_dtype
 
     compute = extras["compute"]
-    names = {"device": "device", "processes": "processes"} | compute.get("setting_names", {})
+    names = {"device": "device", "dtype": "dtype", "processes": "processes"} | compute.get(
+        "setting_names", {}
+    )
 
-    def place():  # this process's device, the settings checked against what this machine has
-        return rank_device(compute["device"], names["device"], names["processes"])
+    def place():  # this process's device and dtype, the settings checked against what this machine has
+        device = rank_device(compute["device"], names["device"], names["processes"])
+        resolve_dtype(compute["dtype"], device, names["dtype"])
+        return device
 
+    if compute.get("threads"):
+        torch.set_num_threads(compute["threads"])
     device = place() if rank == 0 else None  # rank 0 fails alone: the others wait in the group
     with process_group(compute["device"]):
-        return collect(extras, device or place(), log)
+        return collect(extras, device or place(), compute["dtype"], log)
 
 
 def stop_on_sigterm() -> None:
@@ -105,6 +114,7 @@ def main() -> None:
             "bytes": sum(p.stat().st_size for p in index.parent.iterdir() if p.is_file()),
             "path": {"raw_value": str(index.parent), "type": "path"},
             "device": compute["device"],
+            "dtype": compute["dtype"],
             "processes": int(os.environ.get("WORLD_SIZE", "1")),
         }
         if "SLURM_JOB_ID" in os.environ:

@@ -7,27 +7,27 @@
 | ``MEMKFAC_ENV`` | ``local`` | factor step: ``local`` (subprocess), ``slurm`` (batch job), ``k8s`` (pod) |
 | ``MLFLOW_TRACKING_URI`` | sqlite file under ``$MEMKFAC_HOME/mlflow`` | overrides ``mlflow.tracking_uri`` |
 
-The factor step (``FactorCompute``; the pipeline config's ``compute`` section will replace these):
+The pipeline config's ``compute`` section says where every step runs (device, dtype, threads, the factor
+step's processes, its Slurm job or pod); ``MEMKFAC_ENV`` says which runner takes the factor step there.
+For one run with other resources without editing the config, a variable below that is set wins over
+its config key (the errors then name the variable):
+
+| variable | overrides | meaning |
+|---|---|---|
+| ``MEMKFAC_FACTOR_DEVICE`` | ``compute.steps.factors.device`` | ``cpu``, ``cuda``, ``cuda:N``, ``mps`` |
+| ``MEMKFAC_FACTOR_PROCESSES`` | ``compute.processes`` | data-parallel processes, a GPU each on cuda |
+| ``MEMKFAC_SLURM_{PARTITION,GPUS,CPUS,TIME,MEM}`` | ``compute.slurm.*`` | ``sbatch`` options |
+| ``MEMKFAC_K8S_{IMAGE,NAMESPACE,GPUS,CPUS,MEMORY,WORKDIR}`` | ``compute.k8s.*`` | the pod |
+| ``MEMKFAC_K8S_VOLUME`` | ``compute.k8s.volume_claim`` | PersistentVolumeClaim holding ``MEMKFAC_HOME`` |
+| ``MEMKFAC_SLURM_ARGS`` | ``compute.slurm.extra_args`` | more ``sbatch`` options, shell-quoted |
+
+What only this machine knows stays in the environment:
 
 | variable | default | meaning |
 |---|---|---|
-| ``MEMKFAC_FACTOR_DEVICE`` | ``cpu`` | ``cpu``, ``cuda``, ``cuda:N``, ``mps``; checked at the step's start |
-| ``MEMKFAC_FACTOR_PROCESSES`` | ``1`` | data-parallel processes (``torchrun --nproc-per-node``), a GPU each |
 | ``MEMKFAC_FACTOR_PYTHON`` | this interpreter | Python that runs the collection (local and slurm) |
 | ``MEMKFAC_FACTOR_LAUNCHER`` | none | local only: command prefix, shell-quoted (``docker run ...``) |
 | ``MEMKFAC_FACTOR_ENV`` | none | ``NAME=VALUE`` pairs (shell-quoted) added to the collection's environment |
-| ``MEMKFAC_SLURM_PARTITION`` | the cluster's default | ``sbatch --partition`` |
-| ``MEMKFAC_SLURM_GPUS`` | processes on cuda, else 0 | ``sbatch --gpus-per-node`` |
-| ``MEMKFAC_SLURM_CPUS`` | processes | ``sbatch --cpus-per-task`` |
-| ``MEMKFAC_SLURM_TIME`` | ``4:00:00`` | ``sbatch --time`` |
-| ``MEMKFAC_SLURM_MEM`` | none | ``sbatch --mem`` (e.g. ``64G``) |
-| ``MEMKFAC_SLURM_ARGS`` | none | more ``sbatch`` options, shell-quoted (``--account=x --qos=y``) |
-| ``MEMKFAC_K8S_IMAGE`` | required for k8s | image with the project at ``MEMKFAC_K8S_WORKDIR``, and Python |
-| ``MEMKFAC_K8S_NAMESPACE`` | the current one | namespace of the pod |
-| ``MEMKFAC_K8S_GPUS`` | processes on cuda, else 0 | ``resources.limits["nvidia.com/gpu"]`` |
-| ``MEMKFAC_K8S_CPUS`` / ``MEMKFAC_K8S_MEMORY`` | none | CPU / memory requests and limits (``8``, ``64Gi``) |
-| ``MEMKFAC_K8S_VOLUME`` | required for k8s | PersistentVolumeClaim holding ``MEMKFAC_HOME`` (same path) |
-| ``MEMKFAC_K8S_WORKDIR`` | ``/app`` | the project directory inside the image |
 
 The Pipes context and messages of ``local`` and ``slurm`` go through files under ``$MEMKFAC_HOME/pipes``,
 so the project, its Python and ``MEMKFAC_HOME`` must be on a disk the compute node shares (they are,
@@ -44,12 +44,11 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 from memkfac.devices import check_device_name
 from memkfac.errors import MemkfacError
 from memkfac.paths import memkfac_home
-from resources.config import PipelineConfig, default_config_path
+from resources.config import ComputeSection, PipelineConfig, default_config_path, load_config
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DBT_PROJECT_DIR = PROJECT_DIR / "dbt_reports"
@@ -87,61 +86,81 @@ class K8sSettings:
 
 @dataclass(frozen=True)
 class FactorCompute:
-    """Where the factor step runs, on what device and with how many processes: one object, so that the
-    pipeline config's ``compute`` section can replace the environment variables in one place."""
+    """Where the factor step runs, on what device, in what dtype and with how many processes: the config's
+    ``compute`` for the factor step, with the environment's overrides applied."""
 
     device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
     processes: int = 1
     python: str = sys.executable
     launcher: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     k8s: K8sSettings = field(default_factory=K8sSettings)
-
-    # what the errors raised where the step runs call each setting
-    SETTING_NAMES: ClassVar[dict[str, str]] = {
-        "device": "MEMKFAC_FACTOR_DEVICE",
-        "processes": "MEMKFAC_FACTOR_PROCESSES",
-        "partition": "MEMKFAC_SLURM_PARTITION",
-        "time": "MEMKFAC_SLURM_TIME",
-        "mem": "MEMKFAC_SLURM_MEM",
-    }
+    # what errors raised where the step runs call each setting: its config key or the variable that set it
+    setting_names: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, env: str, environ: Mapping[str, str] = os.environ) -> FactorCompute:
-        """Read and check the factor step's settings for ``MEMKFAC_ENV=env``; errors name the variable."""
-        device = check_device_name(environ.get("MEMKFAC_FACTOR_DEVICE", "cpu"), "MEMKFAC_FACTOR_DEVICE")
-        processes = _int(environ, "MEMKFAC_FACTOR_PROCESSES", 1, minimum=1)
+    def resolve(
+        cls, env: str, compute: ComputeSection, environ: Mapping[str, str] = os.environ
+    ) -> FactorCompute:
+        """The factor step's settings for ``MEMKFAC_ENV=env`` from ``compute``, each overridden by its
+        variable where that is set; errors name the variable or the key."""
+        placement = compute.of("factors")
+        names = dict(placement.keys)
+
+        def given(setting: str, variable: str) -> str | None:
+            value = environ.get(variable, "").strip() or None
+            if value is not None:
+                names[setting] = variable
+            return value
+
+        def number(setting: str, variable: str, configured: int | None, minimum: int) -> int | None:
+            return configured if given(setting, variable) is None else _int(environ, variable, minimum)
+
+        device = check_device_name(
+            given("device", "MEMKFAC_FACTOR_DEVICE") or placement.device, names["device"]
+        )
+        names["processes"] = "compute.processes"
+        processes = number("processes", "MEMKFAC_FACTOR_PROCESSES", compute.processes, 1)
         if processes > 1 and device != "cuda" and device.startswith("cuda"):
             raise MemkfacError(
-                f"MEMKFAC_FACTOR_DEVICE is {device!r} with MEMKFAC_FACTOR_PROCESSES={processes}: each "
-                "process takes its own GPU (process r uses cuda:r)",
-                "set MEMKFAC_FACTOR_DEVICE=cuda, or MEMKFAC_FACTOR_PROCESSES=1 to use that one GPU",
+                f"{names['device']} is {device!r} with {names['processes']}={processes}: each process takes "
+                "its own GPU (process r uses cuda:r)",
+                f"set {names['device']} to cuda, or {names['processes']} to 1 to use that one GPU",
             )
         launcher = parse_launcher(environ.get("MEMKFAC_FACTOR_LAUNCHER", ""))
         if launcher and env != "local":
             raise MemkfacError(
                 f"MEMKFAC_FACTOR_LAUNCHER is set with MEMKFAC_ENV={env}, where it has no meaning",
-                "unset MEMKFAC_FACTOR_LAUNCHER: the job's resources come from the MEMKFAC_SLURM_* or "
-                "MEMKFAC_K8S_* variables",
+                "unset MEMKFAC_FACTOR_LAUNCHER: the job's resources come from compute.slurm or compute.k8s",
             )
         gpus_default = processes if device.startswith("cuda") else 0
+        threads = placement.threads
+        s, k = compute.slurm, compute.k8s
+        for key in ("partition", "gpus", "cpus", "time", "mem"):
+            names.setdefault(f"slurm.{key}", f"compute.slurm.{key}")
         slurm = SlurmSettings(
-            partition=environ.get("MEMKFAC_SLURM_PARTITION") or None,
-            gpus=_int(environ, "MEMKFAC_SLURM_GPUS", gpus_default, minimum=0),
-            cpus=_int(environ, "MEMKFAC_SLURM_CPUS", processes, minimum=1),
-            time=environ.get("MEMKFAC_SLURM_TIME", "4:00:00"),
-            mem=environ.get("MEMKFAC_SLURM_MEM") or None,
-            extra_args=tuple(_split(environ.get("MEMKFAC_SLURM_ARGS", ""), "MEMKFAC_SLURM_ARGS")),
+            partition=given("slurm.partition", "MEMKFAC_SLURM_PARTITION") or s.partition,
+            gpus=_or(number("slurm.gpus", "MEMKFAC_SLURM_GPUS", s.gpus, 0), gpus_default),
+            cpus=_or(number("slurm.cpus", "MEMKFAC_SLURM_CPUS", s.cpus, 1), (threads or 1) * processes),
+            time=given("slurm.time", "MEMKFAC_SLURM_TIME") or s.time,
+            mem=given("slurm.mem", "MEMKFAC_SLURM_MEM") or s.mem,
+            extra_args=tuple(_split(environ["MEMKFAC_SLURM_ARGS"], "MEMKFAC_SLURM_ARGS"))
+            if environ.get("MEMKFAC_SLURM_ARGS", "").strip()
+            else tuple(s.extra_args),
         )
+        for key in ("image", "volume_claim", "gpus"):
+            names.setdefault(f"k8s.{key}", f"compute.k8s.{key}")
         k8s = K8sSettings(
-            image=environ.get("MEMKFAC_K8S_IMAGE") or None,
-            namespace=environ.get("MEMKFAC_K8S_NAMESPACE") or None,
-            gpus=_int(environ, "MEMKFAC_K8S_GPUS", gpus_default, minimum=0),
-            cpus=environ.get("MEMKFAC_K8S_CPUS") or None,
-            memory=environ.get("MEMKFAC_K8S_MEMORY") or None,
-            volume_claim=environ.get("MEMKFAC_K8S_VOLUME") or None,
-            workdir=environ.get("MEMKFAC_K8S_WORKDIR", "/app"),
+            image=given("k8s.image", "MEMKFAC_K8S_IMAGE") or k.image,
+            namespace=environ.get("MEMKFAC_K8S_NAMESPACE") or k.namespace,
+            gpus=_or(number("k8s.gpus", "MEMKFAC_K8S_GPUS", k.gpus, 0), gpus_default),
+            cpus=environ.get("MEMKFAC_K8S_CPUS") or k.cpus,
+            memory=environ.get("MEMKFAC_K8S_MEMORY") or k.memory,
+            volume_claim=given("k8s.volume_claim", "MEMKFAC_K8S_VOLUME") or k.volume_claim,
+            workdir=environ.get("MEMKFAC_K8S_WORKDIR") or k.workdir,
         )
         if env == "slurm":
             if shutil.which("sbatch") is None:
@@ -150,28 +169,27 @@ class FactorCompute:
                     "run Dagster where Slurm's client tools are, or try a one-node cluster here: "
                     "sudo scripts/slurm-local.sh start",
                 )
-            _enough_gpus(device, processes, slurm.gpus, "MEMKFAC_SLURM_GPUS")
+            _enough_gpus(device, processes, slurm.gpus, names["slurm.gpus"], names["processes"])
         if env == "k8s":
-            missing = [
-                v
-                for v, x in (("MEMKFAC_K8S_IMAGE", k8s.image), ("MEMKFAC_K8S_VOLUME", k8s.volume_claim))
-                if not x
-            ]
+            missing = [names[f"k8s.{x}"] for x in ("image", "volume_claim") if not getattr(k8s, x)]
             if missing:
                 raise MemkfacError(
                     f"MEMKFAC_ENV=k8s needs {' and '.join(missing)}",
-                    "set MEMKFAC_K8S_IMAGE to an image holding the project (at MEMKFAC_K8S_WORKDIR) and "
-                    "MEMKFAC_K8S_VOLUME to the PersistentVolumeClaim that holds MEMKFAC_HOME",
+                    "set compute.k8s.image to an image holding the project (at compute.k8s.workdir) and "
+                    "compute.k8s.volume_claim to the PersistentVolumeClaim that holds MEMKFAC_HOME",
                 )
-            _enough_gpus(device, processes, k8s.gpus, "MEMKFAC_K8S_GPUS")
+            _enough_gpus(device, processes, k8s.gpus, names["k8s.gpus"], names["processes"])
         return cls(
             device=device,
+            dtype=placement.dtype,
+            threads=threads,
             processes=processes,
             python=environ.get("MEMKFAC_FACTOR_PYTHON", sys.executable),
             launcher=launcher,
             env=parse_env_pairs(environ.get("MEMKFAC_FACTOR_ENV", "")),
             slurm=slurm,
             k8s=k8s,
+            setting_names={key.removeprefix("slurm."): name for key, name in names.items()},
         )
 
 
@@ -183,19 +201,22 @@ class Settings:
     factor: FactorCompute = field(default_factory=FactorCompute)
 
     @classmethod
-    def from_env(cls) -> Settings:
-        """Read the environment; raise MemkfacError naming the variable that is wrong."""
+    def from_env(cls, config: PipelineConfig | None = None) -> Settings:
+        """Read the environment (and ``config``, default: the one ``MEMKFAC_CONFIG`` names, for the factor
+        step's compute settings); raise MemkfacError naming the variable or key that is wrong."""
         env = os.environ.get("MEMKFAC_ENV", "local")
         if env not in ENVIRONMENTS:
             raise MemkfacError(
                 f"MEMKFAC_ENV is {env!r}, which has no resource binding",
                 f"use one of {', '.join(ENVIRONMENTS)}",
             )
+        config_path = Path(os.environ.get("MEMKFAC_CONFIG", default_config_path())).resolve()
+        compute = (config or load_config(config_path)).compute
         return cls(
             home=memkfac_home(),
-            config_path=Path(os.environ.get("MEMKFAC_CONFIG", default_config_path())).resolve(),
+            config_path=config_path,
             env=env,
-            factor=FactorCompute.from_env(env),
+            factor=FactorCompute.resolve(env, compute),
         )
 
     def mlflow_uri(self, config: PipelineConfig) -> str:
@@ -206,6 +227,10 @@ class Settings:
         )
 
 
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def _split(value: str, variable: str) -> list[str]:
     try:
         return shlex.split(value)
@@ -213,10 +238,8 @@ def _split(value: str, variable: str) -> list[str]:
         raise MemkfacError(f"{variable} is not shell-quoted correctly ({e})", "close the quotes") from None
 
 
-def _int(environ: Mapping[str, str], variable: str, default: int, minimum: int) -> int:
-    value = environ.get(variable, "").strip()
-    if not value:
-        return default
+def _int(environ: Mapping[str, str], variable: str, minimum: int) -> int:
+    value = environ[variable].strip()
     if not re.fullmatch(r"-?\d+", value) or int(value) < minimum:
         raise MemkfacError(
             f"{variable} is {value!r}, not a whole number >= {minimum}",
@@ -225,11 +248,11 @@ def _int(environ: Mapping[str, str], variable: str, default: int, minimum: int) 
     return int(value)
 
 
-def _enough_gpus(device: str, processes: int, gpus: int, variable: str) -> None:
+def _enough_gpus(device: str, processes: int, gpus: int, setting: str, processes_setting: str) -> None:
     if device.startswith("cuda") and gpus < processes:
         raise MemkfacError(
-            f"{variable}={gpus} GPUs for MEMKFAC_FACTOR_PROCESSES={processes} processes on {device}",
-            f"request one GPU per process: {variable}={processes} (or unset it)",
+            f"{setting}={gpus} GPUs for {processes_setting}={processes} processes on {device}",
+            f"request one GPU per process: {setting}={processes} (or leave it out)",
         )
 
 
@@ -263,7 +286,13 @@ def factor_runner(settings: Settings):
     from resources.factor_runner import K8sFactorRunner, SlurmFactorRunner, SubprocessFactorRunner
 
     f = settings.factor
-    common = dict(device=f.device, processes=f.processes, setting_names=FactorCompute.SETTING_NAMES)
+    common = dict(
+        device=f.device,
+        dtype=f.dtype,
+        threads=f.threads,
+        processes=f.processes,
+        setting_names=f.setting_names,
+    )
     if settings.env == "k8s":
         return K8sFactorRunner(
             **common,

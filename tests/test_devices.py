@@ -67,10 +67,11 @@ def _entry_points(tmp_path):
     from memkfac.downstream import DownstreamArguments, run_downstream
     from memkfac.editing import EditArguments, edit_model
     from memkfac.eigen import compute_eigenbasis
-    from memkfac.evaluate import HeldOut, reference_topk
+    from memkfac.evaluate import EvalArguments, HeldOut, evaluate_utility, reference_topk
     from memkfac.inject import InjectArguments, inject_canaries
+    from memkfac.methods import EditInputs, apply_edit, check_edited_model
     from memkfac.models import load_model
-    from memkfac.resurgence import attack_rows
+    from memkfac.resurgence import ResurgenceArguments, attack_rows, run_resurgence
 
     missing, out, blocks = tmp_path / "missing", tmp_path / "out", torch.zeros(2, 8, dtype=torch.long)
     return {
@@ -90,6 +91,23 @@ def _entry_points(tmp_path):
         "compute_eigenbasis": lambda: compute_eigenbasis(missing, out, device="cuda"),
         "reference_topk": lambda: reference_topk(missing, HeldOut(blocks, "h", "f"), device="cuda"),
         "run_downstream": lambda: run_downstream(missing, DownstreamArguments(device="cuda")),
+        # what the pipeline's assets call
+        "apply_edit": lambda: apply_edit(
+            BSNArguments(layers=[0]), EditInputs(model_dir=missing), out, device="cuda"
+        ),
+        "check_edited_model": lambda: check_edited_model(missing, [], device="cuda"),
+        "evaluate_utility": lambda: evaluate_utility(
+            missing,
+            missing,
+            HeldOut(blocks, "h", "f"),
+            EvalArguments(),
+            variant="v",
+            reference_name="b",
+            device="cuda",
+        ),
+        "run_resurgence": lambda: run_resurgence(
+            missing, missing, [], blocks, ResurgenceArguments(), variant="v", probe_set="p", device="cuda"
+        ),
     }
 
 
@@ -104,6 +122,10 @@ ENTRY_POINTS = [
     "compute_eigenbasis",
     "reference_topk",
     "run_downstream",
+    "apply_edit",
+    "check_edited_model",
+    "evaluate_utility",
+    "run_resurgence",
 ]
 
 

@@ -6,7 +6,9 @@ import argparse
 from pathlib import Path
 
 from memkfac.cli.values import (
+    add_device_arguments,
     add_model_argument,
+    checked_placement,
     model_layers,
     name,
     name_list,
@@ -102,6 +104,7 @@ def register(subparsers) -> None:
         action="store_true",
         help="replace an existing --plot file that is not an earlier band plot",
     )
+    add_device_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -132,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from memkfac.probes import load_probe_set
 
     progress = not args.quiet
+    device, dtype = checked_placement(args)
     probe_set = probe_set_name(args.probe_set, args.probes)
     model_dir = resolve_model(args.model, progress=progress)
     with usage_errors():
@@ -155,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
         plot_path=args.plot,
         progress=progress,
         overwrite=args.overwrite,
+        device=device,
+        dtype=dtype,
     )
     print(format_rows(table.to_pylist()))
     return 0

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from memkfac.cli.values import add_model_argument, model_layers, name_list, positive_int, usage_errors
+from memkfac.cli.values import (
+    add_device_arguments,
+    add_model_argument,
+    checked_placement,
+    model_layers,
+    name_list,
+    positive_int,
+    usage_errors,
+)
 
 _DESCRIPTION = """\
 Train the BalancedSubnet baseline (Sakarvadia et al. 2025) and write the pruned model as a Hugging Face
@@ -107,6 +115,7 @@ def register(subparsers) -> None:
         action="store_true",
         help="replace an earlier BalancedSubnet checkpoint in --out (never anything else)",
     )
+    add_device_arguments(p, "the mask training (float32 scores)", dtypes=())
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -121,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from memkfac.probes import load_probe_set
 
     progress = not args.quiet
+    device, _ = checked_placement(args)
     model_dir = resolve_model(args.model, progress=progress)
     with usage_errors():
         config = BSNArguments(
@@ -150,7 +160,14 @@ def run(args: argparse.Namespace) -> int:
     forget = [prompt + gold for prompt, gold in probes_token_ids(probes, tokenizer, hf_config.vocab_size)]
     retain = load_split(args.retain, args.retain_split)[: args.max_retain].tolist()
     manifest = train_balanced_subnet(
-        model_dir, forget, retain, config, args.out, progress=progress, overwrite=args.overwrite
+        model_dir,
+        forget,
+        retain,
+        config,
+        args.out,
+        progress=progress,
+        overwrite=args.overwrite,
+        device=device,
     )
     losses = manifest["losses"]
     print(

@@ -6,7 +6,9 @@ import argparse
 from pathlib import Path
 
 from memkfac.cli.values import (
+    add_device_arguments,
     add_model_argument,
+    checked_placement,
     float_list,
     int_at_least,
     name,
@@ -141,6 +143,7 @@ def register(subparsers) -> None:
         action="store_true",
         help="replace an existing --report file that is not an earlier report",
     )
+    add_device_arguments(p, "every model of the comparison", dtypes=("float32", "bfloat16"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_compare)
 
@@ -181,6 +184,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from memkfac.probes import load_probe_set
 
     progress = not args.quiet
+    device, dtype = checked_placement(args)
     probe_set = probe_set_name(args.probe_set, args.probes)
     probes = load_probe_set(args.probes)
     model_dir = resolve_model(args.model, progress=progress)
@@ -194,5 +198,7 @@ def run_compare(args: argparse.Namespace) -> int:
         report_path=args.report,
         progress=progress,
         overwrite=args.overwrite,
+        device=device,
+        dtype=dtype,
     )
     return 0

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from memkfac.cli.values import UsageError, add_model_argument, int_at_least, name, name_list, positive_int
+from memkfac.cli.values import (
+    UsageError,
+    add_device_arguments,
+    add_model_argument,
+    checked_placement,
+    int_at_least,
+    name,
+    name_list,
+    positive_int,
+)
 
 _DESCRIPTION = """\
 Score a model on the downstream suite with lm-evaluation-harness, fully offline, and write the
@@ -78,7 +87,7 @@ def register(subparsers) -> None:
         help="bootstrap replicates for retention intervals (default: 2000)",
     )
     p.add_argument("--batch-size", type=positive_int, default=16, help="lm-eval batch size (default: 16)")
-    p.add_argument("--device", default="cpu", help="torch device for lm-eval (default: cpu)")
+    add_device_arguments(p, "the model under lm-eval")
     p.add_argument(
         "--limit", type=positive_int, metavar="N", help="registry tasks only: score the first N documents"
     )
@@ -134,12 +143,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             "MODEL and --variant are required", "e.g. `memkfac downstream smollm2-135m --variant base`"
         )
+    device, dtype = checked_placement(args)
     run_args = DownstreamArguments(
         tasks=args.tasks or DEFAULT_SUITE,
         n_items=args.n_items,
         seed=args.seed,
         batch_size=args.batch_size,
-        device=args.device,
+        device=device,
+        dtype=dtype,
         limit=args.limit,
     )
     model_dir = resolve_model(args.model, progress=not args.quiet)

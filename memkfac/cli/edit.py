@@ -7,7 +7,9 @@ from pathlib import Path
 
 from memkfac.cli.values import (
     UsageError,
+    add_device_arguments,
     add_model_argument,
+    checked_placement,
     keep_mass,
     model_layers,
     name_list,
@@ -114,12 +116,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace an earlier edit in --out (never anything else)"
     )
-    p.add_argument(
-        "--device",
-        default="cpu",
-        help="where the float64 projections (and an eigenbasis computed on the way) run: cpu (default), "
-        "cuda, cuda:1 ... (a GPU edits 7B-scale layers in seconds)",
-    )
+    # a GPU edits 7B-scale layers in seconds
+    add_device_arguments(p, "the float64 projections (and an eigenbasis computed on the way)", dtypes=())
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -152,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
             f"--method {args.method} needs --factors", "pass the directory written by `memkfac factors`"
         )
     progress = not args.quiet
+    device, _ = checked_placement(args)
     model_dir = resolve_model(args.model, progress=progress)
     with usage_errors():
         config = EditArguments(
@@ -167,9 +166,9 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(
         args.out, checkpoint_kind("edit"), overwrite=args.overwrite, inputs=[model_dir, args.factors]
     )
-    eig_dir = None if config.method == "svd" else eigenbasis_for(args.factors, progress, args.device)
+    eig_dir = None if config.method == "svd" else eigenbasis_for(args.factors, progress, device)
     manifest = edit_model(
-        model_dir, eig_dir, config, args.out, progress=progress, device=args.device, overwrite=args.overwrite
+        model_dir, eig_dir, config, args.out, progress=progress, device=device, overwrite=args.overwrite
     )
     print(_summary_table(manifest["modules"]))
     print(f"wrote {args.out} ({len(manifest['modules'])} modules, {manifest['edit_seconds']:.1f} s)")

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from memkfac.cli.values import UsageError, add_model_argument, name, positive_int, probe_set_name
+from memkfac.cli.values import (
+    UsageError,
+    add_device_arguments,
+    add_model_argument,
+    checked_placement,
+    name,
+    positive_int,
+    probe_set_name,
+)
 
 _EVAL_DESCRIPTION = """\
 Measure what a model still recites and how well it still works, and write the results as Parquet
@@ -68,7 +76,7 @@ def register(subparsers) -> None:
         metavar="DIR",
         help="data root for the tables (default: $MEMKFAC_HOME or .memkfac)",
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
+    add_device_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_eval)
 
@@ -81,6 +89,7 @@ def run_eval(args: argparse.Namespace) -> int:
     progress = not args.quiet
     if args.reference and not args.heldout:
         raise UsageError("--reference needs --heldout", "pass the corpus whose held-out text nDCG runs on")
+    device, dtype = checked_placement(args)
     probe_set = probe_set_name(args.probe_set, args.probes)
     probes = load_probe_set(args.probes)
     model_dir = resolve_model(args.model, progress=progress)
@@ -90,9 +99,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.reference:
         reference_dir = resolve_model(args.reference, progress=progress)
         reference = reference_topk(
-            reference_dir, heldout, eval_args.ndcg_k, eval_args.ppl_batch_size, progress
+            reference_dir, heldout, eval_args.ndcg_k, eval_args.ppl_batch_size, progress, device, dtype
         )
-    model, tokenizer = load_model(model_dir, dtype=args.dtype)
+    model, tokenizer = load_model(model_dir, dtype=dtype, device=device)
     tables = evaluate_model(
         model,
         tokenizer,

@@ -8,7 +8,15 @@ import json
 import re
 from pathlib import Path
 
-from memkfac.cli.values import add_model_argument, int_at_least, model_layers, name_list, positive_int
+from memkfac.cli.values import (
+    add_device_arguments,
+    add_model_argument,
+    checked_placement,
+    int_at_least,
+    model_layers,
+    name_list,
+    positive_int,
+)
 from memkfac.errors import MemkfacError
 
 _DESCRIPTION = """\
@@ -87,13 +95,8 @@ def register(subparsers) -> None:
         help="tokens per shard, the unit of resumption (default: at least 65536, and one token per 512 "
         "factor entries so that writing shards stays cheap at 7B scale)",
     )
-    p.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="dtype the model runs in; factor sums are always float32 (default float32)",
-    )
-    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, mps ...")
+    # factor sums are always float32
+    add_device_arguments(p, dtypes=("float32", "bfloat16"))
     p.add_argument("--out", type=Path, required=True, help="output directory of the factors")
     p.add_argument(
         "--overwrite",
@@ -115,9 +118,7 @@ def register(subparsers) -> None:
     e.add_argument("factors", type=Path, metavar="FACTOR_DIR", help="the --out directory of memkfac factors")
     e.add_argument("--out", type=Path, help="eigenbasis directory (default FACTOR_DIR/eigenbasis)")
     e.add_argument("--overwrite", action="store_true", help="replace an earlier eigenbasis in --out")
-    e.add_argument(
-        "--device", default="cpu", help="where the fp64 eigh runs (cuda is much faster for large d)"
-    )
+    add_device_arguments(e, "the fp64 eigh (cuda is much faster for large d)", dtypes=())
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=run_eigen)
 
@@ -212,12 +213,11 @@ def run_factors(args: argparse.Namespace) -> int:
 def run_eigen(args: argparse.Namespace) -> int:
     from memkfac.eigen import EIGEN_SUBDIR, compute_eigenbasis, eigenbasis_is_current
 
+    device, _ = checked_placement(args)
     out = args.out or args.factors / EIGEN_SUBDIR
     if not args.overwrite and eigenbasis_is_current(out, args.factors):
         print(f"eigenbasis of these factors already in {out}")
         return 0
-    compute_eigenbasis(
-        args.factors, out, progress=not args.quiet, device=args.device, overwrite=args.overwrite
-    )
+    compute_eigenbasis(args.factors, out, progress=not args.quiet, device=device, overwrite=args.overwrite)
     print(f"eigenbasis -> {out}")
     return 0

@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 
 from memkfac.cli.corpus import add_corpus_arguments, corpus_for, model_name
-from memkfac.cli.values import add_model_argument, count, model_layers, positive_int
+from memkfac.cli.values import (
+    add_device_arguments,
+    add_model_argument,
+    checked_placement,
+    count,
+    model_layers,
+    positive_int,
+)
 from memkfac.models import DEFAULT_MODEL
 from memkfac.paths import memkfac_home
 
@@ -88,6 +95,7 @@ def register(subparsers) -> None:
         help="blocks for perplexity (default: %(default)s)",
     )
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    add_device_arguments(parser, "the fine-tuning (float32 weights)", dtypes=())
     parser.add_argument("--out", type=Path, help="output directory (default: $MEMKFAC_HOME/injected/<model>)")
     parser.add_argument(
         "--overwrite",
@@ -112,6 +120,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device, _ = checked_placement(args)
     # a bad canary file fails here, before a model is converted or a corpus built
     probes = load_canaries(args.probes, "--probes") if args.probes else None
     home = memkfac_home()
@@ -154,6 +163,7 @@ def _run(args: argparse.Namespace) -> int:
         general_fingerprint=corpus_fingerprint(corpus_dir, "finetune"),
         progress=not args.quiet,
         overwrite=args.overwrite,
+        device=device,
     )
     for kind in ("trained", "control"):
         for split, s in sorted(m["recall"][kind].items()):

@@ -7,7 +7,7 @@ from itertools import islice
 from pathlib import Path
 
 from memkfac.arguments import MineArguments
-from memkfac.cli.values import add_model_argument, positive_int
+from memkfac.cli.values import add_device_arguments, add_model_argument, checked_placement, positive_int
 from memkfac.models import DEFAULT_MODEL
 from memkfac.paths import memkfac_home
 
@@ -65,6 +65,7 @@ def register(subparsers) -> None:
         "--dedup-ngram", type=positive_int, default=d.dedup_ngram, help="(default: %(default)s)"
     )
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    add_device_arguments(parser)
     parser.add_argument(
         "--out", type=Path, help="output probe set (default: $MEMKFAC_HOME/probes/mined.jsonl)"
     )
@@ -85,12 +86,13 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device, dtype = checked_placement(args)
     model_dir = resolve_model(args.model, progress=not args.quiet)
     out = args.out or memkfac_home() / "probes" / "mined.jsonl"
     text_path = args.text if args.text and Path(args.text).exists() else None
     inputs = [model_dir, args.probes, text_path]
     check_output_file(out, overwrite=args.overwrite, inputs=inputs)  # before the search, not after
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, dtype=dtype, device=device)
     if args.probes:
         probes = load_probe_set(args.probes)
         ids = probes_token_ids(

@@ -123,3 +123,47 @@ def probe_set_name(given: str | None, probes: Path) -> str:
 
     with usage_errors():
         return given or safe_name(probes.stem, "probe set name (the file name stem; or pass --probe-set)")
+
+
+def device_name(text: str) -> str:
+    """A device name memkfac runs on (cpu, cuda, cuda:N, mps); whether this machine has it is checked
+    when the command starts (``checked_placement``), a runtime error."""
+    from memkfac.devices import check_device_name
+
+    try:
+        return check_device_name(text, "--device")
+    except MemkfacError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_device_arguments(
+    parser: argparse.ArgumentParser, what: str = "the model", dtypes: tuple[str, ...] | None = None
+) -> None:
+    """``--device`` and ``--dtype`` (one of ``dtypes``, default every dtype of ``memkfac.devices``; none
+    for a command whose model trains in float32): where ``what`` runs, for every command that runs a
+    model. A misspelt device is a usage error; one this machine lacks fails at the start (exit 1)."""
+    from memkfac.devices import DTYPES
+
+    parser.add_argument(
+        "--device",
+        type=device_name,
+        default="cpu",
+        help=f"where {what} runs: cpu (default), cuda, cuda:N or mps",
+    )
+    if dtypes != ():
+        parser.add_argument(
+            "--dtype",
+            choices=dtypes or DTYPES,
+            default="float32",
+            help=f"dtype {what} runs in (default: float32)",
+        )
+
+
+def checked_placement(args: argparse.Namespace) -> tuple[str, str]:
+    """``(args.device, args.dtype)`` after checking them against this machine (a device it lacks, bf16
+    on a GPU without it), before the command does any work; errors name the options."""
+    from memkfac.devices import resolve_device, resolve_dtype
+
+    dtype = getattr(args, "dtype", "float32")
+    resolve_dtype(dtype, resolve_device(args.device, "--device"), "--dtype")
+    return args.device, dtype

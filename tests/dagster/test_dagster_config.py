@@ -83,6 +83,15 @@ MISSPELLED = [
     (_set("resurgence", "recipes", value=["general"]), "resurgence.recipes", "did you mean 'arms'"),
     (_set("resurgence", "recipes", value=["general"]), "resurgence.recipes", "partial_forget -> relearn"),
     (_set("mlflow", "experimnt", value="x"), "mlflow.experimnt", "did you mean 'experiment'"),
+    (_set("compute", "devise", value="cpu"), "compute.devise", "did you mean 'device'"),
+    (
+        _set("compute", "steps", "memorization_evl", value={"dtype": "bfloat16"}),
+        "compute.steps.memorization_evl",
+        "did you mean 'memorization_eval'",
+    ),
+    (_set("compute", "steps", "factors", "dtyp", value="bfloat16"), "compute.steps.factors.dtyp", "'dtype'"),
+    (_set("compute", "slurm", "partiton", value="gpu"), "compute.slurm.partiton", "'partition'"),
+    (_set("compute", "k8s", "volume", value="home"), "compute.k8s.volume", "'volume_claim'"),
 ]
 WRONG_TYPE = [
     (_set("models", "tiny-llama", "source", value=3), "models.tiny-llama.source", "give a string"),
@@ -118,6 +127,13 @@ WRONG_TYPE = [
     (_set("resurgence", "unrelated_count", value="ten"), "resurgence.unrelated_count", "whole number"),
     (_set("resurgence", "arms", value="retain"), "resurgence.arms", "list"),
     (_set("mlflow", "tracking_uri", value=5), "mlflow.tracking_uri", "string"),
+    (_set("compute", "device", value=0), "compute.device", "give a string"),
+    (_set("compute", "processes", value="2"), "compute.processes", "whole number"),
+    (_set("compute", "threads", value=1.5), "compute.threads", "whole number"),
+    (_set("compute", "steps", value=["factors"]), "compute.steps", "mapping"),
+    (_set("compute", "steps", "factors", "threads", value="4"), "compute.steps.factors.threads", "whole"),
+    (_set("compute", "slurm", "extra_args", value="--qos=x"), "compute.slurm.extra_args", "list"),
+    (_set("compute", "k8s", "gpus", value="one"), "compute.k8s.gpus", "whole number"),
 ]
 OUT_OF_RANGE = [
     (_set("models", value={}), "models", "is empty"),
@@ -155,6 +171,41 @@ OUT_OF_RANGE = [
     (_set("resurgence", "unrelated_len", value=64), "resurgence.unrelated_len", "corpus.block_len (32)"),
     (_set("resurgence", "seed", value=-1), "resurgence.seed", "below 0"),
     (_set("resurgence", "arms", value=[]), "resurgence.arms", "non-empty selection"),
+    (_set("compute", "device", value="gpu"), "compute.device", "not a device memkfac runs on"),
+    (_set("compute", "device", value="cuda:x"), "compute.device", "cuda:N for the N-th GPU"),
+    (_set("compute", "dtype", value="float64"), "compute.dtype", "float32, bfloat16, float16"),
+    (_set("compute", "threads", value=0), "compute.threads", "below 1"),
+    (_set("compute", "processes", value=0), "compute.processes", "greater than or equal to 1"),
+    (
+        _set("compute", "steps", "factors", "device", value="tpu"),
+        "compute.steps.factors.device",
+        "not a device",
+    ),
+    (_set("compute", "steps", "bands", "threads", value=0), "compute.steps.bands.threads", "below 1"),
+    (
+        _set("compute", "steps", "injection", "dtype", value="bfloat16"),
+        "compute.steps.injection.dtype",
+        "remove compute.steps.injection.dtype",
+    ),
+    (_set("compute", "dtype", value="float16"), "compute.dtype", "factor collection does not run in"),
+    (
+        _set("compute", "steps", "factors", "dtype", value="float16"),
+        "compute.steps.factors.dtype",
+        "use float32 or bfloat16",
+    ),
+    (
+        _set("compute", value={"device": "cuda:1", "processes": 2}),
+        "compute.device",
+        "each process takes its own GPU",
+    ),
+    (
+        _set("compute", value={"device": "cuda", "processes": 4, "slurm": {"gpus": 2}}),
+        "compute.slurm.gpus",
+        "one GPU per process",
+    ),
+    (_set("compute", "k8s", "gpus", value=-1), "compute.k8s.gpus", "greater than or equal to 0"),
+    (_set("factors", "model_dtype", value="bfloat16"), "factors.model_dtype", "compute.steps.factors.dtype"),
+    (_set("downstream", "device", value="cuda"), "downstream.device", "compute.steps.downstream.device"),
 ]
 
 

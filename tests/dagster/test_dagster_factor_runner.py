@@ -1,14 +1,17 @@
 """The factor runner as settings bind it: launcher prefix, environment and compute settings reach the Pipes
 child; bad settings are refused naming the variable; the Kubernetes pod is rendered and validated."""
 
+import os
 import re
 
 import dagster as dg
 import pytest
+import yaml
 
 from memkfac.errors import MemkfacError
 from resources.factor_runner import FactorRunner, collection_command
 from resources.settings import Settings, build_resources
+from tests.dagster.conftest import TINY_CONFIG
 
 CHILD = """
 import os
@@ -48,16 +51,22 @@ def test_launcher_and_env_reach_the_child(tiny_home, tmp_path, monkeypatch):
     assert metadata["launched"].value == "1"
     assert metadata["extra"].value == "two words"
     assert metadata["tokens"].value == 7
-    assert metadata["compute"].data == {
+    compute = metadata["compute"].data
+    assert {k: compute[k] for k in ("device", "dtype", "threads", "processes")} == {
         "device": "cpu",
+        "dtype": "float32",
+        "threads": None,
         "processes": 1,
-        "setting_names": {
-            "device": "MEMKFAC_FACTOR_DEVICE",
-            "processes": "MEMKFAC_FACTOR_PROCESSES",
-            "partition": "MEMKFAC_SLURM_PARTITION",
-            "time": "MEMKFAC_SLURM_TIME",
-            "mem": "MEMKFAC_SLURM_MEM",
-        },
+    }
+    # what errors call each setting: the variable that set it, else its config key
+    assert {
+        k: compute["setting_names"][k] for k in ("device", "dtype", "processes", "partition", "time")
+    } == {
+        "device": "MEMKFAC_FACTOR_DEVICE",
+        "dtype": "compute.dtype",
+        "processes": "compute.processes",
+        "partition": "compute.slurm.partition",
+        "time": "compute.slurm.time",
     }
     assert list((tiny_home / "pipes").iterdir()) == []  # the exchange files are removed
 
@@ -93,7 +102,7 @@ def test_collection_command_uses_torchrun_for_several_processes():
         ("MEMKFAC_FACTOR_PROCESSES", "two", "not a whole number >= 1"),
         ("MEMKFAC_FACTOR_DEVICE", "gpu", "not a device memkfac runs on"),
         ("MEMKFAC_ENV", "cloud", "has no resource binding"),
-        ("MEMKFAC_ENV", "k8s", "needs MEMKFAC_K8S_IMAGE and MEMKFAC_K8S_VOLUME"),
+        ("MEMKFAC_ENV", "k8s", "needs compute.k8s.image and compute.k8s.volume_claim"),
     ],
 )
 def test_bad_launch_settings_name_the_variable(monkeypatch, variable, value, message):
@@ -154,16 +163,13 @@ def test_kubernetes_pod_is_rendered_and_valid(tiny_home, monkeypatch):
         staticmethod(lambda: production_client(core_api_override=NoCluster(), batch_api_override=object())),
     )
     monkeypatch.setattr(kubernetes.config, "load_kube_config", lambda *a, **k: None)
-    env = {
-        "MEMKFAC_ENV": "k8s",
-        "MEMKFAC_K8S_IMAGE": "registry.example.com/memkfac:1",
-        "MEMKFAC_K8S_VOLUME": "memkfac-data",
-        "MEMKFAC_K8S_NAMESPACE": "research",
-        "MEMKFAC_K8S_MEMORY": "64Gi",
-        "MEMKFAC_FACTOR_DEVICE": "cuda",
-        "MEMKFAC_FACTOR_PROCESSES": "2",
-        "MEMKFAC_FACTOR_ENV": "NCCL_DEBUG=INFO",
-    }
+    pod = {"image": "registry.example.com/memkfac:1", "volume_claim": "memkfac-data", "namespace": "research"}
+    compute = {"device": "cuda", "processes": 2, "k8s": pod | {"memory": "64Gi"}}  # the pod from the config
+    config = tiny_home / "k8s.yaml"
+    config.write_text(yaml.safe_dump(yaml.safe_load(TINY_CONFIG.read_text()) | {"compute": compute}))
+    for name in [n for n in os.environ if n.startswith(("MEMKFAC_FACTOR_", "MEMKFAC_K8S_"))]:
+        monkeypatch.delenv(name)
+    env = {"MEMKFAC_ENV": "k8s", "MEMKFAC_CONFIG": str(config), "MEMKFAC_FACTOR_ENV": "NCCL_DEBUG=INFO"}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = Settings.from_env()

@@ -78,6 +78,13 @@ def _execute(assets: list[str]):
     )
 
 
+def with_compute(root: Path, name: str, compute: dict) -> str:
+    """The derived config with ``compute`` as its compute section, written as ``root/<name>.yaml``."""
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load((root / "config.yaml").read_text()) | {"compute": compute}))
+    return str(path)
+
+
 def factors(root: Path, **env: str):
     """Run kfac_factors (and its check) with ``env``; return the result."""
     with _environment(root, **env):
@@ -150,7 +157,7 @@ def test_two_torchrun_processes_give_the_shards_of_one(root, one_process, monkey
 
     monkeypatch.setattr(factor_runner, "tempfile", types.SimpleNamespace(TemporaryDirectory=KeptMessages))
     shutil.rmtree(factor_dir(root))
-    result = factors(root, MEMKFAC_FACTOR_PROCESSES="2")
+    result = factors(root, MEMKFAC_CONFIG=with_compute(root, "two", {"processes": 2}))
     assert result.success, failure_text(result)
     assert shard_records(root) == one_process  # same files, same sha256, same tokens and blocks
     metadata = result.asset_materializations_for_node("kfac_factors")[0].metadata
@@ -209,13 +216,16 @@ def slurm_status() -> tuple[bool, str]:
     return run.returncode == 0, " | ".join((run.stdout + run.stderr).strip().splitlines())
 
 
+SLURM_JOB = {"partition": "memkfac", "time": "0:10:00"}  # compute.slurm of the one-node cluster
+
+
 @pytest.fixture(scope="module")
-def slurm():
+def slurm(root):
     up, status = slurm_status()
     if not up:
         print(f"\nSlurm tests skipped; scripts/slurm-local.sh status says:\n{status}")
         pytest.skip(f"no local Slurm cluster (start one: sudo scripts/slurm-local.sh start): {status}")
-    return {"MEMKFAC_ENV": "slurm", "MEMKFAC_SLURM_PARTITION": "memkfac", "MEMKFAC_SLURM_TIME": "0:10:00"}
+    return {"MEMKFAC_ENV": "slurm", "MEMKFAC_CONFIG": with_compute(root, "slurm", {"slurm": SLURM_JOB})}
 
 
 def job_record(job: str) -> str:
@@ -231,7 +241,8 @@ def test_factors_as_a_slurm_job_match_the_local_run(root, one_process, slurm):
     import shutil
 
     shutil.rmtree(factor_dir(root))
-    result = factors(root, **slurm, MEMKFAC_FACTOR_PROCESSES="2", MEMKFAC_SLURM_CPUS="1")
+    job = {"processes": 2, "slurm": SLURM_JOB | {"cpus": 1}}  # the job's resources from the config
+    result = factors(root, MEMKFAC_ENV="slurm", MEMKFAC_CONFIG=with_compute(root, "slurm2", job))
     assert result.success, failure_text(result)
     assert shard_records(root) == one_process
     metadata = result.asset_materializations_for_node("kfac_factors")[0].metadata
@@ -270,9 +281,17 @@ def test_scancel_fails_the_asset_clearly_and_a_rerun_resumes(root, one_process, 
     assert {name: inode for name, inode in inodes(root).items() if name in kept} == kept
 
 
-def test_a_partition_that_does_not_exist_is_named_with_the_fix(root, slurm):
-    result = factors(root, **(slurm | {"MEMKFAC_SLURM_PARTITION": "no-such-partition"}))
+@pytest.mark.parametrize(
+    ("where", "setting"),
+    [("config", "compute.slurm.partition"), ("environment", "MEMKFAC_SLURM_PARTITION")],
+)
+def test_a_partition_that_does_not_exist_is_named_with_the_fix(root, slurm, where, setting):
+    if where == "config":
+        job = {"slurm": SLURM_JOB | {"partition": "no-such-partition"}}
+        result = factors(root, **(slurm | {"MEMKFAC_CONFIG": with_compute(root, "bad-partition", job)}))
+    else:  # the variable wins over compute.slurm.partition (memkfac, which exists)
+        result = factors(root, **(slurm | {"MEMKFAC_SLURM_PARTITION": "no-such-partition"}))
     assert not result.success
     message = failure_text(result)
-    assert "MEMKFAC_SLURM_PARTITION is 'no-such-partition', which is not a partition" in message
+    assert f"{setting} is 'no-such-partition', which is not a partition" in message, message
     assert "it has: memkfac" in message
