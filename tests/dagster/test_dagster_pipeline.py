@@ -90,7 +90,7 @@ def test_tables_and_reports(pipeline):
             "from main_reports.forgetting_by_variant group by all order by all"
         ).fetchall()
         assert [r[0] for r in field] == sorted(config.variants)
-        assert all(n > 0 and counts == (n,) * 4 for _, n, *counts in field)  # the base's beside each
+        assert all(n > 0 and counts == [n] * 4 for _, n, *counts in field)  # the base's beside each
 
 
 def test_mlflow_registry_round_trip(pipeline):
