@@ -15,6 +15,7 @@ from resources.mlflow_registry import MlflowRegistry
 from resources.store import ArtifactStore
 
 GROUP = "evaluation"
+SUMMARY_COLUMNS = ["kind", "split", "n_probes", "strict_pct", "loose_pct", "avg_lev"]  # shown in the UI
 HELDOUT = "heldout"  # the probe_set key of tables measured on held-out general text
 
 
@@ -76,21 +77,21 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         deps=[dg.AssetDep("edited_model"), dg.AssetDep("probe_sets")],
         group_name=GROUP,
         kinds={"parquet"},
-        code_version="memorization-v2",
+        code_version="memorization-v3",
         automation_condition=BUILD,
         pool="compute",
         description="memkfac.evaluate.evaluate_model on the probe set (what `memkfac eval` runs): greedy "
-        "continuation of |suffix| tokens from every prefix, scored strict, loose and Levenshtein per probe "
-        "and per kind/split; membership-inference scores per probe (loss, zlib, Min-K%, Min-K%++) and their "
-        "AUC trained vs control; the positional stress test if evaluation.stress. Tables: "
-        + ", ".join(tables)
-        + ".",
+        "continuation of |suffix| tokens from every prefix, scored strict, loose, Levenshtein and VerbMem "
+        "(ROUGE-L F1), with exact memorization and extraction strength from one teacher-forced pass, per "
+        "probe and per kind/split; membership-inference scores per probe (loss, zlib, Min-K%, Min-K%++) "
+        "and their AUC and TPR at 1% FPR trained vs control; the positional stress test if "
+        "evaluation.stress. Tables: " + ", ".join(tables) + ".",
     )
     def memorization_eval(
         context: dg.AssetExecutionContext, store: ArtifactStore, mlflow: MlflowRegistry
     ) -> dg.MaterializeResult:
         from memkfac.evaluate import evaluate_model, write_tables
-        from memkfac.memorization import stress_summary
+        from memkfac.memorization import FIELD_METRICS, stress_summary
         from memkfac.models import load_model
         from memkfac.probes import load_probe_set
 
@@ -107,8 +108,11 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         rows = result["memorization_summary"].to_pylist()
         figures = {f"strict_pct/{r['kind']}/{r['split']}": r["strict_pct"] for r in rows}
         figures |= {f"loose_pct/{r['kind']}/{r['split']}": r["loose_pct"] for r in rows}
+        figures |= {f"{m}/{r['kind']}/{r['split']}": r[m] for r in rows for m in FIELD_METRICS}
         if "mia_auc" in result:  # no rows without control probes
-            figures |= {f"mia_auc/{r['score']}": r["auc"] for r in result["mia_auc"].to_pylist()}
+            auc = result["mia_auc"].to_pylist()
+            figures |= {f"mia_auc/{r['score']}": r["auc"] for r in auc}
+            figures |= {f"mia_tpr_at_1pct_fpr/{r['score']}": r["tpr_at_1pct_fpr"] for r in auc}
         if "positional_stress" in result:
             stress = stress_summary(result["positional_stress"].to_pylist())
             figures |= {f"stress/{k}": v for k, v in stress.items()}
@@ -128,9 +132,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
                 **metadata,
                 **figures,
                 "mlflow_run_id": run_id,
-                "summary": dg.MetadataValue.md(
-                    _markdown(rows, ["kind", "split", "n_probes", "strict_pct", "loose_pct", "avg_lev"])
-                ),
+                "summary": dg.MetadataValue.md(_markdown(rows, [*SUMMARY_COLUMNS, *FIELD_METRICS])),
             }
         )
 

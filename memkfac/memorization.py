@@ -5,6 +5,21 @@ compare token ids with the gold suffix: strict = exact match; d = token-level Le
 loose = 1 - d/L >= 0.75; normalized distance d/L; and the longest exact-match prefix. Aggregates
 are the paper's Table 1 columns: strict %, loose % and avgLev = mean d/L (higher = less memorized).
 
+Beside them, the unlearning field's measures, each per probe in [0, 1] (1 = fully memorized) and
+averaged per kind/split:
+- verbmem (MUSE's VerbMem, Shi et al. 2024): ROUGE-L F1 of the greedy continuation against the gold
+  suffix, on token ids (LCS-based; with |generated| = L it equals LCS / L).
+- exact_memorization (Tirumala et al. 2022; TOFU/OpenUnlearning "EM"): the share of suffix positions
+  where the model's argmax, given the true prefix and gold suffix so far, is the gold token.
+- extraction_strength (after Carlini et al. 2021's extractability; "ES" as in Wang et al. 2025 and
+  OpenUnlearning): 1 - k*/L, with k* the fewest gold suffix tokens that must follow the prefix for
+  greedy decoding to reproduce the rest of the suffix exactly.
+Both of the last two come from one teacher-forced pass (``memkfac.mia.suffix_token_stats``): greedy
+decoding from prefix + suffix[:k] reproduces suffix[k:] iff the teacher-forced argmax is right at
+every position j >= k (by induction, each greedy step then sees the true context), so k* is one past
+the last wrong position. Greedy decoding with a KV cache and the full teacher-forced forward are
+different float computations, so a near-tie argmax can in rare cases differ between the two.
+
 The positional stress test (paper App. G, after Huang et al. 2024, t = 20) asks whether a memory
 suppressed under the original prompt comes back under shifted prompts.
 """
@@ -20,9 +35,12 @@ import pyarrow as pa
 
 from memkfac.errors import MemkfacError
 from memkfac.generation import greedy_continuations, model_vocab_size, probes_token_ids
+from memkfac.mia import suffix_token_stats
 from memkfac.tables import make_table, new_run_id
 
 LOOSE_THRESHOLD = 0.75
+# per-probe measures of the unlearning field, in [0, 1]; summarize averages each under the same name
+FIELD_METRICS = ("verbmem", "exact_memorization", "extraction_strength")
 
 
 def levenshtein(a: Sequence[int], b: Sequence[int]) -> int:
@@ -48,6 +66,46 @@ def exact_prefix_len(generated: Sequence[int], gold: Sequence[int]) -> int:
     return n
 
 
+def longest_common_subsequence(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common (not necessarily contiguous) subsequence of two token sequences."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = [0] * (len(b) + 1)  # LCS of a[:i-1] with each prefix of b
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b, start=1):
+            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l_f1(generated: Sequence[int], gold: Sequence[int]) -> float:
+    """ROUGE-L F1 (Lin 2004): precision LCS/|generated|, recall LCS/|gold|, their harmonic mean; 0 when
+    nothing is shared (an empty generation included)."""
+    lcs = longest_common_subsequence(generated, gold)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(generated), lcs / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_memorization(argmax_hit: Sequence[bool]) -> float:
+    """Share of suffix positions whose teacher-forced argmax is the gold token (L > 0 positions)."""
+    return sum(bool(h) for h in argmax_hit) / len(argmax_hit)
+
+
+def extraction_strength(argmax_hit: Sequence[bool]) -> float:
+    """1 - k*/L, k* = one past the last position whose teacher-forced argmax is wrong (0 if none).
+
+    k* is the fewest gold suffix tokens to append to the prefix so that greedy decoding reproduces
+    the rest of the suffix exactly (module docstring); 1 means the prefix alone extracts the suffix,
+    0 that even the last token is not reproduced given everything before it.
+    """
+    wrong = [j for j, h in enumerate(argmax_hit) if not h]
+    k_star = wrong[-1] + 1 if wrong else 0
+    return 1 - k_star / len(argmax_hit)
+
+
 @dataclass(frozen=True)
 class ContinuationScore:
     strict: bool
@@ -55,6 +113,7 @@ class ContinuationScore:
     levenshtein: int  # d
     normalized_distance: float  # d / L
     exact_prefix_len: int
+    verbmem: float  # ROUGE-L F1
 
 
 def score_continuation(
@@ -70,6 +129,7 @@ def score_continuation(
         levenshtein=d,
         normalized_distance=d / len(gold),
         exact_prefix_len=exact_prefix_len(generated, gold),
+        verbmem=rouge_l_f1(generated, gold),
     )
 
 
@@ -81,12 +141,17 @@ def memorization_rows(
     loose_threshold: float = LOOSE_THRESHOLD,
     progress: bool = True,
 ) -> list[dict]:
-    """Generate and score every probe; one dict per probe with the ``memorization`` table's columns."""
+    """Generate and score every probe; one dict per probe with the ``memorization`` table's columns.
+
+    Two passes over the probes, ``batch_size`` at a time: greedy generation (strict, loose, Levenshtein,
+    VerbMem) and one teacher-forced forward (exact memorization, extraction strength).
+    """
     ids = probes_token_ids(probes, tokenizer, model_vocab_size(model))
     prompts, golds = [i[0] for i in ids], [i[1] for i in ids]
     generated = greedy_continuations(model, tokenizer, prompts, [len(g) for g in golds], batch_size, progress)
+    hits = [s.argmax_hit.tolist() for s in suffix_token_stats(model, prompts, golds, batch_size, progress)]
     rows = []
-    for probe, prompt, gold, gen in zip(probes, prompts, golds, generated, strict=True):
+    for probe, prompt, gold, gen, hit in zip(probes, prompts, golds, generated, hits, strict=True):
         score = score_continuation(gen, gold, loose_threshold)
         rows.append(
             {
@@ -99,13 +164,18 @@ def memorization_rows(
                 "generated": tokenizer.decode(gen),
                 "generated_ids": gen,
                 **vars(score),
+                "exact_memorization": exact_memorization(hit),
+                "extraction_strength": extraction_strength(hit),
             }
         )
     return rows
 
 
 def summarize(rows: list[dict], loose_threshold: float = LOOSE_THRESHOLD) -> list[dict]:
-    """Table 1 aggregates per (kind, split), plus split "all" per kind: ``memorization_summary`` rows."""
+    """Table 1 aggregates per (kind, split), plus split "all" per kind: ``memorization_summary`` rows.
+
+    Besides strict %, loose % and avgLev, the mean of each of ``FIELD_METRICS`` under its own name.
+    """
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     splits: dict[str, set[str]] = defaultdict(set)
     for r in rows:
@@ -126,6 +196,7 @@ def summarize(rows: list[dict], loose_threshold: float = LOOSE_THRESHOLD) -> lis
                 "loose_pct": 100.0 * sum(r["loose"] for r in group) / n,
                 "avg_lev": sum(r["normalized_distance"] for r in group) / n,
                 "mean_exact_prefix_len": sum(r["exact_prefix_len"] for r in group) / n,
+                **{m: sum(r[m] for r in group) / n for m in FIELD_METRICS},
                 "loose_threshold": loose_threshold,
             }
         )

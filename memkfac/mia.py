@@ -12,6 +12,12 @@ Per probe, from one teacher-forced pass over prefix + suffix (log-probs of the s
 AUC (by ranks, ties averaged: the Mann-Whitney statistic) measures how well each score separates
 trained probes (kind "memorized") from control probes. Each score is oriented so that higher means
 member before the AUC is taken (loss and zlib ratio are negated); 0.5 is chance, 1.0 perfect.
+Beside it, the TPR at 1% FPR (Carlini et al. 2022, "Membership inference attacks from first
+principles"): the share of members an attacker flags while wrongly flagging at most 1% of
+non-members, read exactly off the empirical ROC curve (``tpr_at_fpr``).
+
+The same teacher-forced pass also says whether the model's argmax at each suffix position is the gold
+token, which memorization's exact memorization and extraction strength are computed from.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import pyarrow as pa
 import torch
@@ -30,6 +37,7 @@ from memkfac.generation import model_vocab_size, probes_token_ids
 from memkfac.tables import make_table, new_run_id
 
 MIN_K_FRACTION = 0.2
+MAX_FPR = 0.01  # the operating point of tpr_at_1pct_fpr
 # score column -> sign that makes "higher = member"
 SCORE_ORIENTATION = {"loss": -1.0, "zlib_ratio": -1.0, "min_k": 1.0, "min_k_pp": 1.0}
 
@@ -39,16 +47,26 @@ def _lowest_fraction_mean(values: torch.Tensor, fraction: float) -> float:
     return values.topk(k, largest=False).values.mean().item()
 
 
+class SuffixTokenStats(NamedTuple):
+    """Teacher-forced statistics of one probe's gold suffix, each of shape (L,), L = |suffix|."""
+
+    logp: torch.Tensor  # fp32: log p(gold token | prefix + gold suffix before it), nats
+    standardized: torch.Tensor  # fp32: its Min-K%++ value (logp - mu) / sigma
+    argmax_hit: torch.Tensor  # bool: the model's most likely next token there is the gold token
+
+
 @torch.no_grad()
 def suffix_token_stats(
     model, prompts: list[list[int]], suffixes: list[list[int]], batch_size: int = 16, progress: bool = True
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per probe: (log p of each gold suffix token, its Min-K%++ standardized value), each (L,) fp32.
+) -> list[SuffixTokenStats]:
+    """One teacher-forced forward over prefix + suffix per batch; a ``SuffixTokenStats`` per probe.
 
     Sequences are right-padded (teacher forcing needs no left alignment) and the padding is masked.
+    The argmax is taken on the model's own logits, as greedy decoding takes it, so a tie breaks the
+    same way (the lowest token id).
     """
     device = next(model.parameters()).device
-    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    out: list[SuffixTokenStats] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="suffix log-probs", disable=not progress):
         batch = list(
             zip(prompts[start : start + batch_size], suffixes[start : start + batch_size], strict=True)
@@ -59,20 +77,19 @@ def suffix_token_stats(
         for row, (p, s) in enumerate(batch):
             ids[row, : len(p) + len(s)] = torch.as_tensor(p + s)
             mask[row, : len(p) + len(s)] = 1
-        logp = F.log_softmax(
-            model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1
-        )
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for row, (p, s) in enumerate(batch):
-            lp = logp[
-                row, len(p) - 1 : len(p) + len(s) - 1
-            ]  # (L, V): the distributions predicting the suffix
-            gold = lp.gather(-1, torch.as_tensor(s, device=lp.device)[:, None])[:, 0]
+            predicting = logits[row, len(p) - 1 : len(p) + len(s) - 1]  # (L, V): the suffix's predictions
+            gold_ids = torch.as_tensor(s, device=predicting.device)
+            lp = F.log_softmax(predicting.float(), -1)
+            gold = lp.gather(-1, gold_ids[:, None])[:, 0]
             probs = lp.exp()
             mu = (probs * lp).sum(-1)
             sigma = (
                 (probs * (lp - mu[:, None]).square()).sum(-1).clamp(min=1e-12).sqrt()
             )  # centred: exact in fp32
-            out.append((gold.cpu(), ((gold - mu) / sigma).cpu()))
+            hit = predicting.argmax(-1) == gold_ids
+            out.append(SuffixTokenStats(gold.cpu(), ((gold - mu) / sigma).cpu(), hit.cpu()))
     return out
 
 
@@ -83,7 +100,7 @@ def mia_rows(
     ids = probes_token_ids(probes, tokenizer, model_vocab_size(model))
     stats = suffix_token_stats(model, [i[0] for i in ids], [i[1] for i in ids], batch_size, progress)
     rows = []
-    for probe, (_, suffix), (logp, standardized) in zip(probes, ids, stats, strict=True):
+    for probe, (_, suffix), (logp, standardized, _) in zip(probes, ids, stats, strict=True):
         loss = -logp.mean().item()
         text = tokenizer.decode(suffix).encode("utf-8")
         rows.append(
@@ -118,8 +135,30 @@ def rank_auc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
     return (rank_sum - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
+def tpr_at_fpr(members: Sequence[float], nonmembers: Sequence[float], max_fpr: float = MAX_FPR) -> float:
+    """The largest true-positive rate at a threshold whose false-positive rate is at most ``max_fpr``.
+
+    Exact, from the empirical ROC curve (no interpolation): a probe is called a member when its score
+    is strictly above a threshold t. With n0 non-members, at most m = floor(max_fpr * n0) false
+    positives are allowed, so the best t is the (m+1)-th highest non-member score (any lower t flags
+    m+1 of them); the TPR is the share of members strictly above it. Ties: a member tied with that
+    non-member score is not flagged, since no threshold separates tied scores. Small samples: with
+    fewer than 1 / max_fpr non-members (100 at 1%) m is 0, so the rate is the share of members above
+    every non-member score; a single high-scoring non-member can pull it to 0.
+    """
+    if not members or not nonmembers:
+        raise MemkfacError("TPR at a fixed FPR needs member and non-member scores", "add control probes")
+    # + 1e-9: the float product of a decimal rate can fall just below the integer it stands for
+    allowed = math.floor(max_fpr * len(nonmembers) + 1e-9)
+    if allowed >= len(nonmembers):
+        return 1.0
+    threshold = sorted(nonmembers, reverse=True)[allowed]
+    return sum(v > threshold for v in members) / len(members)
+
+
 def auc_rows(rows: list[dict], member_kind: str = "memorized", nonmember_kind: str = "control") -> list[dict]:
-    """``mia_auc`` rows: the AUC of each score separating ``member_kind`` from ``nonmember_kind`` probes."""
+    """``mia_auc`` rows: the AUC, and the TPR at 1% FPR, of each score separating ``member_kind`` from
+    ``nonmember_kind`` probes (non-finite scores left out)."""
     out = []
     for score, sign in SCORE_ORIENTATION.items():
         members = [sign * r[score] for r in rows if r["kind"] == member_kind and math.isfinite(r[score])]
@@ -134,6 +173,7 @@ def auc_rows(rows: list[dict], member_kind: str = "memorized", nonmember_kind: s
                 "n_members": len(members),
                 "n_nonmembers": len(nonmembers),
                 "auc": rank_auc(members, nonmembers),
+                "tpr_at_1pct_fpr": tpr_at_fpr(members, nonmembers),
             }
         )
     return out

@@ -55,6 +55,9 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("levenshtein", pa.int32()),  # d, token-level edit distance
         pa.field("normalized_distance", pa.float64()),  # d / L
         pa.field("exact_prefix_len", pa.int32()),  # tokens reproduced before the first mistake
+        pa.field("verbmem", pa.float64()),  # MUSE VerbMem: ROUGE-L F1 of the continuation, [0, 1]
+        pa.field("exact_memorization", pa.float64()),  # teacher-forced argmax accuracy, [0, 1]
+        pa.field("extraction_strength", pa.float64()),  # 1 - k*/L, [0, 1]
     ),
     # Paper Table 1 aggregates per (kind, split); split "all" pools the splits of a kind.
     "memorization_summary": _schema(
@@ -66,6 +69,9 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("avg_lev", pa.float64()),  # mean normalized distance (higher = less memorized)
         pa.field("mean_exact_prefix_len", pa.float64()),
         pa.field("loose_threshold", pa.float64()),
+        pa.field("verbmem", pa.float64()),  # means of the per-probe columns, each in [0, 1]
+        pa.field("exact_memorization", pa.float64()),
+        pa.field("extraction_strength", pa.float64()),
     ),
     # Paper App. G: the longest exact-match run under perturbed prompts, per probe.
     "positional_stress": _schema(
@@ -103,7 +109,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("min_k", pa.float64()),  # Min-K% (k=20%): mean of the lowest k% token log-probs
         pa.field("min_k_pp", pa.float64()),  # Min-K%++ (k=20%)
     ),
-    # AUC of each MIA score separating members (kind memorized) from non-members (kind control).
+    # AUC and TPR at 1% FPR of each MIA score separating members (kind memorized) from non-members
+    # (kind control).
     "mia_auc": _schema(
         pa.field("score", pa.string()),
         pa.field("member_kind", pa.string()),
@@ -111,6 +118,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("n_members", pa.int64()),
         pa.field("n_nonmembers", pa.int64()),
         pa.field("auc", pa.float64()),
+        pa.field("tpr_at_1pct_fpr", pa.float64()),  # exact, from the empirical ROC curve
     ),
     # Downstream task scores (lm-eval) and retention against the base model with bootstrap CIs.
     "downstream": _schema(

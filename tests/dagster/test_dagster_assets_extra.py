@@ -162,12 +162,20 @@ def test_user_canaries_are_injected_and_evaluated_with_mia_and_stress(tiny_home,
     for table in ("memorization", "mia", "positional_stress"):
         rows = pq.read_table(store.eval_table(table, BASE, "canaries")).to_pylist()
         assert sorted(r["probe_id"] for r in rows) == ids, table
+    summary = pq.read_table(store.eval_table("memorization_summary", BASE, "canaries")).to_pylist()
+    field = ("verbmem", "exact_memorization", "extraction_strength")
+    assert all(0 <= r[m] <= 1 for r in summary for m in field)
     auc = pq.read_table(store.eval_table("mia_auc", BASE, "canaries")).to_pylist()
     assert {r["score"] for r in auc} == {"loss", "zlib_ratio", "min_k", "min_k_pp"}
     assert all((r["n_members"], r["n_nonmembers"]) == (8, 4) for r in auc)
+    assert all(0 <= r["tpr_at_1pct_fpr"] <= 1 for r in auc)
     metadata = result.asset_materializations_for_node("memorization_eval")[0].metadata
     assert metadata["mia/row_count"].value == len(user)
     assert metadata["mia_auc/loss"].value == next(r["auc"] for r in auc if r["score"] == "loss")
+    loss_tpr = next(r["tpr_at_1pct_fpr"] for r in auc if r["score"] == "loss")
+    assert metadata["mia_tpr_at_1pct_fpr/loss"].value == loss_tpr
+    trained = next(r for r in summary if (r["kind"], r["split"]) == ("memorized", "all"))
+    assert metadata["verbmem/memorized/all"].value == trained["verbmem"]
     assert "stress/perturbed_mean" in metadata
 
 
@@ -219,7 +227,7 @@ def test_mia_report_puts_the_base_auc_next_to_each_variant(tmp_path, monkeypatch
     def write_auc(variant: str, probe_set: str, auc: float | None) -> None:
         rows = [
             {"score": s, "member_kind": "memorized", "nonmember_kind": "control"}
-            | {"n_members": 8, "n_nonmembers": 4, "auc": auc}
+            | {"n_members": 8, "n_nonmembers": 4, "auc": auc, "tpr_at_1pct_fpr": 0.25}
             for s in SCORE_ORIENTATION
             if auc is not None
         ]

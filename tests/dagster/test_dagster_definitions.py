@@ -18,6 +18,8 @@ MIA_REPORT_CHECKS = {
     "in_range_mia_auc_by_variant_auc__1__0",
     "in_range_mia_auc_by_variant_base_auc__1__0",
     "in_range_mia_auc_by_variant_auc_drop__1___1",
+    "not_null_mia_auc_by_variant_tpr_at_1pct_fpr",
+    "in_range_mia_auc_by_variant_tpr_at_1pct_fpr__1__0",
     "accepted_values_mia_auc_by_variant_score__loss__zlib_ratio__min_k__min_k_pp",
 }
 

@@ -80,6 +80,17 @@ def test_tables_and_reports(pipeline):
             "from main_reports.mia_auc_by_variant group by variant order by variant"
         ).fetchall()
         assert auc == [(v, 4, 4, 0.0) for v in sorted(config.variants)]  # 4 scores, base AUC beside each
+        tpr = con.execute(
+            "select count(tpr_at_1pct_fpr), count(base_tpr_at_1pct_fpr) from main_reports.mia_auc_by_variant"
+        ).fetchone()
+        assert tpr == (4 * len(config.variants),) * 2
+        field = con.execute(
+            "select variant, count(*), count(verbmem), count(exact_memorization), "
+            "count(extraction_strength), count(base_extraction_strength) "
+            "from main_reports.forgetting_by_variant group by all order by all"
+        ).fetchall()
+        assert [r[0] for r in field] == sorted(config.variants)
+        assert all(n > 0 and counts == [n] * 4 for _, n, *counts in field)  # the base's beside each
 
 
 def test_mlflow_registry_round_trip(pipeline):
