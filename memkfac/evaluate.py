@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from memkfac.arguments import Checks
 from memkfac.fingerprint import model_fingerprint
 from memkfac.memorization import LOOSE_THRESHOLD, memorization_table, positional_stress_rows, summary_table
-from memkfac.mia import mia_tables
+from memkfac.mia import mia_tables, probe_token_stats
 from memkfac.paths import atomic_file, memkfac_home, safetensors_problem
 from memkfac.tables import make_table, new_run_id, write_table
 from memkfac.utility import ndcg_from_lists, perplexity, topk_lists
@@ -123,6 +123,10 @@ def evaluate_model(
     args = args or EvalArguments()
     run_id = run_id or new_run_id()
     keys = dict(variant=variant, probe_set=probe_set, run_id=run_id)
+    # the memorization metrics and the MIA scores read the same teacher-forced pass: run it once
+    token_stats = (
+        probe_token_stats(model, tokenizer, probes, args.ppl_batch_size, progress) if args.mia else None
+    )
     per_probe = memorization_table(
         model,
         tokenizer,
@@ -130,6 +134,7 @@ def evaluate_model(
         batch_size=args.batch_size,
         loose_threshold=args.loose_threshold,
         progress=progress,
+        token_stats=token_stats,
         **keys,
     )
     tables = {
@@ -138,7 +143,13 @@ def evaluate_model(
     }
     if args.mia:
         tables["mia"], auc = mia_tables(
-            model, tokenizer, probes, batch_size=args.ppl_batch_size, progress=progress, **keys
+            model,
+            tokenizer,
+            probes,
+            batch_size=args.ppl_batch_size,
+            progress=progress,
+            token_stats=token_stats,
+            **keys,
         )
         tables["mia_auc"] = auc if auc is not None else make_table("mia_auc", [], **keys)
     if args.stress:

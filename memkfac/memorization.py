@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from memkfac.errors import MemkfacError
 from memkfac.generation import greedy_continuations, model_vocab_size, probes_token_ids
-from memkfac.mia import suffix_token_stats
+from memkfac.mia import SuffixTokenStats, suffix_token_stats
 from memkfac.tables import make_table, new_run_id
 
 LOOSE_THRESHOLD = 0.75
@@ -140,16 +140,21 @@ def memorization_rows(
     batch_size: int = 32,
     loose_threshold: float = LOOSE_THRESHOLD,
     progress: bool = True,
+    token_stats: list[SuffixTokenStats] | None = None,
 ) -> list[dict]:
     """Generate and score every probe; one dict per probe with the ``memorization`` table's columns.
 
     Two passes over the probes, ``batch_size`` at a time: greedy generation (strict, loose, Levenshtein,
-    VerbMem) and one teacher-forced forward (exact memorization, extraction strength).
+    VerbMem) and one teacher-forced forward (exact memorization, extraction strength), skipped when
+    ``token_stats`` (``suffix_token_stats`` of the same model and probes, as the MIA scores take them)
+    is given.
     """
     ids = probes_token_ids(probes, tokenizer, model_vocab_size(model))
     prompts, golds = [i[0] for i in ids], [i[1] for i in ids]
     generated = greedy_continuations(model, tokenizer, prompts, [len(g) for g in golds], batch_size, progress)
-    hits = [s.argmax_hit.tolist() for s in suffix_token_stats(model, prompts, golds, batch_size, progress)]
+    if token_stats is None:
+        token_stats = suffix_token_stats(model, prompts, golds, batch_size, progress)
+    hits = [s.argmax_hit.tolist() for s in token_stats]
     rows = []
     for probe, prompt, gold, gen, hit in zip(probes, prompts, golds, generated, hits, strict=True):
         score = score_continuation(gen, gold, loose_threshold)
@@ -213,9 +218,11 @@ def memorization_table(
     batch_size: int = 32,
     loose_threshold: float = LOOSE_THRESHOLD,
     progress: bool = True,
+    token_stats: list[SuffixTokenStats] | None = None,
 ) -> pa.Table:
-    """The per-probe ``memorization`` table of one model variant on one probe set."""
-    rows = memorization_rows(model, tokenizer, probes, batch_size, loose_threshold, progress)
+    """The per-probe ``memorization`` table of one model variant on one probe set (``token_stats``:
+    see ``memorization_rows``)."""
+    rows = memorization_rows(model, tokenizer, probes, batch_size, loose_threshold, progress, token_stats)
     return make_table(
         "memorization", rows, variant=variant, probe_set=probe_set, run_id=run_id or new_run_id()
     )

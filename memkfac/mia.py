@@ -93,14 +93,30 @@ def suffix_token_stats(
     return out
 
 
-def mia_rows(
-    model, tokenizer, probes, batch_size: int = 16, k: float = MIN_K_FRACTION, progress: bool = True
-):
-    """One dict per probe with the ``mia`` table's columns."""
+def probe_token_stats(model, tokenizer, probes, batch_size: int = 16, progress: bool = True):
+    """``suffix_token_stats`` of every probe (checked against the model's vocabulary first)."""
     ids = probes_token_ids(probes, tokenizer, model_vocab_size(model))
-    stats = suffix_token_stats(model, [i[0] for i in ids], [i[1] for i in ids], batch_size, progress)
+    return suffix_token_stats(model, [i[0] for i in ids], [i[1] for i in ids], batch_size, progress)
+
+
+def mia_rows(
+    model,
+    tokenizer,
+    probes,
+    batch_size: int = 16,
+    k: float = MIN_K_FRACTION,
+    progress: bool = True,
+    token_stats: list[SuffixTokenStats] | None = None,
+):
+    """One dict per probe with the ``mia`` table's columns; ``token_stats`` (``probe_token_stats`` of
+    the same model and probes) saves the forward pass when the caller already has it."""
+    ids = probes_token_ids(probes, tokenizer, model_vocab_size(model))
+    if token_stats is None:
+        token_stats = suffix_token_stats(
+            model, [i[0] for i in ids], [i[1] for i in ids], batch_size, progress
+        )
     rows = []
-    for probe, (_, suffix), (logp, standardized, _) in zip(probes, ids, stats, strict=True):
+    for probe, (_, suffix), (logp, standardized, _) in zip(probes, ids, token_stats, strict=True):
         loss = -logp.mean().item()
         text = tokenizer.decode(suffix).encode("utf-8")
         rows.append(
@@ -188,10 +204,11 @@ def mia_tables(
     run_id: str | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    token_stats: list[SuffixTokenStats] | None = None,
 ) -> tuple[pa.Table, pa.Table | None]:
     """The per-probe ``mia`` table and the ``mia_auc`` table (None without both kinds of probes)."""
     run_id = run_id or new_run_id()
-    rows = mia_rows(model, tokenizer, probes, batch_size, progress=progress)
+    rows = mia_rows(model, tokenizer, probes, batch_size, progress=progress, token_stats=token_stats)
     per_probe = make_table("mia", rows, variant=variant, probe_set=probe_set, run_id=run_id)
     kinds = {r["kind"] for r in rows}
     if not {"memorized", "control"} <= kinds:

@@ -108,3 +108,28 @@ def test_eval_command(tiny_model_dir, corpus_dir, memkfac_home, tmp_path, capsys
         main(["eval", str(tiny_model_dir), "--probes", str(probes), "--variant", "b", "--reference", "x"])
         == 2
     )
+
+
+def test_memorization_and_mia_share_one_teacher_forced_pass(tiny_model_dir, monkeypatch):
+    """With MIA on, one teacher-forced pass serves both tables, and gives what separate passes give."""
+    import memkfac.memorization as memorization
+    import memkfac.mia as mia
+
+    model, tok = load_model(tiny_model_dir)
+    separate = {
+        "memorization": memorization.memorization_table(model, tok, _probes(), "base", "tiny", "r"),
+        "mia": mia.mia_tables(model, tok, _probes(), "base", "tiny", "r")[0],
+    }
+    calls = []
+    real = mia.suffix_token_stats
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mia, "suffix_token_stats", counted)
+    monkeypatch.setattr(memorization, "suffix_token_stats", counted)
+    tables = evaluate_model(model, tok, _probes(), variant="base", probe_set="tiny", run_id="r", progress=False)
+    assert len(calls) == 1
+    for name, table in separate.items():
+        assert tables[name].drop(["created_at"]) == table.drop(["created_at"]), name
