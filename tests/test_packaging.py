@@ -77,7 +77,8 @@ def test_the_code_location_is_importable_only_from_the_project_directory(tmp_pat
 
 
 def test_the_pipes_factor_script_needs_only_dagster_pipes_and_memkfac():
-    """It runs by path (``python resources/pipes_collect_factors.py``) where only the engine is installed."""
+    """It runs by path (``python resources/pipes_collect_factors.py``) where only the engine (and so
+    torch, which it needs anyway) and dagster-pipes are installed."""
     tree = ast.parse((PROJECT / "resources" / "pipes_collect_factors.py").read_text())
     imported = {
         alias.name.split(".")[0]
@@ -86,7 +87,7 @@ def test_the_pipes_factor_script_needs_only_dagster_pipes_and_memkfac():
         for alias in node.names
     }
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported - set(sys.stdlib_module_names) == {"dagster_pipes", "memkfac"}
+    assert imported - set(sys.stdlib_module_names) == {"dagster_pipes", "memkfac", "torch"}
 
 
 DOCUMENTS = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
