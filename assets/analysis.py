@@ -190,7 +190,10 @@ def _champions(config: PipelineConfig, parts: Partitions) -> list:
                 chosen[model] = dataclasses.asdict(champion) | {"version": version}
             if points:
                 plot = plot_recall_vs_perplexity(
-                    points, store.root / "plots" / f"recall-vs-perplexity-{model}.png", model, "perplexity increase %"
+                    points,
+                    store.root / "plots" / f"recall-vs-perplexity-{model}.png",
+                    model,
+                    "perplexity increase %",
                 )
                 plots[f"recall_vs_perplexity/{model}"] = image_markdown(plot, f"{model}: every variant")
         return dg.MaterializeResult(

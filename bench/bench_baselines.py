@@ -54,21 +54,40 @@ def main() -> None:
         vocab = AutoConfig.from_pretrained(model_dir).vocab_size
         g = torch.Generator().manual_seed(0)
         forget = [
-            (torch.randint(1, vocab, (a.prefix,), generator=g).tolist(), torch.randint(1, vocab, (a.suffix,), generator=g).tolist())
+            (
+                torch.randint(1, vocab, (a.prefix,), generator=g).tolist(),
+                torch.randint(1, vocab, (a.suffix,), generator=g).tolist(),
+            )
             for _ in range(a.forget)
         ]
         retain = torch.randint(1, vocab, (a.retain, a.block_len), generator=g).tolist()
 
         runs = {
             "balanced_subnet": lambda: train_balanced_subnet(
-                model_dir, [p + s for p, s in forget], retain, BSNArguments(layers=layers), tmp / "bsn",
-                progress=False, device=a.device,
+                model_dir,
+                [p + s for p, s in forget],
+                retain,
+                BSNArguments(layers=layers),
+                tmp / "bsn",
+                progress=False,
+                device=a.device,
             ),
             "ga_gd": lambda: train_forget_set(
-                model_dir, forget, retain, ForgetSetArguments(layers=layers), tmp / "ga", False, device=a.device
+                model_dir,
+                forget,
+                retain,
+                ForgetSetArguments(layers=layers),
+                tmp / "ga",
+                False,
+                device=a.device,
             ),
             "npo": lambda: train_forget_set(
-                model_dir, forget, retain, ForgetSetArguments(layers=layers, method="npo"), tmp / "npo", False,
+                model_dir,
+                forget,
+                retain,
+                ForgetSetArguments(layers=layers, method="npo"),
+                tmp / "npo",
+                False,
                 device=a.device,
             ),
         }
@@ -79,7 +98,8 @@ def main() -> None:
     ratios = {name: seconds[name] / seconds["balanced_subnet"] for name in ("ga_gd", "npo")}
     print(f"{'method':<16}{'steps':>8}{'seconds':>10}{'/ BSN':>8}")
     for name in runs:
-        print(f"{name:<16}{steps[name]:>8}{seconds[name]:>10.2f}{seconds[name] / seconds['balanced_subnet']:>8.2f}")
+        ratio = seconds[name] / seconds["balanced_subnet"]
+        print(f"{name:<16}{steps[name]:>8}{seconds[name]:>10.2f}{ratio:>8.2f}")
     write_result(
         "bench_baselines" + (f"-{a.name}" if a.name else ""),
         {

@@ -364,7 +364,12 @@ class Comparison:
             beta=a.npo_beta,
             seed=a.seed,
         )
-        key = _key(self._edit_key(top), a.forget_steps, self.sweep_heldout.fingerprint, len(self.sweep_heldout.blocks))
+        key = _key(
+            self._edit_key(top),
+            a.forget_steps,
+            self.sweep_heldout.fingerprint,
+            len(self.sweep_heldout.blocks),
+        )
         path = self.cache / "compare" / "grids" / f"{key}.json"
         if path.is_file():
             grid = json.loads(path.read_text())
@@ -396,7 +401,9 @@ class Comparison:
         path = self.cache / "compare" / "relearning" / f"{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
-        rows = _relearn_rows(model_dir, self.model_dir, self.probes, self.retain(), a, self.progress, self.device)
+        rows = _relearn_rows(
+            model_dir, self.model_dir, self.probes, self.retain(), a, self.progress, self.device
+        )
         measured = [r for r in rows if r["kind"] == "memorized"]
         at_zero = next(r for r in measured if r["steps"] == 0)
         out = {
@@ -451,7 +458,13 @@ class Comparison:
 
 
 def _relearn_rows(
-    model_dir: Path, reference_dir: Path, probes, blocks: torch.Tensor, args: CompareArguments, progress, device
+    model_dir: Path,
+    reference_dir: Path,
+    probes,
+    blocks: torch.Tensor,
+    args: CompareArguments,
+    progress,
+    device,
 ) -> list[dict]:
     """The relearning arm of the resurgence suite (fine-tuning on the sweep split's full canaries) on
     ``model_dir``: ``resurgence`` rows, the holdout recall after each of ``args.relearn_steps``.
@@ -537,8 +550,8 @@ def run_comparison(
     ndcg and downstream per variant; ``comparison`` for the rows); the Markdown report to
     ``report_path`` (default MEMKFAC_HOME/reports/comparison-<probe_set>.md, its rows as ``.json`` and
     the recall-vs-perplexity figure as ``.png`` beside it), which may replace an earlier report but no
-    other file unless ``overwrite``; the run is logged to MLflow unless ``args.mlflow`` is False. The cache is locked for the whole run: a
-    second comparison in the same MEMKFAC_HOME is refused at once.
+    other file unless ``overwrite``; the run is logged to MLflow unless ``args.mlflow`` is False. The
+    cache is locked for the whole run: a second comparison in the same MEMKFAC_HOME is refused at once.
     """
     args = args or CompareArguments()
     probe_set = safe_name(probe_set, "probe set name")
@@ -550,7 +563,9 @@ def run_comparison(
         check_output_file(path, overwrite=overwrite, inputs=[model_dir, corpus_dir], owns=_is_report)
     # the figure beside an earlier report is that report's
     figure = report_path.with_suffix(".png")
-    check_output_file(figure, overwrite=overwrite, inputs=[model_dir, corpus_dir], owns=lambda _: _is_report(report_path))
+    check_output_file(
+        figure, overwrite=overwrite, inputs=[model_dir, corpus_dir], owns=lambda _: _is_report(report_path)
+    )
     with DirectoryLock(c.cache):  # one comparison writes the cache at a time
         return _run(c, probes, args, probe_set, report_path, progress, log)
 
@@ -582,15 +597,20 @@ def _run(
             variant = f"{method}-l{span}-x{point['amount']:.4g}"
             chosen.append((label, variant, c.edit(config), _setting(config, point["amount"]), point, note))
         elif method in FORGET_SET_METHODS:
-            log(f"{label} on the sweep split, steps {list(args.forget_steps)} toward sweep perplexity {target:.3f}")
+            grid = list(args.forget_steps)
+            log(f"{label} on the sweep split, steps {grid} toward sweep perplexity {target:.3f}")
             config, point, diverged_at = c.forget_set_grid(method, kfac.layers, target, log)
             notes = [] if diverged_at is None else [f"diverged at step {diverged_at}"]
             if config is None:
-                chosen.append((label, f"{method}-l{span}", None, "no grid step before divergence", {}, notes[0]))
+                chosen.append(
+                    (label, f"{method}-l{span}", None, "no grid step before divergence", {}, notes[0])
+                )
                 continue
             notes.append(_matching_note(point, target, args.match_tolerance))
             variant = f"{method}-l{span}-s{config.steps}"
-            chosen.append((label, variant, c.edit(config), _setting(config), point, "; ".join(filter(None, notes))))
+            chosen.append(
+                (label, variant, c.edit(config), _setting(config), point, "; ".join(filter(None, notes)))
+            )
         else:
             log("BalancedSubnet on the sweep split")
             bsn_dir, bsn_args = c.balanced_subnet(kfac.layers)
@@ -786,7 +806,8 @@ def format_report(results: list[MethodResult], args: CompareArguments, kfac_poin
             else "–"
         )
         lines.append(
-            f"| {r.method} | {r.setting} | {_cell(t.get('strict_pct'), '.1f')} | {_cell(t.get('loose_pct'), '.1f')} "
+            f"| {r.method} | {r.setting} | {_cell(t.get('strict_pct'), '.1f')} "
+            f"| {_cell(t.get('loose_pct'), '.1f')} "
             f"| {_cell(t.get('avg_lev'))} | {_cell(t.get('verbmem'))} | {_cell(t.get('exact_memorization'))} "
             f"| {_cell(t.get('extraction_strength'))} | {_cell(r.control.get('strict_pct'), '.1f')} "
             f"| {_cell(r.mia.get('auc'))} | {_cell(r.mia.get('tpr_at_1pct_fpr'))} | {_cell(r.perplexity)} "

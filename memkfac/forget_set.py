@@ -13,7 +13,8 @@ with a batch of ``forget_per_batch`` forget sequences and ``retain_per_batch`` r
 - ``npo`` (Negative Preference Optimization, Zhang, Lin, Bai & Mei 2024, "Negative Preference
   Optimization: From Catastrophic Collapse to Effective Unlearning", eq. 3, plus the retain term of
   their NPO+RT):
-      L = -(2 / beta) * mean_forget log sigmoid(-beta * (log p(y|x) - log p_ref(y|x))) + retain_weight * CE_retain
+      L = -(2 / beta) * mean_forget log sigmoid(-beta * (log p(y|x) - log p_ref(y|x)))
+          + retain_weight * CE_retain
   log p(y|x) is the summed log-probability of the suffix y given the prefix x; p_ref is the model
   before unlearning (its log-probabilities are computed once, before the first step, so no second
   model is held). As beta -> 0 the forget term becomes gradient ascent on log p.
@@ -190,7 +191,12 @@ def unlearn(
             optimizer.step()
             result.steps = step
             result.history.append(
-                {"step": step, "loss": loss.item(), "forget": forget_term.item(), "retain_ce": retain_ce.item()}
+                {
+                    "step": step,
+                    "loss": loss.item(),
+                    "forget": forget_term.item(),
+                    "retain_ce": retain_ce.item(),
+                }
             )
             if after_step is not None:
                 model.eval()

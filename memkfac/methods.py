@@ -69,7 +69,7 @@ def forget_sequences(probes: Sequence[Probe], tokenizer) -> list[list[int]]:
 
 
 def _forget_set(method: str, inputs: EditInputs) -> tuple[list[tuple[list[int], list[int]]], list]:
-    """``(forget (prefix, suffix) ids, retain blocks)`` from ``inputs``; a clear error when either is missing."""
+    """``(forget (prefix, suffix) ids, retain blocks)`` of ``inputs``; a clear error if one is missing."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(inputs.model_dir)
@@ -89,7 +89,13 @@ def _curvature_edit(
 ) -> dict:
     eigen_dir = None if args.method == "svd" else inputs.eigen_dir
     return edit_model(
-        inputs.model_dir, eigen_dir, args, out_dir, progress=progress, device=inputs.device, overwrite=overwrite
+        inputs.model_dir,
+        eigen_dir,
+        args,
+        out_dir,
+        progress=progress,
+        device=inputs.device,
+        overwrite=overwrite,
     )
 
 
@@ -104,7 +110,9 @@ def _forget_set_method(
     args: ForgetSetArguments, inputs: EditInputs, out_dir: Path, progress: bool, overwrite: bool
 ) -> dict:
     forget, retain = _forget_set(args.method, inputs)
-    return train_forget_set(inputs.model_dir, forget, retain, args, out_dir, progress, overwrite, inputs.device)
+    return train_forget_set(
+        inputs.model_dir, forget, retain, args, out_dir, progress, overwrite, inputs.device
+    )
 
 
 def _balanced_subnet(

@@ -158,7 +158,8 @@ def test_compare_command_line_maps_to_arguments():
 
 
 @pytest.mark.parametrize(
-    "flags", [["--methods", "svd,lora"], ["--forget-steps", "10,5"], ["--forget-steps", "2.5"], ["--controls", "svd"]]
+    "flags",
+    [["--methods", "svd,lora"], ["--forget-steps", "10,5"], ["--forget-steps", "2.5"], ["--controls", "svd"]],
 )
 def test_compare_usage_errors_exit_2(flags, tiny_model_dir, tmp_path):
     from memkfac.cli import main
@@ -174,13 +175,31 @@ def test_compare_usage_errors_exit_2(flags, tiny_model_dir, tmp_path):
 def test_report_marks_rows_and_shows_missing_metrics():
     from memkfac.compare import MethodResult, format_report
 
-    base = MethodResult("base", "base", "unedited", "m", {"ppl": 10.0}, {"n_probes": 4, "strict_pct": 100.0,
-                        "loose_pct": 100.0, "avg_lev": 0.0, "verbmem": 0.9}, perplexity=10.0, ndcg=1.0)
+    base = MethodResult(
+        "base",
+        "base",
+        "unedited",
+        "m",
+        {"ppl": 10.0},
+        {"n_probes": 4, "strict_pct": 100.0, "loose_pct": 100.0, "avg_lev": 0.0, "verbmem": 0.9},
+        perplexity=10.0,
+        ndcg=1.0,
+    )
     npo = MethodResult("NPO", "npo-l1", "no grid step before divergence", "", note="diverged at step 1")
-    far = MethodResult("noise", "noise-l1", "layers 1", "m", {"ppl": 12.0}, base.trained, perplexity=12.0,
-                       ndcg=0.9, note="did not reach target perplexity: closest +20.0%")
-    text = format_report([base, npo, far], CompareArguments(), {"recall_removed": True, "strict_pct": 0.0,
-                                                                 "ppl": 10.0})
+    far = MethodResult(
+        "noise",
+        "noise-l1",
+        "layers 1",
+        "m",
+        {"ppl": 12.0},
+        base.trained,
+        perplexity=12.0,
+        ndcg=0.9,
+        note="did not reach target perplexity: closest +20.0%",
+    )
+    text = format_report(
+        [base, npo, far], CompareArguments(), {"recall_removed": True, "strict_pct": 0.0, "ppl": 10.0}
+    )
     rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
     assert "diverged at step 1" in rows["NPO"] and rows["NPO"].count("–") >= 10
     assert "did not reach target perplexity: closest +20.0%" in rows["noise"]

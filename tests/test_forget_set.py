@@ -29,7 +29,9 @@ def test_npo_loss_matches_a_hand_computed_case():
     logp, ref = torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -3.0])
     expected = 4.0 * (math.log(1 + math.exp(-0.5)) + math.log(1 + math.exp(1.0))) / 2
     assert npo_loss(logp, ref, 0.5).item() == pytest.approx(expected, rel=1e-6)
-    assert npo_loss(ref, ref, 0.5).item() == pytest.approx(4.0 * math.log(2.0), rel=1e-6)  # = 2 log 2 * 2/beta
+    assert npo_loss(ref, ref, 0.5).item() == pytest.approx(
+        4.0 * math.log(2.0), rel=1e-6
+    )  # = 2 log 2 * 2/beta
 
 
 @pytest.mark.parametrize("method", ["ga_gd", "npo"])
@@ -54,11 +56,22 @@ def test_a_longer_run_passes_through_the_shorter_one(tiny_model_dir):
     args = ForgetSetArguments(layers=[2], method="npo", steps=6, lr=1e-3)
     long_model, tok = load_model(tiny_model_dir)
     seen = {}
-    unlearn(long_model, forget, retain, args, tok.pad_token_id, after_step=lambda n: seen.setdefault(
-        n, long_model.model.layers[2].mlp.gate_proj.weight.clone()))
+    unlearn(
+        long_model,
+        forget,
+        retain,
+        args,
+        tok.pad_token_id,
+        after_step=lambda n: seen.setdefault(n, long_model.model.layers[2].mlp.gate_proj.weight.clone()),
+    )
     short_model, _ = load_model(tiny_model_dir)
-    unlearn(short_model, forget, retain, ForgetSetArguments(layers=[2], method="npo", steps=3, lr=1e-3),
-            tok.pad_token_id)
+    unlearn(
+        short_model,
+        forget,
+        retain,
+        ForgetSetArguments(layers=[2], method="npo", steps=3, lr=1e-3),
+        tok.pad_token_id,
+    )
     assert torch.equal(seen[3], short_model.model.layers[2].mlp.gate_proj.weight)
 
 
@@ -71,8 +84,14 @@ def test_divergence_is_reported_with_its_step(tiny_model_dir, tmp_path):
         if n == 2:
             model.model.layers[2].mlp.up_proj.weight[0, 0] = float("nan")
 
-    result = unlearn(model, forget, retain_nan, ForgetSetArguments(layers=[2], steps=5), tok.pad_token_id,
-                     after_step=poison)
+    result = unlearn(
+        model,
+        forget,
+        retain_nan,
+        ForgetSetArguments(layers=[2], steps=5),
+        tok.pad_token_id,
+        after_step=poison,
+    )
     assert result.diverged_at == 3 and result.steps == 2
 
 
@@ -87,7 +106,9 @@ def test_train_forget_set_writes_a_checkpoint_and_refuses_missing_data(tiny_mode
 
 def test_a_forget_set_method_without_a_forget_set_is_a_clear_error(tiny_model_dir, tmp_path):
     only_controls = [Probe("c", "cue:", " secret", kind="control", split="holdout")]
-    inputs = EditInputs(model_dir=tiny_model_dir, probes=only_controls, retain=torch.ones(2, 8, dtype=torch.long))
+    inputs = EditInputs(
+        model_dir=tiny_model_dir, probes=only_controls, retain=torch.ones(2, 8, dtype=torch.long)
+    )
     with pytest.raises(MemkfacError, match="trains on a forget set"):
         apply_edit(ForgetSetArguments(layers=[1], method="npo"), inputs, tmp_path / "npo")
     assert not (tmp_path / "npo").exists()
@@ -95,7 +116,12 @@ def test_a_forget_set_method_without_a_forget_set_is_a_clear_error(tiny_model_di
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"method": "ascent"}, "method is"), ({"steps": 0}, "steps"), ({"beta": 0.0}, "beta"), ({"lr": -1}, "lr")],
+    [
+        ({"method": "ascent"}, "method is"),
+        ({"steps": 0}, "steps"),
+        ({"beta": 0.0}, "beta"),
+        ({"lr": -1}, "lr"),
+    ],
 )
 def test_forget_set_arguments_are_checked(kwargs, message):
     with pytest.raises(MemkfacError, match=message):

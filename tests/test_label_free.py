@@ -72,7 +72,9 @@ def test_noise_overrides_give_each_module_its_norm(tiny_model_dir, tmp_path):
     assert change["model.layers.1.mlp.gate_proj"] == pytest.approx(0.02, rel=1e-4)
     before = load_file(str(tiny_model_dir / "model.safetensors"))
     after = load_file(str(tmp_path / "noise" / "model.safetensors"))
-    assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(
+        before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"]
+    )
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "noise") is not None
 
 

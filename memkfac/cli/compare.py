@@ -129,10 +129,18 @@ def register(subparsers) -> None:
         f"(default: {','.join(map(str, d.forget_steps))})",
     )
     p.add_argument(
-        "--forget-lr", type=float, default=d.forget_lr, metavar="LR", help=f"GA+GD and NPO: AdamW rate (default: {d.forget_lr})"
+        "--forget-lr",
+        type=float,
+        default=d.forget_lr,
+        metavar="LR",
+        help=f"GA+GD and NPO: AdamW rate (default: {d.forget_lr})",
     )
     p.add_argument(
-        "--npo-beta", type=float, default=d.npo_beta, metavar="BETA", help=f"NPO's beta (default: {d.npo_beta})"
+        "--npo-beta",
+        type=float,
+        default=d.npo_beta,
+        metavar="BETA",
+        help=f"NPO's beta (default: {d.npo_beta})",
     )
     p.add_argument(
         "--bsn-ratio", type=float, metavar="FRAC", help="BalancedSubnet: fraction of each matrix pruned"
@@ -141,7 +149,9 @@ def register(subparsers) -> None:
         "--bsn-epochs", type=positive_int, metavar="N", help="BalancedSubnet: passes over the sweep split"
     )
     p.add_argument(
-        "--no-relearn", action="store_true", help="skip the relearning table (K-FAC, GA+GD, NPO fine-tuned back)"
+        "--no-relearn",
+        action="store_true",
+        help="skip the relearning table (K-FAC, GA+GD, NPO fine-tuned back)",
     )
     p.add_argument("--no-mlflow", action="store_true", help="do not log the comparison to MLflow")
     p.add_argument("--no-downstream", action="store_true", help="skip the downstream task suite")
@@ -195,7 +205,9 @@ def compare_arguments(args: argparse.Namespace, num_layers: int):
             compare_args.rhos = args.rhos
         if args.forget_steps:
             if any(s != int(s) for s in args.forget_steps):
-                raise MemkfacError(f"--forget-steps {list(args.forget_steps)} are not whole numbers", "e.g. 10,20,40")
+                raise MemkfacError(
+                    f"--forget-steps {list(args.forget_steps)} are not whole numbers", "e.g. 10,20,40"
+                )
             compare_args.forget_steps = tuple(int(s) for s in args.forget_steps)
         compare_args.check()
     return compare_args

@@ -81,7 +81,11 @@ MISSPELLED = [
     (_set("edits", "kfac-r0.9", "method", value="kfc"), "edits.kfac-r0.9.method", "did you mean 'kfac'"),
     (_baseline("ga-gd", "ga_gd", "stepz", 3), "edits.ga-gd.stepz", "did you mean 'steps'"),
     (_baseline("npo", "npo", "bta", 0.1), "edits.npo.bta", "did you mean 'beta'"),
-    (_baseline("flat", "block_deletion", "block_fractoin", 0.1), "edits.flat.block_fractoin", "block_fraction"),
+    (
+        _baseline("flat", "block_deletion", "block_fractoin", 0.1),
+        "edits.flat.block_fractoin",
+        "block_fraction",
+    ),
     (_set("edits", "x", value={"method": "npoo", "layers": "1"}), "edits.x.method", "did you mean 'npo'"),
     (_set("evaluation", "stres", value=True), "evaluation.stres", "did you mean 'stress'"),
     (_set("downstream", "n_itemz", value=10), "downstream.n_itemz", "did you mean 'n_items'"),
@@ -326,7 +330,12 @@ def test_schema_describes_every_section_and_forbids_unknown_keys():
     assert all(d.get("additionalProperties") is False for d in defs.values() if "properties" in d)
     assert defs["FinetuneArguments"]["properties"]["decay"]["enum"] == ["constant", "linear"]
     edit = schema["properties"]["edits"]["additionalProperties"]["anyOf"]
-    assert {e["$ref"].rsplit("/", 1)[-1] for e in edit} == {"EditArguments", "BSNArguments"}
+    assert {e["$ref"].rsplit("/", 1)[-1] for e in edit} == {
+        "EditArguments",
+        "BSNArguments",
+        "ForgetSetArguments",
+        "LabelFreeArguments",
+    }
     resurgence = defs["ResurgenceSection"]["properties"]
     assert {"steps", "lr", "edits", "cron"} <= set(resurgence) and "arguments" not in resurgence
 
@@ -360,7 +369,7 @@ def test_baselines_are_edit_methods_of_the_config():
     from memkfac.label_free import LabelFreeArguments
 
     raw = _tiny_raw()
-    raw["edits"] = {
+    raw["edits"] |= {
         "ga-gd": {"method": "ga_gd", "layers": "1-2", "steps": 40, "lr": 1e-4},
         "npo": {"method": "npo", "layers": "1-2", "beta": 0.2},
         "identity": {"method": "identity_basis", "layers": "1-2", "keep_mass": 0.9},
@@ -370,5 +379,7 @@ def test_baselines_are_edit_methods_of_the_config():
     config = parse_config(raw)
     assert config.edits["ga-gd"] == ForgetSetArguments(layers="1-2", steps=40, lr=1e-4)
     assert config.edits["npo"] == ForgetSetArguments(layers="1-2", method="npo", beta=0.2)
-    assert config.edits["flat"] == LabelFreeArguments(layers="1-2", method="block_deletion", block_fraction=0.3)
+    assert config.edits["flat"] == LabelFreeArguments(
+        layers="1-2", method="block_deletion", block_fraction=0.3
+    )
     assert config.edit_of("tiny-llama__noise").noise_norm == 0.05
