@@ -257,8 +257,10 @@ class Comparison:
     def _edit_key(self, config) -> str:
         """The cache key of an edit: the model, the eigenbasis, the arguments (and the training data of
         a forget-set method)."""
-        eig = None if config.method in ("svd", "noise") else sha256_file(self.eig_dir / "meta.json")
-        data = (self.forget, self.retain_fingerprint()) if config.method in FORGET_SET_METHODS else None
+        trained = config.method in FORGET_SET_METHODS
+        uses_eigen = config.method not in ("svd", "noise") and not trained
+        eig = sha256_file(self.eig_dir / "meta.json") if uses_eigen else None
+        data = (self.forget, self.retain_fingerprint()) if trained else None
         return _key(self.base_fp, eig, asdict(config), data)
 
     def edit(self, config) -> Path:

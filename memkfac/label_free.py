@@ -33,7 +33,7 @@ from transformers import AutoConfig
 import memkfac
 from memkfac.arguments import Checks
 from memkfac.checkpoint import checkpoint_kind, load_manifest, save_checkpoint
-from memkfac.editing import _check_eigen, _module_seed, _stored_dtype
+from memkfac.editing import _check_eigen, _module_seed, _stored_dtype, eigenbasis_record
 from memkfac.eigen import ModuleEigen, load_eigenbasis
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
@@ -182,13 +182,7 @@ def _edit_label_free(
         "kind": "label_free_edit",
         "memkfac_version": memkfac.__version__,
         "base_model": {"dir": str(model_dir), "fingerprint": base_fingerprint},
-        "eigenbasis": None
-        if eig_meta is None
-        else {
-            "dir": str(eig_dir),
-            "model_fingerprint": eig_meta["model_fingerprint"],
-            "factor_index_sha256": eig_meta["factor_index_sha256"],
-        },
+        "eigenbasis": eigenbasis_record(eig_dir, eig_meta),
         "arguments": asdict(args),
         "modules": modules,
         "edit_seconds": round(time.perf_counter() - start, 3),

@@ -204,3 +204,57 @@ def test_report_marks_rows_and_shows_missing_metrics():
     assert "diverged at step 1" in rows["NPO"] and rows["NPO"].count("–") >= 10
     assert "did not reach target perplexity: closest +20.0%" in rows["noise"]
     assert "| 0.900 |" in rows["base"]  # VerbMem where the summary has it; – where it does not
+
+
+@pytest.mark.slow
+def test_unmatched_and_diverged_rows_are_kept_and_marked(tiny_model_dir, memkfac_home, tmp_path, monkeypatch):
+    """GA+GD off the K-FAC perplexity by more than the tolerance, NPO diverging at its first step: both
+    rows stay, marked."""
+    from memkfac.forget_set import UnlearnResult, unlearn
+
+    model, tok = load_model(tiny_model_dir)
+    (tmp_path / "text.txt").write_text(TEXT)
+    corpus = build_corpus(
+        CorpusArguments(str(tmp_path / "text.txt"), block_len=32), tok, tmp_path / "corpus", progress=False
+    )
+
+    def npo_diverges(model, forget, retain, args, *rest):
+        return (
+            UnlearnResult(steps=0, diverged_at=1)
+            if args.method == "npo"
+            else unlearn(model, forget, retain, args, *rest)
+        )
+
+    monkeypatch.setattr(compare_module, "unlearn", npo_diverges)
+    args = CompareArguments(
+        layer_sets=((1, 2),),
+        rhos=(0.5,),
+        factor_tokens=2048,
+        sweep_blocks=4,
+        eval_blocks=4,
+        methods=("ga_gd", "npo"),
+        retain_blocks=4,
+        forget_steps=(1, 2),
+        forget_lr=0.5,
+        match_tolerance=1e-4,  # a random tiny model's perplexity hardly moves: ask for more than it gives
+        relearn=False,
+        downstream=False,
+        mlflow=False,
+    )
+    results = run_comparison(
+        tiny_model_dir,
+        _probes(model, tok),
+        corpus,
+        args,
+        "tiny",
+        tmp_path / "r.md",
+        progress=False,
+        log=lambda _: None,
+    )
+    by_method = {r.method: r for r in results}
+    assert list(by_method) == ["base", "K-FAC", "GA+GD", "NPO"]
+    gap = by_method["GA+GD"].sweep["ppl"] / by_method["K-FAC"].sweep["ppl"] - 1
+    assert by_method["GA+GD"].note == f"did not reach target perplexity: closest {gap:+.1%}"
+    assert by_method["NPO"].note == "diverged at step 1" and by_method["NPO"].model_dir == ""
+    text = (tmp_path / "r.md").read_text()
+    assert "| NPO |" in text and "diverged at step 1" in text and "did not reach target perplexity" in text
