@@ -386,7 +386,13 @@ class Comparison:
                     log(f"  {method} {step} steps: sweep ppl {ppl:.3f} (target {target_ppl:.3f})")
 
             result = unlearn(
-                model, self.forget_pairs, self.retain().tolist(), top, tokenizer.pad_token_id, False, measure
+                model,
+                self.forget_pairs,
+                self.retain().tolist(),
+                top,
+                tokenizer.pad_token_id or 0,
+                False,
+                measure,
             )
             grid = {"points": points, "diverged_at": result.diverged_at}
             write_json(path, grid)
