@@ -6,7 +6,7 @@
 - ``band_analysis[model]``: mean |v^T x| per curvature-mass band on memorized canaries, control canaries,
   clean text and tasks, for the edited layers (table band_activation, plus the ratio plot).
 - ``champions``: per model, the edit with the lowest held-out recall within the perplexity budget gets
-  the MLflow alias ``champion``; the recall-vs-rho plot shows the trade-off.
+  the MLflow alias ``champion``; the recall-vs-perplexity plot of every variant shows the trade-off.
 """
 
 import dagster as dg
@@ -178,15 +178,15 @@ def _champions(config: PipelineConfig, parts: Partitions) -> list:
         code_version="champions-v1",
         automation_condition=REPORT,
         description="Per model, the edit with the lowest strict recall on held-out canaries among those "
-        f"within +{budget:.0%} perplexity becomes the MLflow 'champion'; plots recall and perplexity "
-        "against rho.",
+        f"within +{budget:.0%} perplexity becomes the MLflow 'champion'; plots recall against "
+        "perplexity for every variant.",
     )
     def champions(
         context: dg.AssetExecutionContext, store: ArtifactStore, mlflow: MlflowRegistry
     ) -> dg.MaterializeResult:
         import dataclasses
 
-        from memkfac.champion import choose_champion, evaluated, plot_recall_vs_rho
+        from memkfac.champion import choose_champion, evaluated, plot_recall_vs_perplexity
 
         current = _current_edits(context.instance, parts)
         recall, perplexity = evaluated(store.root, CANARY_PROBE_SET)
@@ -200,8 +200,13 @@ def _champions(config: PipelineConfig, parts: Partitions) -> list:
                 mlflow.set_alias(champion.variant, CHAMPION, version)
                 chosen[model] = dataclasses.asdict(champion) | {"version": version}
             if points:
-                plot = plot_recall_vs_rho(points, store.root / "plots" / f"recall-vs-rho-{model}.png", model)
-                plots[f"recall_vs_rho/{model}"] = image_markdown(plot, f"{model}: K-FAC edits by rho")
+                plot = plot_recall_vs_perplexity(
+                    points,
+                    store.root / "plots" / f"recall-vs-perplexity-{model}.png",
+                    model,
+                    "perplexity increase %",
+                )
+                plots[f"recall_vs_perplexity/{model}"] = image_markdown(plot, f"{model}: every variant")
         return dg.MaterializeResult(
             metadata={
                 "champions": dg.MetadataValue.json(chosen),

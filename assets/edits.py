@@ -51,8 +51,9 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         code_version="edit-v1",
         automation_condition=BUILD,
         pool="compute",
-        description="The variant's model: a K-FAC edit (or a control: per-side, SVD, random basis, or the "
-        "BalancedSubnet baseline) written as a Hugging Face checkpoint with memkfac_manifest.json.",
+        description="The variant's model: a K-FAC edit (or a control: per-side, SVD, random basis; a "
+        "forget-set baseline: BalancedSubnet, GA+GD, NPO; a label-free one: identity basis, block deletion, "
+        "noise) written as a Hugging Face checkpoint with memkfac_manifest.json.",
     )
     def edited_model(context: dg.AssetExecutionContext, store: ArtifactStore) -> dg.MaterializeResult:
         variant = context.partition_key

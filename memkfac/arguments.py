@@ -89,7 +89,19 @@ class Checks:
             raise ArgumentError(self.problems)
 
 
-CONTROLS = ("svd", "per_side", "random")
+# The rows ``memkfac compare`` can add beside the unedited model and the K-FAC edit, in report order.
+COMPARE_METHODS = (
+    "per_side",
+    "svd",
+    "random",
+    "balanced_subnet",
+    "ga_gd",
+    "npo",
+    "identity_basis",
+    "block_deletion",
+    "noise",
+)
+RELEARNED_METHODS = ("kfac", "ga_gd", "npo")  # the rows the relearning table tests
 
 
 @dataclass
@@ -122,12 +134,18 @@ class CompareArguments:
     factor_batch_size: int = 8
     sweep_blocks: int = 32  # the last held-out blocks: perplexity for the sweep and the matching
     eval_blocks: int | None = 256  # the first held-out blocks (disjoint): reported perplexity, nDCG
-    controls: tuple[str, ...] = CONTROLS
-    match_steps: int = 7  # bisection steps per control
-    bsn: bool = True
+    methods: tuple[str, ...] = COMPARE_METHODS  # rows besides base and K-FAC (always there)
+    match_steps: int = 7  # bisection steps per perplexity-matched row
+    match_tolerance: float = 0.05  # |sweep perplexity / K-FAC's - 1| beyond this marks a row unmatched
     bsn_ratio: float | None = None  # None: BSNArguments' default
     bsn_epochs: int | None = None
-    bsn_retain_blocks: int = 256  # blocks of the corpus's finetune split used as the retain set
+    retain_blocks: int = 256  # blocks of the corpus's finetune split: retain set of the forget-set methods
+    forget_steps: tuple[int, ...] = (10, 20, 40, 80, 160)  # GA+GD / NPO strength grid, in steps
+    forget_lr: float = 1e-4
+    npo_beta: float = 0.1
+    relearn: bool = True  # the relearning table (K-FAC, GA+GD, NPO)
+    relearn_steps: tuple[int, ...] = (10, 50, 200)
+    mlflow: bool = True  # log the comparison (metrics, report, figure) to the pipeline's MLflow store
     downstream: bool = True
     downstream_tasks: tuple[str, ...] | None = None  # None: the default generated suite
     downstream_items: int = 200
@@ -141,9 +159,18 @@ class CompareArguments:
             raise MemkfacError(
                 f"rho grid {self.rhos} must hold values in (0, 1)", "use e.g. 0.995 0.99 0.95 0.9"
             )
-        unknown = set(self.controls) - set(CONTROLS)
+        unknown = set(self.methods) - set(COMPARE_METHODS)
         if unknown:
-            raise MemkfacError(f"unknown control(s) {sorted(unknown)}", f"choose from {', '.join(CONTROLS)}")
+            raise MemkfacError(
+                f"unknown comparison method(s) {sorted(unknown)}",
+                f"choose from {', '.join(COMPARE_METHODS)} (base and K-FAC rows are always there)",
+            )
+        for name in ("forget_steps", "relearn_steps"):
+            steps = getattr(self, name)
+            if not steps or any(s < 1 for s in steps) or list(steps) != sorted(set(steps)):
+                raise MemkfacError(f"{name} {list(steps)} must be increasing and positive", "e.g. 10,20,40")
+        if not self.forget_lr > 0 or not self.npo_beta > 0:
+            raise MemkfacError("forget_lr and npo_beta must be positive", "e.g. 1e-4 and 0.1")
 
 
 @dataclass

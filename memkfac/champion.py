@@ -2,7 +2,8 @@
 
 Read from the evaluation tables (``memorization_summary``: strict recall of the memorized ``holdout``
 probes of one probe set; ``perplexity``: held-out perplexity), so only variants that were evaluated
-compete. The K-FAC edits of a model also give the recall/perplexity trade-off against rho, plotted.
+compete. Every evaluated variant of a model, whatever its method, is a point of the recall against
+perplexity plot (``memkfac compare`` draws the same plot for its rows).
 """
 
 from __future__ import annotations
@@ -40,43 +41,42 @@ def choose_champion(
     recall: Mapping[str, float],
     perplexity: Mapping[str, float],
     max_perplexity_increase: float,
-) -> tuple[Champion | None, list[tuple[float, float, float]]]:
+) -> tuple[Champion | None, list[tuple[str, float, float]]]:
     """Among the ``edits`` (variant -> its arguments object) of the model whose unedited variant is
     ``base``: the evaluated one with the lowest recall (then perplexity) whose perplexity rose by at
-    most ``max_perplexity_increase``, or None; and the K-FAC edits' ``(rho, recall, perplexity
-    increase)`` points, by rho."""
+    most ``max_perplexity_increase``, or None; and every evaluated variant's ``(variant, perplexity
+    increase in %, recall)`` point, the base's first, then by perplexity."""
     if base not in perplexity:
         return None, []
     increase = {v: perplexity[v] / perplexity[base] - 1 for v in edits if v in recall and v in perplexity}
     within = [v for v, rise in increase.items() if rise <= max_perplexity_increase]
     best = min(within, key=lambda v: (recall[v], perplexity[v]), default=None)
     champion = None if best is None else Champion(best, recall[best], increase[best])
-    points = sorted(
-        (args.keep_mass, recall[v], increase[v])
-        for v, args in edits.items()
-        if v in increase and args.method == "kfac"
-    )
+    points = [(base, 0.0, recall[base])] if base in recall else []
+    points += sorted(((v, 100 * rise, recall[v]) for v, rise in increase.items()), key=lambda p: (p[1], p[0]))
     return champion, points
 
 
-def plot_recall_vs_rho(points: list[tuple[float, float, float]], out_path: Path, title: str) -> Path:
-    """A PNG of strict recall (left axis) and perplexity increase (right axis) against rho."""
+def plot_recall_vs_perplexity(
+    points: list[tuple[str, float, float]],
+    out_path: Path,
+    title: str,
+    xlabel: str = "held-out perplexity",
+) -> Path:
+    """A PNG of strict recall (%) against perplexity, one labelled marker per ``(label, x, recall)``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.0, 3.2), dpi=90)
-    rho = [p[0] for p in points]
-    ax.plot(rho, [p[1] for p in points], "o-", color="tab:red", label="strict recall % (held-out canaries)")
-    ax.set_xlabel("rho (curvature mass kept)")
-    ax.set_ylabel("strict recall %")
-    twin = ax.twinx()
-    twin.plot(rho, [100 * p[2] for p in points], "s--", color="tab:blue", label="perplexity increase %")
-    twin.set_ylabel("perplexity increase %")
-    ax.legend(loc="upper left", fontsize=7)
-    twin.legend(loc="lower right", fontsize=7)
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=90)
+    markers = "osD^vP*Xhp<>"
+    for i, (label, x, recall) in enumerate(points):
+        ax.plot([x], [recall], markers[i % len(markers)], label=label, color=f"C{i % 10}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("strict recall % (held-out canaries)")
     ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     out_path = Path(out_path)
     with atomic_file(out_path) as tmp:

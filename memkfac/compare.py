@@ -1,4 +1,4 @@
-"""The paper's Table 1 on a memorizing model: K-FAC edit vs controls vs BalancedSubnet.
+"""The paper's Table 1 on a memorizing model: the K-FAC edit against controls and the field's baselines.
 
 One call does what the paper's section 5 does, on any model with a probe set whose trained probes
 (kind ``memorized``) are split into ``sweep`` and ``holdout``, plus ``control`` probes:
@@ -7,13 +7,21 @@ One call does what the paper's section 5 does, on any model with a probe set who
 2. Sweep: for each candidate layer set, walk the rho grid from the gentlest edit down and stop at the
    first rho whose strict recall on the *sweep* split is <= ``max_sweep_recall``; the chosen K-FAC edit
    is the one of these with the lowest sweep perplexity (the least damaging edit that removes recall).
-3. Controls on the chosen layers, each at the strength that matches the K-FAC edit's sweep perplexity
-   (bisection on a log scale of the amount removed): SVD truncation, per-side truncation, and the
-   product-rule mask in a random orthonormal basis. BalancedSubnet (supervised on the sweep split)
-   is trained once at its configured strength.
-4. Every method is evaluated on the *holdout* split and the control probes, held-out perplexity and
-   nDCG@10 against the unedited model, and the downstream task suite with retention and paired
-   bootstrap confidence intervals.
+3. The other rows (``CompareArguments.methods``) edit the same layers, each at the strength that
+   matches the K-FAC edit's sweep perplexity: by bisection on a log scale of the amount removed for the
+   per-side, SVD and random-basis controls and the label-free baselines (``memkfac.label_free``:
+   identity basis, flattest-block deletion, noise whose per-module norm is the K-FAC change's times
+   the bisected scale); by a grid of training steps, measured in one run, for the forget-set baselines
+   GA+GD and NPO (``memkfac.forget_set``, trained on the sweep split with the corpus's finetune text
+   as retain data). BalancedSubnet (supervised on the sweep split) is trained once at its configured
+   strength. A row whose strength range never comes within ``match_tolerance`` of the target, or whose
+   training diverged, is kept and marked so in the report.
+4. Every method is evaluated on the *holdout* split (which no method saw) and the control probes,
+   held-out perplexity and nDCG@10 against the unedited model, membership inference, and the
+   downstream task suite with retention and paired bootstrap confidence intervals.
+5. Relearning: the K-FAC, GA+GD and NPO models are fine-tuned on the sweep split's full canaries;
+   the fraction of the unedited model's holdout recall back after 10, 50 and 200 steps is a second
+   table. The recall-against-perplexity figure of every row goes with the report and to MLflow.
 
 Expensive steps are cached under ``MEMKFAC_HOME/cache`` by content: factors by (model, corpus split,
 factor arguments); sweep and matching measurements by (model, eigenbasis, edit config, data); chosen
@@ -24,6 +32,7 @@ recomputes what changed. Sweep checkpoints are deleted once measured (a 135M che
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -34,22 +43,52 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memkfac.arguments import CompareArguments
+from memkfac.arguments import COMPARE_METHODS, RELEARNED_METHODS, CompareArguments
 from memkfac.canaries import check_canary_kinds
+from memkfac.champion import plot_recall_vs_perplexity
 from memkfac.devices import resolve_device, resolve_dtype
-from memkfac.editing import EditArguments, edit_model
+from memkfac.editing import EditArguments
 from memkfac.errors import MemkfacError
 from memkfac.evaluate import EvalArguments, HeldOut, evaluate_model, reference_topk, write_tables
 from memkfac.fingerprint import model_fingerprint, sha256_file
+from memkfac.forget_set import FORGET_SET_METHODS, ForgetSetArguments, unlearn
 from memkfac.generation import probes_token_ids
+from memkfac.label_free import LabelFreeArguments
 from memkfac.locks import DirectoryLock
 from memkfac.memorization import memorization_rows, summarize
+from memkfac.methods import EditInputs, apply_edit
+from memkfac.mia import auc_rows
 from memkfac.models import load_config, load_model, load_tokenizer
 from memkfac.paths import atomic_file, check_output_file, memkfac_home, safe_name, write_json
 from memkfac.tables import make_table, new_run_id, write_table
 from memkfac.utility import perplexity
 
 REPORT_HEADER = "<!-- memkfac compare report -->\n"  # marks the reports a later run may replace
+LABELS = {
+    "per_side": "per-side",
+    "svd": "SVD",
+    "random": "random basis",
+    "balanced_subnet": "BalancedSubnet",
+    "ga_gd": "GA+GD",
+    "npo": "NPO",
+    "identity_basis": "identity basis",
+    "block_deletion": "block deletion",
+    "noise": "noise",
+}
+# the rows the relearning table tests
+RELEARNED_LABELS = {"K-FAC", *(LABELS[m] for m in RELEARNED_METHODS if m != "kfac")}
+# the field's memorization metrics in memorization_summary rows, when the evaluation computes them
+FIELD_METRICS = ("verbmem", "exact_memorization", "extraction_strength")
+MIA_SCORE = "loss"  # the membership-inference row reported: the LOSS attack (Yeom et al. 2018)
+# The amount each perplexity-matched method bisects over (log scale) and its range.
+AMOUNT_RANGES = {
+    "per_side": (1e-4, 0.99),  # 1 - rho
+    "random": (1e-4, 0.99),
+    "identity_basis": (1e-4, 0.99),
+    "svd": (1e-4, 0.99),  # fraction of singular directions dropped
+    "block_deletion": (1e-3, 1.0),  # fraction of each side's flattest eigenvectors
+    "noise": (1e-2, 1e2),  # scale of the K-FAC edit's per-module change norm (1: matched norm)
+}
 
 
 def _is_report(path: Path) -> bool:
@@ -77,6 +116,9 @@ class MethodResult:
     perplexity: float = math.nan
     ndcg: float = math.nan
     downstream: dict = field(default_factory=dict)  # pooled retention and per-task rows
+    mia: dict = field(default_factory=dict)  # auc and (when computed) tpr_at_1pct_fpr, holdout vs control
+    note: str = ""  # why the row is not what was asked: unmatched perplexity, divergence
+    relearning: dict = field(default_factory=dict)  # before_edit, at_0 and recovered by steps
 
 
 def _key(*parts) -> str:
@@ -84,11 +126,21 @@ def _key(*parts) -> str:
 
 
 def _pooled(rows: list[dict]) -> dict:
-    """Table-1 aggregate over rows regardless of split (n, strict %, loose %, avg_lev)."""
+    """Table-1 aggregate over rows regardless of split (n, strict %, loose %, avg_lev), and the field's
+    metrics (``FIELD_METRICS``) where ``summarize`` gives them."""
     if not rows:
         return {}
     (summary,) = summarize([r | {"split": "all"} for r in rows])
-    return {k: summary[k] for k in ("n_probes", "strict_pct", "loose_pct", "avg_lev")}
+    return {k: summary[k] for k in ("n_probes", "strict_pct", "loose_pct", "avg_lev")} | {
+        k: summary[k] for k in FIELD_METRICS if k in summary
+    }
+
+
+def _mia(rows: list[dict]) -> dict:
+    """The ``MIA_SCORE`` attack's AUC (and TPR at 1% FPR where computed): held-out members vs controls."""
+    held = [r for r in rows if r["kind"] == "control" or r["split"] == "holdout"]
+    found = [r for r in auc_rows(held) if r["score"] == MIA_SCORE]
+    return {k: found[0].get(k) for k in ("auc", "tpr_at_1pct_fpr")} if found else {}
 
 
 class Comparison:
@@ -119,11 +171,13 @@ class Comparison:
             )
         # every probe is checked against the model's vocabulary before anything is computed
         ids = probes_token_ids(probes, load_tokenizer(self.model_dir), load_config(self.model_dir).vocab_size)
-        self.forget = [
-            prompt + gold
+        self.probes = probes
+        self.forget_pairs = [
+            (prompt, gold)
             for p, (prompt, gold) in zip(probes, ids, strict=True)
             if p.kind == "memorized" and p.split == "sweep"
         ]
+        self.forget = [prompt + gold for prompt, gold in self.forget_pairs]
         self.base_fp = model_fingerprint(self.model_dir)
         self.cache = memkfac_home() / "cache"
         # choices are made on the last sweep_blocks held-out blocks, results reported on the first ones
@@ -140,6 +194,20 @@ class Comparison:
         self.sweep_heldout = HeldOut(split.blocks[-args.sweep_blocks :], split.name, split.fingerprint)
         self.probe_fp = _key([(p.id, p.prefix, p.suffix, p.prefix_ids, p.suffix_ids) for p in probes])
         self.eig_dir: Path | None = None
+        self._retain: torch.Tensor | None = None
+
+    def retain(self) -> torch.Tensor:
+        """(n, block_len) the retain set of the forget-set methods: the first finetune-split blocks."""
+        from memkfac.corpora import load_split
+
+        if self._retain is None:
+            self._retain = load_split(self.corpus_dir, "finetune")[: self.args.retain_blocks]
+        return self._retain
+
+    def retain_fingerprint(self) -> str:
+        from memkfac.corpora import corpus_fingerprint
+
+        return _key(corpus_fingerprint(self.corpus_dir, "finetune"), self.args.retain_blocks)
 
     # -- factors and eigenbasis --------------------------------------------------------------------
     def eigenbasis(self) -> Path:
@@ -186,25 +254,29 @@ class Comparison:
         return load_model(model_dir, dtype=self.dtype, device=self.device)
 
     # -- edits and measurements --------------------------------------------------------------------
-    def _edit_key(self, config: EditArguments) -> str:
-        eig = None if config.method == "svd" else sha256_file(self.eig_dir / "meta.json")
-        return _key(self.base_fp, eig, asdict(config))
+    def _edit_key(self, config) -> str:
+        """The cache key of an edit: the model, the eigenbasis, the arguments (and the training data of
+        a forget-set method)."""
+        trained = config.method in FORGET_SET_METHODS
+        uses_eigen = config.method not in ("svd", "noise") and not trained
+        eig = sha256_file(self.eig_dir / "meta.json") if uses_eigen else None
+        data = (self.forget, self.retain_fingerprint()) if trained else None
+        return _key(self.base_fp, eig, asdict(config), data)
 
-    def edit(self, config: EditArguments) -> Path:
-        """The edited checkpoint for ``config``, from the cache or written now."""
+    def edit(self, config) -> Path:
+        """The edited checkpoint for ``config`` (any ``memkfac.methods`` arguments), cached or written now."""
         out = self.cache / "edits" / self._edit_key(config)
         if not (out / "memkfac_manifest.json").is_file():
-            edit_model(
+            inputs = EditInputs(
                 self.model_dir,
-                None if config.method == "svd" else self.eig_dir,
-                config,
-                out,
-                progress=False,
-                device=self.device,
+                self.eig_dir,
+                self.probes,
+                self.retain() if config.method in FORGET_SET_METHODS else None,
             )
+            apply_edit(config, inputs, out, progress=False, device=self.device)
         return out
 
-    def sweep_point(self, config: EditArguments, with_recall: bool) -> dict:
+    def sweep_point(self, config, with_recall: bool) -> dict:
         """Sweep perplexity (and strict recall on the sweep split) of an edit; cached as JSON."""
         key = _key(
             self._edit_key(config),
@@ -260,22 +332,11 @@ class Comparison:
         )
         return config, best | {"recall_removed": bool(removed)}, points
 
-    # -- controls at matched perplexity --------------------------------------------------------------
-    def matched_control(
-        self, method: str, kfac: EditArguments, target_ppl: float, log
-    ) -> tuple[EditArguments, dict]:
-        """Bisection on log(amount removed) so the control's sweep perplexity matches ``target_ppl``."""
-
-        def config_for(amount: float) -> EditArguments:
-            if method == "svd":
-                return EditArguments(
-                    kfac.layers, kfac.projections, method="svd", svd_drop=amount, seed=self.args.seed
-                )
-            return EditArguments(
-                kfac.layers, kfac.projections, keep_mass=1 - amount, method=method, seed=self.args.seed
-            )
-
-        lo, hi = math.log(1e-4), math.log(0.99)
+    # -- rows at matched perplexity ------------------------------------------------------------------
+    def matched(self, method: str, config_for, target_ppl: float, log) -> tuple[object, dict]:
+        """Bisection on log(amount) over ``AMOUNT_RANGES[method]`` so that the sweep perplexity of
+        ``config_for(amount)`` matches ``target_ppl``; the closest point measured, and its config."""
+        lo, hi = (math.log(x) for x in AMOUNT_RANGES[method])
         best = None
         for _ in range(self.args.match_steps):
             amount = math.exp((lo + hi) / 2)
@@ -283,13 +344,82 @@ class Comparison:
             gap = abs(math.log(point["ppl"] / target_ppl))
             if best is None or gap < best[0]:
                 best = (gap, point)
-            log(f"  {method} remove {amount:.4g}: sweep ppl {point['ppl']:.3f} (target {target_ppl:.3f})")
+            log(f"  {method} amount {amount:.4g}: sweep ppl {point['ppl']:.3f} (target {target_ppl:.3f})")
             if point["ppl"] < target_ppl:
                 lo = math.log(amount)
             else:
                 hi = math.log(amount)
         point = best[1]
         return config_for(point["amount"]), point
+
+    def forget_set_grid(self, method: str, layers: list[int], target_ppl: float, log) -> tuple:
+        """GA+GD or NPO trained once for max(``forget_steps``) steps, sweep perplexity measured at each
+        grid step; ``(config at the closest grid step or None, its point, diverged_at)``."""
+        a = self.args
+        top = ForgetSetArguments(
+            layers=list(layers),
+            projections=a.projections,
+            method=method,
+            steps=max(a.forget_steps),
+            lr=a.forget_lr,
+            beta=a.npo_beta,
+            seed=a.seed,
+        )
+        key = _key(
+            self._edit_key(top),
+            a.forget_steps,
+            self.sweep_heldout.fingerprint,
+            len(self.sweep_heldout.blocks),
+        )
+        path = self.cache / "compare" / "grids" / f"{key}.json"
+        if path.is_file():
+            grid = json.loads(path.read_text())
+        else:
+            model, tokenizer = self.load(self.model_dir)
+            points = []
+
+            def measure(step: int) -> None:
+                if step in a.forget_steps:
+                    ppl = perplexity(model, self.sweep_heldout.blocks, progress=False)["perplexity"]
+                    points.append({"steps": step, "ppl": ppl})
+                    log(f"  {method} {step} steps: sweep ppl {ppl:.3f} (target {target_ppl:.3f})")
+
+            result = unlearn(
+                model,
+                self.forget_pairs,
+                self.retain().tolist(),
+                top,
+                tokenizer.pad_token_id or 0,
+                False,
+                measure,
+            )
+            grid = {"points": points, "diverged_at": result.diverged_at}
+            write_json(path, grid)
+        if not grid["points"]:
+            return None, {}, grid["diverged_at"]
+        point = min(grid["points"], key=lambda p: abs(math.log(p["ppl"] / target_ppl)))
+        return dataclasses.replace(top, steps=point["steps"]), point, grid["diverged_at"]
+
+    def relearning(self, model_dir: Path) -> dict:
+        """Holdout strict recall before the edit, after it, and the fraction of the former back after each
+        of ``relearn_steps`` steps of relearning on the sweep split; cached by weights and settings."""
+        a = self.args
+        key = _key(model_fingerprint(model_dir), self.base_fp, self.probe_fp, a.relearn_steps, a.seed)
+        path = self.cache / "compare" / "relearning" / f"{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        rows = _relearn_rows(
+            model_dir, self.model_dir, self.probes, self.retain(), a, self.progress, self.device
+        )
+        measured = [r for r in rows if r["kind"] == "memorized"]
+        at_zero = next(r for r in measured if r["steps"] == 0)
+        out = {
+            "before_edit": at_zero["strict_pct_before_edit"],
+            "at_0": at_zero["strict_pct"],
+            "recovered": {str(r["steps"]): r["resurgence"] for r in measured if r["steps"] > 0},
+        }
+        write_json(path, out)
+        return out
 
     def balanced_subnet(self, layers: list[int]) -> tuple[Path, dict]:
         from memkfac.balanced_subnet import BSNArguments, train_balanced_subnet
@@ -302,13 +432,13 @@ class Comparison:
         if a.bsn_epochs is not None:
             bsn_args.epochs = a.bsn_epochs
         forget = self.forget
-        retain = load_split(self.corpus_dir, "finetune")[: a.bsn_retain_blocks].tolist()
+        retain = load_split(self.corpus_dir, "finetune")[: a.retain_blocks].tolist()
         key = _key(
             self.base_fp,
             asdict(bsn_args),
             forget,
             corpus_fingerprint(self.corpus_dir, "finetune"),
-            a.bsn_retain_blocks,
+            a.retain_blocks,
         )
         out = self.cache / "bsn" / key
         if not (out / "memkfac_manifest.json").is_file():
@@ -334,17 +464,75 @@ class Comparison:
         return load_item_scores(path)
 
 
+def _relearn_rows(
+    model_dir: Path,
+    reference_dir: Path,
+    probes,
+    blocks: torch.Tensor,
+    args: CompareArguments,
+    progress,
+    device,
+) -> list[dict]:
+    """The relearning arm of the resurgence suite (fine-tuning on the sweep split's full canaries) on
+    ``model_dir``: ``resurgence`` rows, the holdout recall after each of ``args.relearn_steps``.
+    The one place the comparison calls that suite."""
+    from memkfac.resurgence import ResurgenceArguments, resurgence_rows
+
+    arguments = ResurgenceArguments(
+        steps=tuple(args.relearn_steps),
+        recipes=("partial_forget",),
+        general_len=min(ResurgenceArguments.general_len, blocks.shape[1]),  # unused by this recipe
+        seed=args.seed,
+    )
+    return resurgence_rows(model_dir, reference_dir, probes, blocks, arguments, progress, device)
+
+
 def _span(layers) -> str:
     layers = sorted(layers)
     contiguous = layers == list(range(layers[0], layers[-1] + 1))
     return f"{layers[0]}-{layers[-1]}" if contiguous and len(layers) > 1 else ",".join(map(str, layers))
 
 
-def _setting(config: EditArguments) -> str:
+def _setting(config, amount: float | None = None) -> str:
+    """What a row ran, in words: where, and its strength (``amount``: the noise's scale)."""
     where = f"layers {_span(config.layers)} {'+'.join(config.projections)}"
     if config.method == "svd":
         return f"{where}, drop {config.svd_drop:.4g} of singular directions"
+    if config.method == "identity_basis":
+        return f"{where}, identity basis rho {config.keep_mass:.6g}"
+    if config.method == "block_deletion":
+        return f"{where}, delete the flattest {config.block_fraction:.4g} of each side"
+    if config.method == "noise":
+        return f"{where}, noise of {amount:.4g} x the K-FAC change norm"
+    if config.method in FORGET_SET_METHODS:
+        beta = f" beta {config.beta:g}" if config.method == "npo" else ""
+        return f"{where}, {config.steps} steps lr {config.lr:g}{beta}"
     return f"{where}, rho {config.keep_mass:.6g}"
+
+
+def _matching_note(point: dict, target_ppl: float, tolerance: float) -> str:
+    """The report's mark on a row whose sweep perplexity is off the K-FAC edit's by more than tolerance."""
+    gap = point["ppl"] / target_ppl - 1
+    return "" if abs(gap) <= tolerance else f"did not reach target perplexity: closest {gap:+.1%}"
+
+
+def _matched_configs(c: Comparison, method: str, kfac: EditArguments, kfac_dir: Path):
+    """``config_for(amount)`` of a perplexity-matched row on the K-FAC edit's layers."""
+    from memkfac.checkpoint import load_manifest
+
+    where = {"layers": kfac.layers, "projections": kfac.projections, "seed": c.args.seed}
+    if method == "svd":
+        return lambda x: EditArguments(**where, method="svd", svd_drop=x)
+    if method in ("per_side", "random"):
+        return lambda x: EditArguments(**where, method=method, keep_mass=1 - x)
+    if method == "identity_basis":
+        return lambda x: LabelFreeArguments(**where, method=method, keep_mass=1 - x)
+    if method == "block_deletion":
+        return lambda x: LabelFreeArguments(**where, method=method, block_fraction=x)
+    change = {f"{m['layer']}.{m['proj']}": m["rel_change"] for m in load_manifest(kfac_dir)["modules"]}
+    return lambda x: LabelFreeArguments(
+        **where, method="noise", overrides={k: round(x * v, 12) for k, v in change.items()}
+    )
 
 
 def run_comparison(
@@ -367,9 +555,10 @@ def run_comparison(
 
     Tables go to MEMKFAC_HOME/evals (memorization, memorization_summary, mia, mia_auc, perplexity,
     ndcg and downstream per variant; ``comparison`` for the rows); the Markdown report to
-    ``report_path`` (default MEMKFAC_HOME/reports/comparison-<probe_set>.md), which may replace an
-    earlier report but no other file unless ``overwrite``. The cache is locked for the whole run: a
-    second comparison in the same MEMKFAC_HOME is refused at once.
+    ``report_path`` (default MEMKFAC_HOME/reports/comparison-<probe_set>.md, its rows as ``.json`` and
+    the recall-vs-perplexity figure as ``.png`` beside it), which may replace an earlier report but no
+    other file unless ``overwrite``; the run is logged to MLflow unless ``args.mlflow`` is False. The
+    cache is locked for the whole run: a second comparison in the same MEMKFAC_HOME is refused at once.
     """
     args = args or CompareArguments()
     probe_set = safe_name(probe_set, "probe set name")
@@ -379,6 +568,11 @@ def run_comparison(
     c = Comparison(model_dir, probes, corpus_dir, args, progress, device, dtype)
     for path in (report_path, report_path.with_suffix(".json")):
         check_output_file(path, overwrite=overwrite, inputs=[model_dir, corpus_dir], owns=_is_report)
+    # the figure beside an earlier report is that report's
+    figure = report_path.with_suffix(".png")
+    check_output_file(
+        figure, overwrite=overwrite, inputs=[model_dir, corpus_dir], owns=lambda _: _is_report(report_path)
+    )
     with DirectoryLock(c.cache):  # one comparison writes the cache at a time
         return _run(c, probes, args, probe_set, report_path, progress, log)
 
@@ -395,39 +589,51 @@ def _run(
         log(f"warning: no swept edit brought sweep recall to <= {args.max_sweep_recall}%; using the lowest")
     target = kfac_point["ppl"]
 
-    chosen: list[tuple[str, str, Path, str, dict]] = [
-        ("base", "base", c.model_dir, "unedited", {"ppl": c.base_sweep_ppl()}),
-        ("K-FAC", f"kfac-l{_span(kfac.layers)}-r{kfac.keep_mass}", c.edit(kfac), _setting(kfac), kfac_point),
+    kfac_dir = c.edit(kfac)
+    span = _span(kfac.layers)
+    chosen: list[tuple[str, str, Path | None, str, dict, str]] = [
+        ("base", "base", c.model_dir, "unedited", {"ppl": c.base_sweep_ppl()}, ""),
+        ("K-FAC", f"kfac-l{span}-r{kfac.keep_mass}", kfac_dir, _setting(kfac), kfac_point, ""),
     ]
-    names = {"svd": "SVD", "per_side": "per-side", "random": "random basis"}
-    for method in args.controls:
-        log(f"{names[method]} control at matched sweep perplexity {target:.3f}")
-        config, point = c.matched_control(method, kfac, target, log)
-        amount = config.svd_drop if method == "svd" else 1 - config.keep_mass
-        chosen.append(
-            (
-                names[method],
-                f"{method}-l{_span(kfac.layers)}-x{amount:.4g}",
-                c.edit(config),
-                _setting(config),
-                point,
+    for method in (m for m in COMPARE_METHODS if m in args.methods):
+        label = LABELS[method]
+        if method in AMOUNT_RANGES:
+            log(f"{label} at matched sweep perplexity {target:.3f}")
+            config, point = c.matched(method, _matched_configs(c, method, kfac, kfac_dir), target, log)
+            note = _matching_note(point, target, args.match_tolerance)
+            variant = f"{method}-l{span}-x{point['amount']:.4g}"
+            chosen.append((label, variant, c.edit(config), _setting(config, point["amount"]), point, note))
+        elif method in FORGET_SET_METHODS:
+            grid = list(args.forget_steps)
+            log(f"{label} on the sweep split, steps {grid} toward sweep perplexity {target:.3f}")
+            config, point, diverged_at = c.forget_set_grid(method, kfac.layers, target, log)
+            notes = [] if diverged_at is None else [f"diverged at step {diverged_at}"]
+            if config is None:
+                chosen.append(
+                    (label, f"{method}-l{span}", None, "no grid step before divergence", {}, notes[0])
+                )
+                continue
+            notes.append(_matching_note(point, target, args.match_tolerance))
+            variant = f"{method}-l{span}-s{config.steps}"
+            chosen.append(
+                (label, variant, c.edit(config), _setting(config), point, "; ".join(filter(None, notes)))
             )
-        )
-    if args.bsn:
-        log("BalancedSubnet on the sweep split")
-        bsn_dir, bsn_args = c.balanced_subnet(kfac.layers)
-        setting = f"layers {_span(kfac.layers)} {'+'.join(args.projections)}, ratio {bsn_args['ratio']}"
-        chosen.append(
-            ("BalancedSubnet", f"bsn-l{_span(kfac.layers)}-p{bsn_args['ratio']}", bsn_dir, setting, {})
-        )
+        else:
+            log("BalancedSubnet on the sweep split")
+            bsn_dir, bsn_args = c.balanced_subnet(kfac.layers)
+            setting = f"layers {span} {'+'.join(args.projections)}, ratio {bsn_args['ratio']}"
+            chosen.append((label, f"bsn-l{span}-p{bsn_args['ratio']}", bsn_dir, setting, {}, ""))
 
     run_id = new_run_id()
     reference = reference_topk(c.model_dir, c.heldout, progress=progress, device=c.device, dtype=c.dtype)
     results = []
     base_downstream = None
-    for method, variant, model_dir_i, setting, point in chosen:
-        log(f"evaluating {method} ({variant})")
+    for method, variant, model_dir_i, setting, point, note in chosen:
         variant = safe_name(variant, "variant")
+        if model_dir_i is None:  # nothing to evaluate: the row stays, marked
+            results.append(MethodResult(method, variant, setting, "", point, note=note))
+            continue
+        log(f"evaluating {method} ({variant})")
         model, tokenizer = c.load(model_dir_i)
         tables = evaluate_model(
             model,
@@ -453,6 +659,8 @@ def _run(
             control=_pooled([r for r in rows if r["kind"] == "control"]),
             perplexity=tables["perplexity"].column("perplexity")[0].as_py(),
             ndcg=tables["ndcg"].column("ndcg")[0].as_py(),
+            mia=_mia(tables["mia"].to_pylist()) if "mia" in tables else {},
+            note=note,
         )
         if args.downstream:
             from memkfac.downstream import suite_name
@@ -470,6 +678,16 @@ def _run(
         write_tables(tables)
         results.append(result)
 
+    if args.relearn:
+        for r in results:
+            if r.model_dir and r.method in RELEARNED_LABELS:
+                log(f"relearning {r.method} on the sweep split ({list(args.relearn_steps)} steps)")
+                r.relearning = c.relearning(Path(r.model_dir))
+    figure = plot_recall_vs_perplexity(
+        [(r.method, r.perplexity, r.trained["strict_pct"]) for r in results if r.trained],
+        report_path.with_suffix(".png"),
+        f"recall against perplexity ({probe_set})",
+    )
     write_table(
         "comparison",
         make_table(
@@ -484,9 +702,50 @@ def _run(
     with atomic_file(report_path) as tmp:
         tmp.write_text(REPORT_HEADER + report)
     write_json(report_path.with_suffix(".json"), [asdict(r) for r in results])
+    if args.mlflow:
+        _log_to_mlflow(results, report_path, figure, probe_set, log)
     log(report)
-    log(f"wrote {report_path}")
+    log(f"wrote {report_path} and {figure.name}")
     return results
+
+
+def _log_to_mlflow(results: list[MethodResult], report_path: Path, figure: Path, probe_set: str, log) -> None:
+    """The comparison as one MLflow run (per-row metrics, report, rows, figure) in the pipeline's store:
+    ``MLFLOW_TRACKING_URI``, else the sqlite file under MEMKFAC_HOME/mlflow, experiment ``memkfac``.
+    A failure is logged, not raised: the report is already written."""
+    import os
+
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        log("mlflow is not installed: the comparison is not logged to MLflow")
+        return
+    home = memkfac_home()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+    try:
+        (home / "mlflow").mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        experiment = client.get_experiment_by_name("memkfac")
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else client.create_experiment(
+                "memkfac", artifact_location=(home / "mlflow" / "artifacts").as_uri()
+            )
+        )
+        run = client.create_run(experiment_id, run_name=f"compare {probe_set}", tags={"kind": "comparison"})
+        for r in results:
+            name = safe_name(r.method.replace("+", "_").replace(" ", "_"), "method")
+            row = _comparison_row(r)
+            for key, value in row.items():
+                if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                    client.log_metric(run.info.run_id, f"{name}.{key}", float(value))
+        for path in (report_path, report_path.with_suffix(".json"), figure):
+            client.log_artifact(run.info.run_id, str(path), "comparison")
+        client.set_terminated(run.info.run_id)
+        log(f"logged to MLflow run {run.info.run_id} ({uri})")
+    except Exception as e:  # noqa: BLE001 - the tracking store's failures are many; the report stands
+        log(f"warning: could not log the comparison to MLflow ({uri}): {e}")
 
 
 def _downstream(scores: dict, base: dict, seed: int) -> dict:
@@ -514,9 +773,10 @@ def _comparison_row(r: MethodResult) -> dict:
     return {
         "method": r.method,
         "setting": r.setting,
-        "trained_strict_pct": r.trained["strict_pct"],
-        "trained_loose_pct": r.trained["loose_pct"],
-        "trained_avg_lev": r.trained["avg_lev"],
+        "trained_strict_pct": r.trained.get("strict_pct"),
+        "trained_loose_pct": r.trained.get("loose_pct"),
+        "trained_avg_lev": r.trained.get("avg_lev"),
+        **{f"trained_{k}": r.trained.get(k) for k in FIELD_METRICS},
         "control_strict_pct": r.control.get("strict_pct"),
         "control_loose_pct": r.control.get("loose_pct"),
         "control_avg_lev": r.control.get("avg_lev"),
@@ -525,31 +785,49 @@ def _comparison_row(r: MethodResult) -> dict:
         "downstream_retention": d.get("retention"),
         "downstream_ci_low": d.get("ci_low"),
         "downstream_ci_high": d.get("ci_high"),
+        "mia_auc": r.mia.get("auc"),
+        "mia_tpr_at_1pct_fpr": r.mia.get("tpr_at_1pct_fpr"),
+        "note": r.note,
     }
 
 
+def _cell(value, spec: str = ".3f") -> str:
+    """A number formatted for the report, or "–" when it was not computed."""
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
 def format_report(results: list[MethodResult], args: CompareArguments, kfac_point: dict) -> str:
-    """The comparison as Markdown: the Table-1 rows, then downstream retention per task."""
+    """The comparison as Markdown: every row and column, the relearning table, downstream per task."""
     t0 = results[0]
     lines = [
-        "| method | setting | trained strict % | trained loose % | trained avgLev | control strict % "
-        "| perplexity | nDCG@10 | downstream retention [95% CI] | sweep perplexity |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | setting | strict % | loose % | avgLev | VerbMem | exact mem. | extraction str. "
+        "| control strict % | MIA AUC | TPR@1%FPR | perplexity | nDCG@10 | downstream retention [95% CI] "
+        "| sweep perplexity | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        d = r.downstream
-        ds = f"{d['retention']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]" if d.get("retention") else "-"
-        control = f"{r.control['strict_pct']:.1f}" if r.control else "-"
-        sweep_ppl = f"{r.sweep['ppl']:.3f}" if r.sweep else "-"
+        d, t = r.downstream, r.trained
+        ds = (
+            f"{d['retention']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
+            if d.get("retention") is not None
+            else "–"
+        )
         lines.append(
-            f"| {r.method} | {r.setting} | {r.trained['strict_pct']:.1f} | {r.trained['loose_pct']:.1f} "
-            f"| {r.trained['avg_lev']:.3f} | {control} | {r.perplexity:.3f} | {r.ndcg:.3f} | {ds} "
-            f"| {sweep_ppl} |"
+            f"| {r.method} | {r.setting} | {_cell(t.get('strict_pct'), '.1f')} "
+            f"| {_cell(t.get('loose_pct'), '.1f')} "
+            f"| {_cell(t.get('avg_lev'))} | {_cell(t.get('verbmem'))} | {_cell(t.get('exact_memorization'))} "
+            f"| {_cell(t.get('extraction_strength'))} | {_cell(r.control.get('strict_pct'), '.1f')} "
+            f"| {_cell(r.mia.get('auc'))} | {_cell(r.mia.get('tpr_at_1pct_fpr'))} | {_cell(r.perplexity)} "
+            f"| {_cell(r.ndcg)} | {ds} | {_cell(r.sweep.get('ppl'))} | {r.note or ''} |"
         )
     lines += [
         "",
-        f"Trained: the {t0.trained['n_probes']} holdout-split trained probes. "
-        f"Control: {t0.control.get('n_probes', 0)} never-trained probes.",
+        f"Trained: the {t0.trained['n_probes']} holdout-split trained probes, which no method saw. "
+        f"Control: {t0.control.get('n_probes', 0)} never-trained probes. VerbMem: ROUGE-L F1 of the greedy "
+        "continuation against the true suffix (MUSE); exact mem.: teacher-forced argmax accuracy on the "
+        "suffix; extraction str.: extraction strength; all means in [0, 1]; – where not computed. "
+        f"MIA: the {MIA_SCORE.upper()} attack, held-out trained probes against the controls (AUC, and TPR at "
+        "1% FPR).",
         (
             f"K-FAC layers and rho were chosen on the sweep split: strict recall <= {args.max_sweep_recall}% "
             "there at the lowest perplexity"
@@ -558,17 +836,44 @@ def format_report(results: list[MethodResult], args: CompareArguments, kfac_poin
             "lowest-recall edit"
         )
         + f" (sweep strict {kfac_point['strict_pct']:.1f}%, sweep perplexity {kfac_point['ppl']:.3f}).",
-        "The SVD, per-side and random-basis controls edit the same layers, each at the strength matching "
-        "that sweep perplexity. BalancedSubnet was trained once at its configured strength (not matched).",
+        "Every other row edits the same layers at the strength matching that sweep perplexity: bisection "
+        "for per-side, SVD, random basis, identity basis, block deletion and noise (noise: each module's "
+        "norm is the K-FAC change's there, times the scale shown); the closest step of the "
+        f"{list(args.forget_steps)} grid for GA+GD and NPO (trained on the sweep split, retain: the "
+        f"finetune split). A row farther than {args.match_tolerance:.0%} from the target is marked. "
+        "BalancedSubnet was trained once at its configured strength (not matched).",
         "Perplexity: exp(mean token NLL) on held-out blocks. "
         "nDCG@10: paper formula, against the unedited model.",
     ]
+    relearned = [r for r in results if r.relearning]
+    if relearned:
+        steps = list(args.relearn_steps)
+        lines += [
+            "",
+            "Relearning: fraction of the unedited model's holdout strict recall back after N steps of "
+            "fine-tuning on the sweep split's canaries (disjoint from the holdout).",
+            "",
+            "| method | holdout strict % before edit | after edit | "
+            + " | ".join(f"{n} steps" for n in steps)
+            + " |",
+            "|---|---|---|" + "---|" * len(steps),
+        ]
+        for r in relearned:
+            rl = r.relearning
+            cells = [_cell(rl["recovered"].get(str(n), rl["recovered"].get(n)), ".2f") for n in steps]
+            lines.append(
+                f"| {r.method} | {_cell(rl['before_edit'], '.1f')} | {_cell(rl['at_0'], '.1f')} | "
+                + " | ".join(cells)
+                + " |"
+            )
     tasks = [t["task"] for t in t0.downstream.get("tasks", [])]
     if tasks:
         lines += ["", "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
         base_scores = {t["task"]: t["score"] for t in t0.downstream["tasks"]}
         lines.append("| base (accuracy) | " + " | ".join(f"{base_scores[t]:.3f}" for t in tasks) + " |")
         for r in results[1:]:
+            if not r.downstream:
+                continue
             by_task = {t["task"]: t for t in r.downstream["tasks"]}
             cells = [
                 f"{by_task[t]['retention']:.2f} [{by_task[t]['retention_ci_low']:.2f}, "

@@ -223,6 +223,18 @@ def _check_eigen(target: Target, eig: ModuleEigen | None, eig_dir: Path) -> None
             )
 
 
+def eigenbasis_record(eig_dir: Path | None, eig_meta: dict | None) -> dict | None:
+    """What an edit's manifest says of the eigenbasis it used (None: it used none): the check of an
+    edited model compares ``factor_index_sha256`` with the current factors."""
+    if eig_meta is None:
+        return None
+    return {
+        "dir": str(eig_dir),
+        "model_fingerprint": eig_meta["model_fingerprint"],
+        "factor_index_sha256": eig_meta["factor_index_sha256"],
+    }
+
+
 def _stored_dtype(hf_config) -> str:
     """The dtype the checkpoint is stored in, so untouched tensors are written back unchanged."""
     name = str(hf_config.dtype).removeprefix("torch.") if hf_config.dtype is not None else "float32"
@@ -330,13 +342,7 @@ def _edit_model(
         "kind": "edit",
         "memkfac_version": memkfac.__version__,
         "base_model": {"dir": str(model_dir), "fingerprint": base_fingerprint},
-        "eigenbasis": None
-        if eig_meta is None
-        else {
-            "dir": str(eig_dir),
-            "model_fingerprint": eig_meta["model_fingerprint"],
-            "factor_index_sha256": eig_meta["factor_index_sha256"],
-        },
+        "eigenbasis": eigenbasis_record(eig_dir, eig_meta),
         "config": asdict(config),
         "modules": modules,
         "edit_seconds": round(time.perf_counter() - start, 3),

@@ -4,12 +4,17 @@ A pipeline ``edits:`` entry names a method and gives its arguments (``resources/
 the union of every method's arguments from ``METHODS``); ``apply_edit`` runs it. Every method reads
 the same ``EditInputs``: the model, its K-FAC eigenbasis (methods that use curvature), the canary
 probe set (the forget set is its memorized ``sweep`` half: the ``holdout`` half stays unseen, as for
-the K-FAC edit's tuning) and general-text blocks to retain.
+the K-FAC edit's tuning), general-text blocks to retain. ``apply_edit`` takes the device.
+
+The methods: the K-FAC edit and its controls (``kfac``, ``per_side``, ``svd``, ``random``:
+``memkfac.editing``), the label-free baselines (``identity_basis``, ``block_deletion``, ``noise``:
+``memkfac.label_free``) and the forget-set baselines (``balanced_subnet``: ``memkfac.balanced_subnet``;
+``ga_gd``, ``npo``: ``memkfac.forget_set``). A forget-set method run without a forget set raises.
 
 To add a method: an ``*Arguments`` dataclass with a ``method: Literal["<name>"]`` field and a
 ``__post_init__`` that checks the values, a run function ``(args, inputs, out_dir, progress,
-overwrite, device) -> manifest`` that writes a checkpoint with ``memkfac.checkpoint.save_checkpoint`` (its
-manifest records the arguments under ``"arguments"``), and an entry in ``METHODS``.
+overwrite, device) -> manifest`` that writes a checkpoint with ``memkfac.checkpoint.save_checkpoint``
+(its manifest records the arguments under ``"arguments"``), and an entry in ``METHODS``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ from memkfac import editing
 from memkfac.balanced_subnet import BSNArguments, train_balanced_subnet
 from memkfac.devices import resolve_device
 from memkfac.editing import EditArguments, edit_model
+from memkfac.errors import MemkfacError
+from memkfac.forget_set import FORGET_SET_METHODS, ForgetSetArguments, train_forget_set
 from memkfac.generation import probe_token_ids
+from memkfac.label_free import LABEL_FREE_METHODS, LabelFreeArguments, edit_label_free
 from memkfac.probes import Probe
 from memkfac.targets import resolve_layers
 
@@ -51,9 +59,30 @@ def probe_sequences(probes: Sequence[Probe], tokenizer) -> list[list[int]]:
     return [sum(probe_token_ids(p, tokenizer), []) for p in probes]
 
 
-def forget_sequences(probes: Sequence[Probe], tokenizer) -> list[list[int]]:
+def forget_probes(probes: Sequence[Probe]) -> list[Probe]:
     """The forget set of the methods that train on one: the memorized probes of split sweep."""
-    return probe_sequences([p for p in probes if p.kind == "memorized" and p.split == "sweep"], tokenizer)
+    return [p for p in probes if p.kind == "memorized" and p.split == "sweep"]
+
+
+def forget_sequences(probes: Sequence[Probe], tokenizer) -> list[list[int]]:
+    """The forget set's token ids, prefix followed by suffix."""
+    return probe_sequences(forget_probes(probes), tokenizer)
+
+
+def _forget_set(method: str, inputs: EditInputs) -> tuple[list[tuple[list[int], list[int]]], list]:
+    """``(forget (prefix, suffix) ids, retain blocks)`` of ``inputs``; a clear error if one is missing."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(inputs.model_dir)
+    forget = [tuple(probe_token_ids(p, tokenizer)) for p in forget_probes(inputs.probes)]
+    if not forget or inputs.retain is None or len(inputs.retain) == 0:
+        raise MemkfacError(
+            f"method {method!r} trains on a forget set and retain text, but got {len(forget)} forget "
+            f"sequences (memorized canaries of split sweep) and "
+            f"{0 if inputs.retain is None else len(inputs.retain)} retain blocks",
+            "give it the canary probe set (memorized probes in split sweep) and the corpus's finetune split",
+        )
+    return forget, inputs.retain.tolist()
 
 
 def _curvature_edit(
@@ -63,6 +92,21 @@ def _curvature_edit(
     return edit_model(
         inputs.model_dir, eigen_dir, args, out_dir, progress=progress, overwrite=overwrite, device=device
     )
+
+
+def _label_free(
+    args: LabelFreeArguments, inputs: EditInputs, out_dir: Path, progress: bool, overwrite: bool, device: str
+) -> dict:
+    # the edit is a few eigenvector products per module: it runs where edit_label_free puts it (the CPU)
+    eigen_dir = None if args.method == "noise" else inputs.eigen_dir
+    return edit_label_free(inputs.model_dir, eigen_dir, args, out_dir, progress=progress, overwrite=overwrite)
+
+
+def _forget_set_method(
+    args: ForgetSetArguments, inputs: EditInputs, out_dir: Path, progress: bool, overwrite: bool, device: str
+) -> dict:
+    forget, retain = _forget_set(args.method, inputs)
+    return train_forget_set(inputs.model_dir, forget, retain, args, out_dir, progress, overwrite, device)
 
 
 def _balanced_subnet(
@@ -78,6 +122,8 @@ def _balanced_subnet(
 METHODS: dict[str, EditMethod] = {
     **{name: EditMethod(EditArguments, _curvature_edit) for name in editing.METHODS},
     "balanced_subnet": EditMethod(BSNArguments, _balanced_subnet),
+    **{name: EditMethod(ForgetSetArguments, _forget_set_method) for name in FORGET_SET_METHODS},
+    **{name: EditMethod(LabelFreeArguments, _label_free) for name in LABEL_FREE_METHODS},
 }
 DEFAULT_METHOD = EditArguments.method  # what an edit entry without ``method`` runs: K-FAC editing
 

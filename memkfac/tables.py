@@ -165,6 +165,9 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("trained_strict_pct", pa.float64()),
         pa.field("trained_loose_pct", pa.float64()),
         pa.field("trained_avg_lev", pa.float64()),
+        pa.field("trained_verbmem", pa.float64()),  # the field's metrics: null where not computed
+        pa.field("trained_exact_memorization", pa.float64()),
+        pa.field("trained_extraction_strength", pa.float64()),
         pa.field("control_strict_pct", pa.float64()),
         pa.field("control_loose_pct", pa.float64()),
         pa.field("control_avg_lev", pa.float64()),
@@ -173,6 +176,9 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("downstream_retention", pa.float64()),  # mean over tasks; null if not run
         pa.field("downstream_ci_low", pa.float64()),
         pa.field("downstream_ci_high", pa.float64()),
+        pa.field("mia_auc", pa.float64()),  # LOSS attack, held-out trained probes vs controls
+        pa.field("mia_tpr_at_1pct_fpr", pa.float64()),
+        pa.field("note", pa.string()),  # unmatched perplexity, divergence; empty if none
     ),
 }
 

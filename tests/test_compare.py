@@ -50,7 +50,10 @@ def test_comparison_on_tiny_model(tiny_model_dir, memkfac_home, tmp_path, monkey
         eval_blocks=8,
         match_steps=3,
         bsn_epochs=2,
-        bsn_retain_blocks=8,
+        retain_blocks=8,
+        forget_steps=(2, 4, 8),
+        forget_lr=1e-3,
+        relearn_steps=(2, 4),
         downstream_tasks=("copying",),
     )
     report = tmp_path / "table1.md"
@@ -62,30 +65,48 @@ def test_comparison_on_tiny_model(tiny_model_dir, memkfac_home, tmp_path, monkey
     assert [r.method for r in results] == [
         "base",
         "K-FAC",
-        "SVD",
         "per-side",
+        "SVD",
         "random basis",
         "BalancedSubnet",
+        "GA+GD",
+        "NPO",
+        "identity basis",
+        "block deletion",
+        "noise",
     ]
     base, kfac = results[0], results[1]
     assert base.trained["strict_pct"] == 100.0 and base.ndcg == pytest.approx(1.0)
     assert base.downstream["retention"] is None  # the base's own rows carry no retention
     assert kfac.downstream["ci_low"] <= kfac.downstream["retention"] <= kfac.downstream["ci_high"]
     assert kfac.setting.startswith("layers ") and "rho" in kfac.setting
-    for r in results[2:5]:  # controls land near the K-FAC sweep perplexity (within the bisection's reach)
-        assert r.sweep["ppl"] > 0 and r.setting.startswith(kfac.setting.split(",")[0])
+    for r in results[2:]:  # every row edits the K-FAC layers; matched rows say how close they came
+        assert r.setting.startswith(kfac.setting.split(",")[0]), r.setting
+        assert r.perplexity > 0 and 0 <= r.mia["auc"] <= 1
+        if r.method != "BalancedSubnet":
+            gap = abs(r.sweep["ppl"] / kfac.sweep["ppl"] - 1)
+            assert (gap <= args.match_tolerance) == ("did not reach target perplexity" not in r.note), r
+    assert {r.method for r in results if r.relearning} == {"K-FAC", "GA+GD", "NPO"}
+    for r in results:
+        if r.relearning:
+            assert r.relearning["before_edit"] == 100.0 and set(r.relearning["recovered"]) == {"2", "4"}
     text = report.read_text()
-    assert text.count("\n| ") >= 6 + 2 and "copying" in text
+    assert text.count("\n| ") >= 11 + 2 + 3 and "copying" in text and "| GA+GD |" in text
+    assert "VerbMem" in text and "TPR@1%FPR" in text and "Relearning" in text
     assert report.with_suffix(".json").is_file()
-    assert read_table("comparison").num_rows == 6
+    assert report.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert read_table("comparison").num_rows == 11
     assert set(read_table("memorization").column("variant").to_pylist()) == {r.variant for r in results}
-    assert read_table("downstream").num_rows == 6
+    assert read_table("downstream").num_rows == 11
+    assert any("logged to MLflow run" in line for line in lines), lines[-3:]
 
     # a rerun reuses factors, sweep points, edits, BalancedSubnet and downstream scores
     def fail(*a, **k):
         raise AssertionError("recomputed a cached step")
 
-    monkeypatch.setattr(compare_module, "edit_model", fail)
+    monkeypatch.setattr(compare_module, "apply_edit", fail)
+    monkeypatch.setattr(compare_module, "unlearn", fail)
+    monkeypatch.setattr(compare_module, "_relearn_rows", fail)
     monkeypatch.setattr("memkfac.factors.collect_factors", fail)
     monkeypatch.setattr("memkfac.balanced_subnet.train_balanced_subnet", fail)
     monkeypatch.setattr("memkfac.downstream.run_downstream", fail)
@@ -114,8 +135,10 @@ def test_compare_arguments_are_checked():
 
     with pytest.raises(MemkfacError, match="rho grid"):
         CompareArguments(rhos=(1.0,)).check()
-    with pytest.raises(MemkfacError, match="unknown control"):
-        CompareArguments(controls=("lora",)).check()
+    with pytest.raises(MemkfacError, match="unknown comparison method"):
+        CompareArguments(methods=("lora",)).check()
+    with pytest.raises(MemkfacError, match="forget_steps"):
+        CompareArguments(forget_steps=(20, 10)).check()
 
 
 def test_compare_command_line_maps_to_arguments():
@@ -123,10 +146,115 @@ def test_compare_command_line_maps_to_arguments():
     from memkfac.cli.compare import compare_arguments
 
     argv = ["compare", "M", "--probes", "p.jsonl", "--corpus", "c", "--layers", "22-24", "26,27,28"]
-    argv += ["--rhos", "0.99,0.95", "--controls", "svd", "--no-bsn", "--tasks", "copying,arithmetic"]
+    argv += ["--rhos", "0.99,0.95", "--methods", "svd,npo", "--tasks", "copying,arithmetic"]
+    argv += ["--forget-steps", "5,10", "--no-relearn"]
     got = compare_arguments(build_parser().parse_args(argv), num_layers=30)
     assert got.layer_sets == ((22, 23, 24), (26, 27, 28))
-    assert got.rhos == (0.99, 0.95) and got.controls == ("svd",) and not got.bsn and got.downstream
+    assert got.rhos == (0.99, 0.95) and got.methods == ("svd", "npo") and got.downstream
+    assert got.forget_steps == (5, 10) and not got.relearn and got.mlflow
     assert got.downstream_tasks == ("copying", "arithmetic") and got.projections == ("gate", "up")
     defaults = compare_arguments(build_parser().parse_args(argv[:6]), num_layers=30)
     assert defaults == CompareArguments()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--methods", "svd,lora"], ["--forget-steps", "10,5"], ["--forget-steps", "2.5"], ["--controls", "svd"]],
+)
+def test_compare_usage_errors_exit_2(flags, tiny_model_dir, tmp_path):
+    from memkfac.cli import main
+
+    argv = ["compare", str(tiny_model_dir), "--probes", "p.jsonl", "--corpus", str(tmp_path), "--quiet"]
+    try:
+        status = main([*argv, *flags])
+    except SystemExit as e:  # argparse's own usage errors
+        status = e.code
+    assert status == 2
+
+
+def test_report_marks_rows_and_shows_missing_metrics():
+    from memkfac.compare import MethodResult, format_report
+
+    base = MethodResult(
+        "base",
+        "base",
+        "unedited",
+        "m",
+        {"ppl": 10.0},
+        {"n_probes": 4, "strict_pct": 100.0, "loose_pct": 100.0, "avg_lev": 0.0, "verbmem": 0.9},
+        perplexity=10.0,
+        ndcg=1.0,
+    )
+    npo = MethodResult("NPO", "npo-l1", "no grid step before divergence", "", note="diverged at step 1")
+    far = MethodResult(
+        "noise",
+        "noise-l1",
+        "layers 1",
+        "m",
+        {"ppl": 12.0},
+        base.trained,
+        perplexity=12.0,
+        ndcg=0.9,
+        note="did not reach target perplexity: closest +20.0%",
+    )
+    text = format_report(
+        [base, npo, far], CompareArguments(), {"recall_removed": True, "strict_pct": 0.0, "ppl": 10.0}
+    )
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "diverged at step 1" in rows["NPO"] and rows["NPO"].count("–") >= 10
+    assert "did not reach target perplexity: closest +20.0%" in rows["noise"]
+    assert "| 0.900 |" in rows["base"]  # VerbMem where the summary has it; – where it does not
+
+
+@pytest.mark.slow
+def test_unmatched_and_diverged_rows_are_kept_and_marked(tiny_model_dir, memkfac_home, tmp_path, monkeypatch):
+    """GA+GD off the K-FAC perplexity by more than the tolerance, NPO diverging at its first step: both
+    rows stay, marked."""
+    from memkfac.forget_set import UnlearnResult, unlearn
+
+    model, tok = load_model(tiny_model_dir)
+    (tmp_path / "text.txt").write_text(TEXT)
+    corpus = build_corpus(
+        CorpusArguments(str(tmp_path / "text.txt"), block_len=32), tok, tmp_path / "corpus", progress=False
+    )
+
+    def npo_diverges(model, forget, retain, args, *rest):
+        return (
+            UnlearnResult(steps=0, diverged_at=1)
+            if args.method == "npo"
+            else unlearn(model, forget, retain, args, *rest)
+        )
+
+    monkeypatch.setattr(compare_module, "unlearn", npo_diverges)
+    args = CompareArguments(
+        layer_sets=((1, 2),),
+        rhos=(0.5,),
+        factor_tokens=2048,
+        sweep_blocks=4,
+        eval_blocks=4,
+        methods=("ga_gd", "npo"),
+        retain_blocks=4,
+        forget_steps=(1, 2),
+        forget_lr=0.5,
+        match_tolerance=1e-4,  # a random tiny model's perplexity hardly moves: ask for more than it gives
+        relearn=False,
+        downstream=False,
+        mlflow=False,
+    )
+    results = run_comparison(
+        tiny_model_dir,
+        _probes(model, tok),
+        corpus,
+        args,
+        "tiny",
+        tmp_path / "r.md",
+        progress=False,
+        log=lambda _: None,
+    )
+    by_method = {r.method: r for r in results}
+    assert list(by_method) == ["base", "K-FAC", "GA+GD", "NPO"]
+    gap = by_method["GA+GD"].sweep["ppl"] / by_method["K-FAC"].sweep["ppl"] - 1
+    assert by_method["GA+GD"].note == f"did not reach target perplexity: closest {gap:+.1%}"
+    assert by_method["NPO"].note == "diverged at step 1" and by_method["NPO"].model_dir == ""
+    text = (tmp_path / "r.md").read_text()
+    assert "| NPO |" in text and "diverged at step 1" in text and "did not reach target perplexity" in text

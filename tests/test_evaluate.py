@@ -129,7 +129,9 @@ def test_memorization_and_mia_share_one_teacher_forced_pass(tiny_model_dir, monk
 
     monkeypatch.setattr(mia, "suffix_token_stats", counted)
     monkeypatch.setattr(memorization, "suffix_token_stats", counted)
-    tables = evaluate_model(model, tok, _probes(), variant="base", probe_set="tiny", run_id="r", progress=False)
+    tables = evaluate_model(
+        model, tok, _probes(), variant="base", probe_set="tiny", run_id="r", progress=False
+    )
     assert len(calls) == 1
     for name, table in separate.items():
         assert tables[name].drop(["created_at"]) == table.drop(["created_at"]), name

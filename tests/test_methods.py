@@ -56,3 +56,36 @@ def test_a_method_without_its_inputs_is_a_clear_error(tiny_model_dir, tmp_path):
         apply_edit(editing.EditArguments(layers=[1]), EditInputs(model_dir=tiny_model_dir), tmp_path / "a")
     with pytest.raises(MemkfacError, match="forget and retain"):
         apply_edit(BSNArguments(layers="all"), EditInputs(model_dir=tiny_model_dir), tmp_path / "b")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        "ga_gd",
+        "npo",
+        "noise",
+    ],
+)
+def test_baselines_pass_the_edit_check_like_any_edit(tiny_model_dir, tmp_path, args):
+    """The pipeline's check of an edited model (manifest names its inputs and arguments) holds for them."""
+    import torch
+
+    from memkfac.forget_set import ForgetSetArguments
+    from memkfac.label_free import LabelFreeArguments
+
+    args = (
+        LabelFreeArguments(layers="2-3", method="noise", noise_norm=0.01)
+        if args == "noise"
+        else ForgetSetArguments(layers="2-3", method=args, steps=2)
+    )
+    retain = torch.randint(1, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    inputs = EditInputs(model_dir=tiny_model_dir, probes=PROBES, retain=retain)
+    out = tmp_path / "edit"
+    manifest = apply_edit(args, inputs, out, progress=False)
+    assert manifest["arguments"]["layers"] == [2, 3]
+    found = check_edited_model(out, PROBES, args=args, subject_dir=tiny_model_dir)
+    assert found["problems"] == [] and found["finite_logits"]
+    changed = dataclasses.replace(args, seed=1)
+    assert check_edited_model(out, PROBES, args=changed, subject_dir=tiny_model_dir)["problems"] == [
+        "manifest arguments differ from the config"
+    ]

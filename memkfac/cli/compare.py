@@ -19,14 +19,18 @@ from memkfac.cli.values import (
 )
 
 _COMPARE_DESCRIPTION = """\
-The paper's Table 1 on a memorizing model, in one command: the unedited model, the K-FAC edit, the
-SVD, per-side and random-basis controls and the BalancedSubnet baseline, each evaluated on trained
-probes it was not tuned on, control probes, held-out perplexity, nDCG@10 and the downstream suite.
+The paper's Table 1 on a memorizing model, in one command: the unedited model, the K-FAC edit, its
+per-side, SVD and random-basis controls, the forget-set baselines (BalancedSubnet, GA+GD, NPO) and the
+label-free baselines (identity basis, flattest-block deletion, matched-norm noise), each evaluated on
+trained probes it never saw, control probes, membership inference, held-out perplexity, nDCG@10 and the
+downstream suite; then a relearning table for K-FAC, GA+GD and NPO, and a recall-vs-perplexity figure.
 
 How it is chosen: K-FAC factors are collected on the corpus's factor split. For each --layers set the
 rho grid is walked from the gentlest edit down until strict recall on the probe set's *sweep* split is
-<= --max-sweep-recall; of those, the edit with the lowest perplexity is the K-FAC row. Each control
-edits the same layers at the strength that matches that perplexity. Rows report the *holdout* split.
+<= --max-sweep-recall; of those, the edit with the lowest perplexity is the K-FAC row. Every other row
+(but BalancedSubnet, at its configured strength) edits the same layers at the strength that matches
+that perplexity: bisection for controls and label-free baselines, the closest of the --forget-steps grid
+for GA+GD and NPO (trained on the sweep split). Rows report the *holdout* split.
 
 Factors, sweep measurements, chosen edits, BalancedSubnet and downstream scores are cached under
 $MEMKFAC_HOME/cache by content, so a rerun only computes what changed. Results: Parquet tables under
@@ -37,9 +41,9 @@ _COMPARE_EPILOG = """\
 examples:
   # the embedded default: the canary-injected SmolLM2-135M and its canary probe set
   memkfac compare MEMORIZING_MODEL_DIR --probes canaries.jsonl --corpus CORPUS_DIR
-  # a quick look: two layer sets, three rhos, no BalancedSubnet, no downstream suite
+  # a quick look: two layer sets, three rhos, the SVD control and NPO only, no relearning or downstream
   memkfac compare MODEL_DIR --probes probes.jsonl --corpus CORPUS_DIR --layers 22-24 26-28 \\
-      --rhos 0.99,0.95,0.9 --no-bsn --no-downstream
+      --rhos 0.99,0.95,0.9 --methods svd,npo --no-relearn --no-downstream
 
 PROBES needs trained probes (kind memorized) in both splits, sweep and holdout, and ideally control
 probes (kind control) the model never saw. CORPUS_DIR is built by `memkfac corpus build` (factor,
@@ -48,13 +52,13 @@ finetune and heldout splits). Expect hours on a 2-core CPU for a 135M model with
 
 
 def register(subparsers) -> None:
-    from memkfac.arguments import CONTROLS, CompareArguments
+    from memkfac.arguments import COMPARE_METHODS, CompareArguments
     from memkfac.downstream import MIN_ITEMS
 
     d = CompareArguments()
     p = subparsers.add_parser(
         "compare",
-        help="the Table-1 comparison: K-FAC edit vs SVD/per-side/random controls vs BalancedSubnet",
+        help="the Table-1 comparison: K-FAC edit vs controls, forget-set and label-free baselines",
         description=_COMPARE_DESCRIPTION,
         epilog=_COMPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -113,19 +117,45 @@ def register(subparsers) -> None:
         f"(default: {d.eval_blocks})",
     )
     p.add_argument(
-        "--controls",
+        "--methods",
         type=name_list,
         metavar="LIST",
-        default=d.controls,
-        help=f"controls to run, comma-separated from {','.join(CONTROLS)} (default: all)",
+        default=d.methods,
+        help=f"rows besides base and K-FAC, comma-separated from {','.join(COMPARE_METHODS)} (default: all)",
     )
-    p.add_argument("--no-bsn", action="store_true", help="skip the BalancedSubnet baseline")
+    p.add_argument(
+        "--forget-steps",
+        type=float_list,
+        metavar="LIST",
+        help="GA+GD and NPO: the steps grid matched to the K-FAC perplexity "
+        f"(default: {','.join(map(str, d.forget_steps))})",
+    )
+    p.add_argument(
+        "--forget-lr",
+        type=float,
+        default=d.forget_lr,
+        metavar="LR",
+        help=f"GA+GD and NPO: AdamW rate (default: {d.forget_lr})",
+    )
+    p.add_argument(
+        "--npo-beta",
+        type=float,
+        default=d.npo_beta,
+        metavar="BETA",
+        help=f"NPO's beta (default: {d.npo_beta})",
+    )
     p.add_argument(
         "--bsn-ratio", type=float, metavar="FRAC", help="BalancedSubnet: fraction of each matrix pruned"
     )
     p.add_argument(
         "--bsn-epochs", type=positive_int, metavar="N", help="BalancedSubnet: passes over the sweep split"
     )
+    p.add_argument(
+        "--no-relearn",
+        action="store_true",
+        help="skip the relearning table (K-FAC, GA+GD, NPO fine-tuned back)",
+    )
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the comparison to MLflow")
     p.add_argument("--no-downstream", action="store_true", help="skip the downstream task suite")
     p.add_argument(
         "--tasks", type=name_list, help="downstream tasks, comma-separated (default: the generated suite)"
@@ -151,6 +181,7 @@ def register(subparsers) -> None:
 def compare_arguments(args: argparse.Namespace, num_layers: int):
     """The ``CompareArguments`` the command line asks for (layer specs resolved for ``num_layers``)."""
     from memkfac.arguments import CompareArguments
+    from memkfac.errors import MemkfacError
     from memkfac.targets import parse_layers
 
     compare_args = CompareArguments(
@@ -159,8 +190,11 @@ def compare_arguments(args: argparse.Namespace, num_layers: int):
         factor_tokens=args.factor_tokens,
         sweep_blocks=args.sweep_blocks,
         eval_blocks=args.eval_blocks,
-        controls=args.controls,
-        bsn=not args.no_bsn,
+        methods=args.methods,
+        forget_lr=args.forget_lr,
+        npo_beta=args.npo_beta,
+        relearn=not args.no_relearn,
+        mlflow=not args.no_mlflow,
         bsn_ratio=args.bsn_ratio,
         bsn_epochs=args.bsn_epochs,
         downstream=not args.no_downstream,
@@ -172,6 +206,12 @@ def compare_arguments(args: argparse.Namespace, num_layers: int):
             compare_args.layer_sets = tuple(tuple(parse_layers(s, num_layers)) for s in args.layers)
         if args.rhos:
             compare_args.rhos = args.rhos
+        if args.forget_steps:
+            if any(s != int(s) for s in args.forget_steps):
+                raise MemkfacError(
+                    f"--forget-steps {list(args.forget_steps)} are not whole numbers", "e.g. 10,20,40"
+                )
+            compare_args.forget_steps = tuple(int(s) for s in args.forget_steps)
         compare_args.check()
     return compare_args
 
@@ -186,9 +226,9 @@ def run_compare(args: argparse.Namespace) -> int:
     progress = not args.quiet
     device, dtype = checked_placement(args)
     probe_set = probe_set_name(args.probe_set, args.probes)
-    probes = load_probe_set(args.probes)
     model_dir = resolve_model(args.model, progress=progress)
     compare_args = compare_arguments(args, AutoConfig.from_pretrained(model_dir).num_hidden_layers)
+    probes = load_probe_set(args.probes)
     run_comparison(
         model_dir,
         probes,

@@ -39,6 +39,11 @@ def _problems(change) -> dict[str, str]:
     return {p.key: f"{p.problem}; {p.fix}" for p in error.value.problems}
 
 
+def _baseline(name: str, method: str, key: str, value):
+    """A change adding edit ``name`` of ``method`` (a baseline) with ``key: value``."""
+    return _set("edits", name, value={"method": method, "layers": "1-2", key: value})
+
+
 def _set(*path, value):
     """A change setting ``raw[path[0]]...[path[-1]] = value`` (creating mappings on the way)."""
 
@@ -74,6 +79,14 @@ MISSPELLED = [
     (_set("edits", "balanced-subnet", "epoch", value=2), "edits.balanced-subnet.epoch", "'epochs'"),
     (_set("edits", "balanced-subnet", "keep_mass", value=0.5), "edits.balanced-subnet.keep_mass", "ratio"),
     (_set("edits", "kfac-r0.9", "method", value="kfc"), "edits.kfac-r0.9.method", "did you mean 'kfac'"),
+    (_baseline("ga-gd", "ga_gd", "stepz", 3), "edits.ga-gd.stepz", "did you mean 'steps'"),
+    (_baseline("npo", "npo", "bta", 0.1), "edits.npo.bta", "did you mean 'beta'"),
+    (
+        _baseline("flat", "block_deletion", "block_fractoin", 0.1),
+        "edits.flat.block_fractoin",
+        "block_fraction",
+    ),
+    (_set("edits", "x", value={"method": "npoo", "layers": "1"}), "edits.x.method", "did you mean 'npo'"),
     (_set("evaluation", "stres", value=True), "evaluation.stres", "did you mean 'stress'"),
     (_set("downstream", "n_itemz", value=10), "downstream.n_itemz", "did you mean 'n_items'"),
     (_set("bands", "taks", value=["copying"]), "bands.taks", "did you mean 'tasks'"),
@@ -115,6 +128,9 @@ WRONG_TYPE = [
     ),
     (_set("edits", "svd-drop25", "layers", value=[2, "x"]), "edits.svd-drop25.layers[1]", "whole number"),
     (_set("evaluation", "mia", value="yes"), "evaluation.mia", "true or false"),
+    (_baseline("npo", "npo", "beta", "high"), "edits.npo.beta", "number"),
+    (_baseline("ga-gd", "ga_gd", "steps", 2.5), "edits.ga-gd.steps", "whole number"),
+    (_baseline("noise", "noise", "overrides", {"1.up": "big"}), "edits.noise.overrides.1.up", "number"),
     (_set("evaluation", "stress_t", value=True), "evaluation.stress_t", "whole number"),
     (
         _set("evaluation", "max_perplexity_increase", value="10%"),
@@ -158,6 +174,11 @@ OUT_OF_RANGE = [
     ),
     (_set("edits", "svd-drop25", "svd_drop", value=1.0), "edits.svd-drop25.svd_drop", "outside [0, 1)"),
     (_set("edits", "balanced-subnet", "ratio", value=1.5), "edits.balanced-subnet.ratio", "(0, 1)"),
+    (_baseline("ga-gd", "ga_gd", "steps", 0), "edits.ga-gd.steps", "below 1"),
+    (_baseline("npo", "npo", "beta", 0), "edits.npo.beta", "not positive"),
+    (_baseline("flat", "block_deletion", "block_fraction", 1.5), "edits.flat.block_fraction", "[0, 1]"),
+    (_baseline("id", "identity_basis", "keep_mass", 0), "edits.id.keep_mass", "outside (0, 1]"),
+    (_baseline("noise", "noise", "noise_norm", -0.1), "edits.noise.noise_norm", "below 0"),
     (_set("evaluation", "batch_size", value=0), "evaluation.batch_size", "below 1"),
     (_set("evaluation", "max_perplexity_increase", value=-0.1), "evaluation.max_perplexity_increase", "0"),
     (_set("downstream", "n_items", value=10), "downstream.n_items", "below 200"),
@@ -375,7 +396,12 @@ def test_schema_describes_every_section_and_forbids_unknown_keys():
     assert all(d.get("additionalProperties") is False for d in defs.values() if "properties" in d)
     assert defs["FinetuneArguments"]["properties"]["decay"]["enum"] == ["constant", "linear"]
     edit = schema["properties"]["edits"]["additionalProperties"]["anyOf"]
-    assert {e["$ref"].rsplit("/", 1)[-1] for e in edit} == {"EditArguments", "BSNArguments"}
+    assert {e["$ref"].rsplit("/", 1)[-1] for e in edit} == {
+        "EditArguments",
+        "BSNArguments",
+        "ForgetSetArguments",
+        "LabelFreeArguments",
+    }
     resurgence = defs["ResurgenceSection"]["properties"]
     assert {"steps", "lr", "edits", "cron"} <= set(resurgence) and "arguments" not in resurgence
 
@@ -402,3 +428,24 @@ def test_store_paths_stay_inside_the_data_root(bad, tmp_path):
     ):
         with pytest.raises(MemkfacError, match="invalid"):
             path_of(bad)
+
+
+def test_baselines_are_edit_methods_of_the_config():
+    from memkfac.forget_set import ForgetSetArguments
+    from memkfac.label_free import LabelFreeArguments
+
+    raw = _tiny_raw()
+    raw["edits"] |= {
+        "ga-gd": {"method": "ga_gd", "layers": "1-2", "steps": 40, "lr": 1e-4},
+        "npo": {"method": "npo", "layers": "1-2", "beta": 0.2},
+        "identity": {"method": "identity_basis", "layers": "1-2", "keep_mass": 0.9},
+        "flat": {"method": "block_deletion", "layers": "1-2", "block_fraction": 0.3},
+        "noise": {"method": "noise", "layers": "1-2", "noise_norm": 0.05},
+    }
+    config = parse_config(raw)
+    assert config.edits["ga-gd"] == ForgetSetArguments(layers="1-2", steps=40, lr=1e-4)
+    assert config.edits["npo"] == ForgetSetArguments(layers="1-2", method="npo", beta=0.2)
+    assert config.edits["flat"] == LabelFreeArguments(
+        layers="1-2", method="block_deletion", block_fraction=0.3
+    )
+    assert config.edit_of("tiny-llama__noise").noise_norm == 0.05

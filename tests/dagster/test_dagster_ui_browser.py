@@ -29,7 +29,7 @@ GROUPS = ("sources", "probes", "models", "kfac", "edits", "evaluation", "analysi
 # asset: (its metadata key holding the plot, the plot's image in the markdown)
 PLOTS = {
     "band_analysis": ("band_ratios", 'img[alt="band ratios"]'),
-    "champions": ("recall_vs_rho/", 'img[alt$="K-FAC edits by rho"]'),
+    "champions": ("recall_vs_perplexity/", 'img[alt$="every variant"]'),
 }
 PIPELINE_S = 1200
 UI_S = 120  # a page of the UI, from navigation to the element looked for
