@@ -416,7 +416,7 @@ class Comparison:
         out = {
             "before_edit": at_zero["strict_pct_before_edit"],
             "at_0": at_zero["strict_pct"],
-            "recovered": {str(r["steps"]): r["resurgence"] for r in measured if r["steps"] > 0},
+            "recovered": {str(r["steps"]): r["recovered"] for r in measured if r["steps"] > 0},
         }
         write_json(path, out)
         return out
@@ -473,18 +473,13 @@ def _relearn_rows(
     progress,
     device,
 ) -> list[dict]:
-    """The relearning arm of the resurgence suite (fine-tuning on the sweep split's full canaries) on
+    """The ``relearn`` arm of the attack suite (fine-tuning on the sweep split's full canaries) on
     ``model_dir``: ``resurgence`` rows, the holdout recall after each of ``args.relearn_steps``.
     The one place the comparison calls that suite."""
-    from memkfac.resurgence import ResurgenceArguments, resurgence_rows
+    from memkfac.resurgence import ResurgenceArguments, attack_rows
 
-    arguments = ResurgenceArguments(
-        steps=tuple(args.relearn_steps),
-        recipes=("partial_forget",),
-        general_len=min(ResurgenceArguments.general_len, blocks.shape[1]),  # unused by this recipe
-        seed=args.seed,
-    )
-    return resurgence_rows(model_dir, reference_dir, probes, blocks, arguments, progress, device)
+    arguments = ResurgenceArguments(steps=tuple(args.relearn_steps), arms=("relearn",), seed=args.seed)
+    return attack_rows(model_dir, reference_dir, probes, blocks, arguments, progress, device)
 
 
 def _span(layers) -> str:
