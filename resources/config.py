@@ -61,6 +61,7 @@ from memkfac.inject import InjectArguments
 from memkfac.methods import DEFAULT_METHOD, METHODS
 from memkfac.paths import memkfac_home, safe_name
 from memkfac.resurgence import ResurgenceArguments
+from memkfac.watch import WatchArguments
 
 VARIANT_SEP = "__"
 BASE_EDIT = "base"  # the unedited reference variant of every model
@@ -264,6 +265,7 @@ class PipelineConfig(Section):
     bands: BandArguments = Field(default_factory=BandArguments)
     resurgence: ResurgenceSection = Field(default_factory=ResurgenceSection)
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
+    watch: WatchArguments = Field(default_factory=WatchArguments)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:

@@ -80,6 +80,7 @@ MISSPELLED = [
     (_set("resurgence", "stepz", value=[1]), "resurgence.stepz", "did you mean 'steps'"),
     (_set("resurgence", "recipes", value=["genral"]), "resurgence.recipes[0]", "did you mean 'general'"),
     (_set("mlflow", "experimnt", value="x"), "mlflow.experimnt", "did you mean 'experiment'"),
+    (_set("watch", "max_recal_pct", value=5), "watch.max_recal_pct", "did you mean 'max_recall_pct'"),
 ]
 WRONG_TYPE = [
     (_set("models", "tiny-llama", "source", value=3), "models.tiny-llama.source", "give a string"),
@@ -113,6 +114,7 @@ WRONG_TYPE = [
     (_set("bands", "max_tokens", value=[500]), "bands.max_tokens", "whole number"),
     (_set("resurgence", "edits", value="kfac-r0.9"), "resurgence.edits", "list"),
     (_set("mlflow", "tracking_uri", value=5), "mlflow.tracking_uri", "string"),
+    (_set("watch", "interval_seconds", value="5m"), "watch.interval_seconds", "whole number"),
 ]
 OUT_OF_RANGE = [
     (_set("models", value={}), "models", "is empty"),
@@ -146,6 +148,8 @@ OUT_OF_RANGE = [
     (_set("resurgence", "general_len", value=64), "resurgence.general_len", "corpus.block_len (32)"),
     (_set("resurgence", "edits", value=["nope"]), "resurgence.edits[0]", "not under edits"),
     (_set("resurgence", "cron", value="weekly"), "resurgence.cron", "five fields"),
+    (_set("watch", "interval_seconds", value=5), "watch.interval_seconds", "below 30"),
+    (_set("watch", "max_recall_pct", value=120), "watch.max_recall_pct", "outside [0, 100]"),
 ]
 
 
