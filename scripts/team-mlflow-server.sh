@@ -2,9 +2,8 @@
 # The team's MLflow tracking server and model registry: PostgreSQL as backend store, a shared
 # artifact root served through the server (clients need no access to the artifact directory).
 #
-#   MLFLOW_PG_URL        postgresql+psycopg2://USER@HOST:5432/DB
-#                        (default postgresql+psycopg2://postgres@127.0.0.1:5432/mlflow; +psycopg2 names the
-#                        driver installed with memkfac, a bare postgresql:// would need psycopg 3)
+#   MLFLOW_PG_URL        postgresql+psycopg2://USER@HOST:5432/DB (psycopg2 is the driver memkfac installs)
+#                        default postgresql+psycopg2://postgres@127.0.0.1:5432/mlflow
 #   MLFLOW_ARTIFACTS     shared artifact directory or object-store URI (default $MEMKFAC_HOME/mlflow/team-artifacts)
 #   MLFLOW_HOST/PORT     where it listens (default 0.0.0.0:5000)
 #

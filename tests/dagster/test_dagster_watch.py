@@ -273,7 +273,7 @@ def dagster_postgres_url():
     with admin.cursor() as cur:
         cur.execute(f"create database {database}")
     try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{database}"
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}"
     finally:
         with admin.cursor() as cur:
             cur.execute(f"drop database if exists {database} with (force)")
