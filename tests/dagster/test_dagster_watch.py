@@ -146,6 +146,7 @@ def watched(request, tmp_path_factory):
         first = _tick(p["defs"], p["instance"], mlflow)
         second = _tick(p["defs"], p["instance"], mlflow, cursor=first.cursor)
         results = {key: _execute(p["defs"], p["instance"], key) for key in sorted(set(keys.values()))}
+        report = _report(p["defs"], p["instance"])
         yield p | {
             "uri": uri,
             "name": name,
@@ -155,7 +156,27 @@ def watched(request, tmp_path_factory):
             "first": first,
             "second": second,
             "results": results,
+            "report": report,
         }
+
+
+def _report(defs, instance):
+    """Build the dbt model recall_over_time (and its tests); its rows, oldest first."""
+    import duckdb
+
+    from memkfac.paths import memkfac_home
+    from resources.store import ArtifactStore
+
+    job = defs.resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey(["reports", "recall_over_time"])]
+    )
+    assert result.success
+    store = ArtifactStore(home=str(memkfac_home()))  # the env of tiny_pipeline / tiny_defs
+    with duckdb.connect(str(store.duckdb_path), read_only=True) as con:
+        cursor = con.execute("select * from main_reports.recall_over_time order by evaluated_at")
+        names = [c[0] for c in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
 def _check(result):
@@ -233,6 +254,22 @@ def test_history_is_appended_never_overwritten(watched):
     assert read_history(watched["store"].root).num_rows == before + 1
     assert len(rows) == 2 and rows[0]["evaluated_at"] < rows[1]["evaluated_at"]
     assert rows[0]["removed_strict_pct"] == rows[1]["removed_strict_pct"]  # same model, same probes
+
+
+def test_recall_over_time_lists_every_evaluation_per_lineage(watched):
+    rows, keys = watched["report"], watched["keys"]
+    assert sorted(r["registered_version"] for r in rows) == sorted(keys.values())
+    lineage = f"models:/{watched['name']}/1"
+    evaluated = [r for r in rows if r["status"] == "ok"]
+    assert {r["lineage"] for r in evaluated} == {lineage}
+    assert [r["evaluation_in_lineage"] for r in evaluated] == [1, 2]
+    (recites,) = [r for r in evaluated if r["registered_version"] == keys["recites"]]
+    assert recites["alert"] and recites["removed_strict_pct"] > 20.0
+
+
+def test_recall_over_time_is_empty_before_any_evaluation(tiny_defs):
+    rows = _report(tiny_defs[0], dg.DagsterInstance.ephemeral())
+    assert rows == []
 
 
 def test_an_unreachable_registry_is_recorded_and_skipped(tiny_defs, tmp_path, monkeypatch):
