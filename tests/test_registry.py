@@ -168,3 +168,14 @@ def test_pull_the_champion_and_load_it_with_transformers(registry_uri, tmp_path,
     assert pulled_tokenizer("Customer record for", return_tensors="pt").input_ids.tolist() == ids.tolist()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected)
+
+
+def test_the_register_command_refuses_a_parent_it_cannot_find(tmp_path, tiny_model_dir, capsys):
+    from memkfac.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["register", str(tiny_model_dir), "--tracking-uri", uri]
+    assert main([*argv, "--parent", "models:/memkfac-tiny-llama@champion"]) == 1
+    assert "not a registered version URI" in capsys.readouterr().err
+    assert main([*argv, "--parent", "models:/memkfac-tiny-llama/7"]) == 1
+    assert f"the parent models:/memkfac-tiny-llama/7 is not in the registry at {uri}" in capsys.readouterr().err
