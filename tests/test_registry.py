@@ -178,4 +178,5 @@ def test_the_register_command_refuses_a_parent_it_cannot_find(tmp_path, tiny_mod
     assert main([*argv, "--parent", "models:/memkfac-tiny-llama@champion"]) == 1
     assert "not a registered version URI" in capsys.readouterr().err
     assert main([*argv, "--parent", "models:/memkfac-tiny-llama/7"]) == 1
-    assert f"the parent models:/memkfac-tiny-llama/7 is not in the registry at {uri}" in capsys.readouterr().err
+    missing = f"the parent models:/memkfac-tiny-llama/7 is not in the registry at {uri}"
+    assert missing in capsys.readouterr().err

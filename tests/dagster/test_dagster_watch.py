@@ -16,6 +16,7 @@ import dagster as dg
 import pytest
 import yaml
 
+from tests.conftest import postgres_database
 from tests.dagster.conftest import TINY_CONFIG, tiny_pipeline
 
 MODEL = "tiny-llama"
@@ -294,27 +295,8 @@ def test_an_unreachable_registry_is_recorded_and_skipped(tiny_defs, tmp_path, mo
 
 @pytest.fixture
 def dagster_postgres_url():
-    """A fresh PostgreSQL database for a Dagster instance; skipped, saying why, without PostgreSQL."""
-    import uuid
-
-    try:
-        import psycopg2
-
-        admin = psycopg2.connect(
-            host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3
-        )
-    except Exception as e:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable, the team instance test is skipped: {e}")
-    admin.autocommit = True
-    database = f"watch_dagster_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(f"create database {database}")
-    try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f"drop database if exists {database} with (force)")
-        admin.close()
+    with postgres_database("watch_dagster", "the team instance test") as url:
+        yield url
 
 
 def test_a_dagster_instance_on_postgres_holds_the_watch_tick_and_run(
