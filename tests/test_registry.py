@@ -131,6 +131,7 @@ def test_pull_the_champion_and_load_it_with_transformers(registry_uri, tmp_path,
     """What the README shows: models:/<name>@champion through mlflow.transformers, and downloaded
     then loaded with AutoModelForCausalLM / AutoTokenizer; both give the logged model's logits."""
     import mlflow
+    import mlflow.artifacts
     import mlflow.transformers
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -156,11 +157,19 @@ def test_pull_the_champion_and_load_it_with_transformers(registry_uri, tmp_path,
     mlflow.set_registry_uri(registry_uri)
     try:
         pipeline = mlflow.transformers.load_model(f"models:/{NAME}@{CHAMPION}")
+        plain = mlflow.artifacts.download_artifacts(
+            f"models:/{NAME}@{CHAMPION}", dst_path=str(tmp_path / "plain")
+        )
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
     with torch.no_grad():
         torch.testing.assert_close(pipeline.model(ids).logits, expected)
+        # the flavor's layout: weights under model/, the tokenizer under components/tokenizer/
+        model = AutoModelForCausalLM.from_pretrained(f"{plain}/model")
+        torch.testing.assert_close(model(ids).logits, expected)
+    plain_tokenizer = AutoTokenizer.from_pretrained(f"{plain}/components/tokenizer")
+    assert plain_tokenizer("Customer record for", return_tensors="pt").input_ids.tolist() == ids.tolist()
 
     local = download_transformers_model(registry_uri, NAME, version, tmp_path / "pulled")
     model = AutoModelForCausalLM.from_pretrained(local)

@@ -195,6 +195,8 @@ def _history(watched):
 def test_the_sensor_requests_each_watched_version_once(watched):
     first, keys = watched["first"], set(watched["keys"].values())
     assert isinstance(first, dg.SensorResult)
+    sensor = watched["defs"].resolve_sensor_def("registry_watch")
+    assert sensor.minimum_interval_seconds == watched["config"].watch.interval_seconds == 300
     assert {r.partition_key for r in first.run_requests} == keys
     assert set(json.loads(first.cursor)) == keys
     assert isinstance(watched["second"], dg.SkipReason)  # nothing new on the next tick
