@@ -122,7 +122,7 @@ def watch_version(
     try:
         row |= _evaluate(client, tracking_uri, name, str(version), inputs, eval_args)
     except _Skipped as e:
-        row |= {"status": e.status, "message": str(e)}
+        row |= e.known | {"status": e.status, "message": str(e)}
     except Exception as e:  # the registry (or its network) failing: recorded, the watch goes on
         if not is_registry_error(e):
             raise
@@ -145,9 +145,11 @@ def watch_version(
 
 
 class _Skipped(Exception):
-    def __init__(self, status: str, message: str):
+    """A version the watch cannot evaluate: its status, why, and the history columns already known."""
+
+    def __init__(self, status: str, message: str, known: dict | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.known = status, known or {}
 
 
 def is_registry_error(e: Exception) -> bool:
@@ -173,11 +175,11 @@ def _evaluate(client, tracking_uri: str, name: str, version: str, inputs: WatchI
         version_uri,
     )
 
+    parent = client.get_model_version(name, version).tags.get(TAG_PARENT)
     try:
         edit = edited_ancestor(client, name, version)
     except LineageProblem as e:
-        raise _Skipped(e.status, str(e)) from e
-    parent = client.get_model_version(name, version).tags.get(TAG_PARENT)
+        raise _Skipped(e.status, str(e), {"parent": parent}) from e
     found = {
         "parent": parent,
         "lineage": version_uri(edit.name, edit.version),
@@ -191,11 +193,15 @@ def _evaluate(client, tracking_uri: str, name: str, version: str, inputs: WatchI
             f"the probe set {edit.tags[TAG_PROBE_SET]!r} that {found['lineage']} removed is no longer "
             f"{probe_file} with sha256 {edit.tags[TAG_PROBE_FINGERPRINT][:12]}: restore it to watch "
             "this lineage",
+            found,
         )
     probes = load_probe_set(probe_file)
     heldout = HeldOut.from_corpus(inputs.corpus_dir(edit.tags[TAG_MODEL]), inputs.heldout_blocks)
     with tempfile.TemporaryDirectory(prefix="memkfac-watch-") as tmp:
-        model, tokenizer = _load_version(tracking_uri, name, version, Path(tmp))
+        try:
+            model, tokenizer = _load_version(tracking_uri, name, version, Path(tmp))
+        except _Skipped as e:
+            raise _Skipped(e.status, str(e), found) from e
         eval_args = eval_args or EvalArguments()
         tables = evaluate_model(
             model,

@@ -189,3 +189,21 @@ def test_the_register_command_refuses_a_parent_it_cannot_find(tmp_path, tiny_mod
     assert main([*argv, "--parent", "models:/memkfac-tiny-llama/7"]) == 1
     missing = f"the parent models:/memkfac-tiny-llama/7 is not in the registry at {uri}"
     assert missing in capsys.readouterr().err
+
+
+def test_the_watch_skips_a_version_whose_edit_removed_another_probe_set(registry_uri, tmp_path, names):
+    """The probe file the edit was made for changed since: nothing is downloaded, the row says why."""
+    from memkfac.watch import WatchArguments, WatchInputs, read_history, watch_version
+
+    client, NAME = _client(registry_uri), names["edits"]
+    edit = _register(client, registry_uri, tmp_path, NAME, _lineage("kfac-r0.9"))  # probe sha256 "ppp..."
+    tune = _register(
+        client, registry_uri, tmp_path, names["tune"], finetune_tags(version_uri(NAME, edit)), ()
+    )
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text('{"id": "p1", "prefix": "a", "suffix": "b"}\n')
+    inputs = WatchInputs(lambda _: probes, lambda _: tmp_path / "no-corpus")
+    row = watch_version(registry_uri, names["tune"], tune, inputs, WatchArguments(), root=tmp_path)
+    assert row["status"] == "probe_set_changed" and row["lineage"] == version_uri(NAME, edit), row
+    assert f"that models:/{NAME}/{edit} removed is no longer {probes}" in row["message"]
+    assert [r["status"] for r in read_history(tmp_path).to_pylist()] == ["probe_set_changed"]

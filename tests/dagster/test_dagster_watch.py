@@ -192,6 +192,7 @@ def _history(watched):
     return {f"{r['registered_model']}/{r['version']}": r for r in rows}
 
 
+@pytest.mark.slow
 def test_the_sensor_requests_each_watched_version_once(watched):
     first, keys = watched["first"], set(watched["keys"].values())
     assert isinstance(first, dg.SensorResult)
@@ -204,6 +205,7 @@ def test_the_sensor_requests_each_watched_version_once(watched):
     assert all(r.success for r in watched["results"].values())  # bad versions do not stop the watch
 
 
+@pytest.mark.slow
 def test_a_fine_tune_that_recites_the_removed_canaries_fails_the_check_naming_it(watched):
     from memkfac.registry import TAG_ALERT
 
@@ -221,6 +223,7 @@ def test_a_fine_tune_that_recites_the_removed_canaries_fails_the_check_naming_it
     assert client.get_model_version(name, version).tags[TAG_ALERT] == recites
 
 
+@pytest.mark.slow
 def test_a_benign_fine_tune_passes(watched):
     from memkfac.registry import TAG_ALERT
 
@@ -233,16 +236,20 @@ def test_a_benign_fine_tune_passes(watched):
     assert TAG_ALERT not in watched["defs"].resources["mlflow"].client().get_model_version(name, version).tags
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("status", ["no_lineage", "parent_not_edited", "load_failed"])
 def test_a_bad_version_is_recorded_with_its_status_and_warns(watched, status):
     key = watched["keys"][status]
     row = _history(watched)[key]
     assert row["status"] == status and row["message"], row
+    edited = f"models:/{watched['name']}/1"
+    assert row["lineage"] == (edited if status == "load_failed" else None)  # known before the download
     check = _check(watched["results"][key])
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
     assert f"models:/{key} was not evaluated ({status})" in check.description
 
 
+@pytest.mark.slow
 def test_history_is_appended_never_overwritten(watched):
     from memkfac.watch import read_history
 
@@ -259,6 +266,7 @@ def test_history_is_appended_never_overwritten(watched):
     assert rows[0]["removed_strict_pct"] == rows[1]["removed_strict_pct"]  # same model, same probes
 
 
+@pytest.mark.slow
 def test_recall_over_time_lists_every_evaluation_per_lineage(watched):
     rows, keys = watched["report"], watched["keys"]
     assert sorted(r["registered_version"] for r in rows) == sorted(keys.values())
@@ -270,6 +278,7 @@ def test_recall_over_time_lists_every_evaluation_per_lineage(watched):
     assert recites["alert"] and recites["removed_strict_pct"] > 20.0
 
 
+@pytest.mark.slow
 def test_recall_over_time_is_empty_before_any_evaluation(tiny_defs):
     rows = _report(tiny_defs[0], dg.DagsterInstance.ephemeral())
     assert rows == []
