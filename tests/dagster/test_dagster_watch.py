@@ -20,6 +20,7 @@ from tests.conftest import postgres_database
 from tests.dagster.conftest import TINY_CONFIG, tiny_pipeline
 
 MODEL = "tiny-llama"
+_NAMES = ("memkfac-tiny-llama", "someone-else")  # the registered models this module writes
 
 
 def _finetune(model_dir, sequences, out, epochs: int, lr: float) -> None:
@@ -198,8 +199,9 @@ def test_the_sensor_requests_each_watched_version_once(watched):
     assert isinstance(first, dg.SensorResult)
     sensor = watched["defs"].resolve_sensor_def("registry_watch")
     assert sensor.minimum_interval_seconds == watched["config"].watch.interval_seconds == 300
-    assert {r.partition_key for r in first.run_requests} == keys
-    assert set(json.loads(first.cursor)) == keys
+    # the server variant's registry also holds tests/test_registry.py's versions: compare ours
+    ours = {r.partition_key for r in first.run_requests if r.partition_key.split("/")[0] in _NAMES}
+    assert ours == keys and len(first.run_requests) == len(set(json.loads(first.cursor)))
     assert isinstance(watched["second"], dg.SkipReason)  # nothing new on the next tick
     assert "no new version" in watched["second"].skip_message
     assert all(r.success for r in watched["results"].values())  # bad versions do not stop the watch
