@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo ui mlflow-ui browser test test-fast lint bench clean
+.PHONY: install demo ui mlflow-ui team-mlflow browser test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ ui: $(STAMP)
 
 mlflow-ui: $(STAMP)
 	$(BIN)/python -m jobs.ui mlflow
+
+# The team's MLflow server on PostgreSQL (MLFLOW_PG_URL, MLFLOW_ARTIFACTS, MLFLOW_PORT: see the script).
+team-mlflow: $(STAMP)
+	PYTHON=$(BIN)/python scripts/team-mlflow-server.sh
 
 # Debian's chromium, for the UI browser test (tests/dagster/test_dagster_ui_browser.py), which skips
 # and says why when no browser starts. Installs only as root with apt-get (CI); else says what to run.

@@ -14,7 +14,7 @@ import dagster as dg
 from assets import build_assets, reports
 from assets.partitions import Partitions
 from jobs.schedules import build_resurgence_job, build_weekly_resurgence
-from jobs.sensors import build_automation_sensor, build_input_files_sensor
+from jobs.sensors import build_automation_sensor, build_input_files_sensor, build_registry_watch_sensor
 from resources.config import PipelineConfig, load_config
 from resources.settings import Settings, build_resources
 
@@ -28,7 +28,11 @@ def build_definitions(config: PipelineConfig, settings: Settings) -> dg.Definiti
         assets=[*build_assets(config, parts), *reports.build()],
         jobs=[resurgence_job],
         schedules=[build_weekly_resurgence(config, resurgence_job)],
-        sensors=[build_automation_sensor(), build_input_files_sensor(config, parts)],
+        sensors=[
+            build_automation_sensor(),
+            build_input_files_sensor(config, parts),
+            build_registry_watch_sensor(config),
+        ],
         resources=build_resources(settings, config),
     )
 

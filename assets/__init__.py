@@ -1,16 +1,17 @@
 """The asset graph: thin Dagster wrappers over memkfac, built from one pipeline config.
 
 Each module's ``build(config, partitions)`` returns its assets and asset checks. Group order follows
-the data: sources -> models -> probes -> kfac -> edits -> evaluation -> analysis -> resurgence -> reports.
+the data: sources -> models -> probes -> kfac -> edits -> evaluation -> analysis -> resurgence -> watch
+-> reports.
 """
 
 from __future__ import annotations
 
-from assets import analysis, edits, evaluation, kfac, models, probes, resurgence, sources
+from assets import analysis, edits, evaluation, kfac, models, probes, resurgence, sources, watch
 from assets.partitions import Partitions
 from resources.config import PipelineConfig
 
-MODULES = (sources, models, probes, kfac, edits, evaluation, analysis, resurgence)
+MODULES = (sources, models, probes, kfac, edits, evaluation, analysis, resurgence, watch)
 
 
 def build_assets(config: PipelineConfig, parts: Partitions) -> list:

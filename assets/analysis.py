@@ -5,8 +5,10 @@
   paired-bootstrap intervals (table downstream).
 - ``band_analysis[model]``: mean |v^T x| per curvature-mass band on memorized canaries, control canaries,
   clean text and tasks, for the edited layers (table band_activation, plus the ratio plot).
-- ``champions``: per model, the edit with the lowest held-out recall within the perplexity budget gets
-  the MLflow alias ``champion``; the recall-vs-perplexity plot of every variant shows the trade-off.
+- ``champions``: per model, the newest version of the edit with the lowest held-out recall within the
+  perplexity budget gets the alias ``champion`` of ``memkfac-<model>`` (MLflow keeps an alias on one
+  version per registered model, so the previous champion loses it); the recall-vs-perplexity plot of
+  every variant shows the trade-off.
 """
 
 import dagster as dg
@@ -16,8 +18,9 @@ from assets.edits import variant_model_dir
 from assets.metadata import image_markdown, table_metadata
 from assets.models import subject_model_dir
 from assets.partitions import CANARY_PROBE_SET, Partitions
+from memkfac.registry import latest_version_of_variant, registered_name, set_champion
 from resources.config import BASE_EDIT, PipelineConfig, split_variant, variant_key
-from resources.mlflow_registry import CANDIDATE, CHAMPION, MlflowRegistry
+from resources.mlflow_registry import MlflowRegistry
 from resources.store import ArtifactStore
 
 GROUP = "analysis"
@@ -175,11 +178,11 @@ def _champions(config: PipelineConfig, parts: Partitions) -> list:
         deps=[dg.AssetDep("memorization_eval"), dg.AssetDep("utility_eval"), dg.AssetDep("registered_model")],
         group_name=GROUP,
         kinds={"mlflow"},
-        code_version="champions-v1",
+        code_version="champions-v2",
         automation_condition=REPORT,
         description="Per model, the edit with the lowest strict recall on held-out canaries among those "
-        f"within +{budget:.0%} perplexity becomes the MLflow 'champion'; plots recall against "
-        "perplexity for every variant.",
+        f"within +{budget:.0%} perplexity becomes 'champion' of memkfac-<model> (on one version only); "
+        "plots recall against perplexity for every variant.",
     )
     def champions(
         context: dg.AssetExecutionContext, store: ArtifactStore, mlflow: MlflowRegistry
@@ -196,9 +199,10 @@ def _champions(config: PipelineConfig, parts: Partitions) -> list:
             edits = {v: config.edit_of(v) for v in config.variants_of(model) if v in current}
             champion, points = choose_champion(base, edits, recall, perplexity, budget)
             if champion is not None:
-                version = mlflow.client().get_model_version_by_alias(champion.variant, CANDIDATE).version
-                mlflow.set_alias(champion.variant, CHAMPION, version)
-                chosen[model] = dataclasses.asdict(champion) | {"version": version}
+                name, client = registered_name(model), mlflow.client()
+                version = latest_version_of_variant(client, name, champion.variant)
+                set_champion(client, name, version)
+                chosen[model] = dataclasses.asdict(champion) | {"registered_model": name, "version": version}
             if points:
                 plot = plot_recall_vs_perplexity(
                     points,

@@ -1,5 +1,9 @@
 """Edited models, one per variant (model x edit), their checks, and their MLflow registration.
 
+Every edit of one base model is a version of one registered model, ``memkfac-<model>``
+(``memkfac.registry``). The unedited base is not registered: it is the user's own input, already
+named by every version's ``memkfac.base_fingerprint`` tag, and a fine-tune of it is no edit to watch.
+
 The ``<model>__base`` variant is the unedited subject model: it is not copied, its "edited model" is
 a record pointing at the subject model, so that every evaluation has the same inputs for all variants.
 """
@@ -12,9 +16,10 @@ import dagster as dg
 from assets.automation import BUILD, DATA_EAGER
 from assets.models import subject_model_dir
 from assets.partitions import CANARY_PROBE_SET, Partitions
-from memkfac.fingerprint import dir_bytes, model_fingerprint
+from memkfac.fingerprint import dir_bytes, model_fingerprint, sha256_file
+from memkfac.registry import lineage_tags, registered_name, version_uri
 from resources.config import PipelineConfig, split_variant
-from resources.mlflow_registry import CANDIDATE, MlflowRegistry
+from resources.mlflow_registry import MlflowRegistry
 from resources.store import ArtifactStore
 
 GROUP = "edits"
@@ -128,10 +133,11 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         deps=[dg.AssetDep(edited_model, partition_mapping=parts.variant_to_edit)],
         group_name=GROUP,
         kinds={"mlflow"},
-        code_version="register-v1",
+        code_version="register-v2",
         automation_condition=DATA_EAGER,
-        description="The edit as an MLflow run (params, metrics, manifest) and a registered model version "
-        "(transformers flavor) named after the variant, with alias 'candidate'.",
+        description="The edit as an MLflow run (params, metrics, manifest) and a new version (transformers "
+        "flavor) of the registered model memkfac-<model>, tagged with its lineage (base fingerprint, factor "
+        "index sha256, edit config, probe-set sha256, variant), with alias 'candidate'.",
     )
     def registered_model(
         context: dg.AssetExecutionContext, store: ArtifactStore, mlflow: MlflowRegistry
@@ -140,6 +146,7 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         from memkfac.methods import mean_fraction_kept
 
         variant = context.partition_key
+        model, edit = split_variant(variant)
         path = store.edit_dir(variant)
         arguments = asdict(config.edit_of(variant))
         params = {"variant": variant} | {
@@ -151,13 +158,26 @@ def build(config: PipelineConfig, parts: Partitions) -> list:
         artifacts = {"manifest": path / MANIFEST_NAME}
         tags = {"dagster_run_id": context.run.run_id, "variant": variant, "kind": "edit"}
         run_id = mlflow.log_run(f"edit {variant}", params, metrics, tags, artifacts, model_dir=path)
-        version = mlflow.register(variant, run_id, tags={"variant": variant})
+        name = registered_name(model)
+        probes = store.validated_probes(CANARY_PROBE_SET)
+        lineage = lineage_tags(
+            model=model,
+            variant=variant,
+            edit=edit,
+            base_fingerprint=manifest["base_model"]["fingerprint"],
+            factor_index_sha256=(manifest.get("eigenbasis") or {}).get("factor_index_sha256"),
+            edit_config=arguments,
+            probe_set=CANARY_PROBE_SET,
+            probe_fingerprint=sha256_file(probes),
+        )
+        version = mlflow.register(name, run_id, tags=lineage)
         return dg.MaterializeResult(
             metadata={
                 "mlflow_run_id": run_id,
-                "registered_model": variant,
+                "registered_model": name,
                 "version": version,
-                "uri": f"models:/{variant}@{CANDIDATE}",
+                "uri": version_uri(name, version),
+                "lineage": dg.MetadataValue.json(lineage),
             }
         )
 

@@ -1,4 +1,9 @@
-"""Sensors: the automation sensor and the input-files sensor, both RUNNING on a fresh instance.
+"""Sensors: the automation sensor, the input-files sensor and the registry watch, RUNNING on a fresh
+instance.
+
+``registry_watch`` lists the MLflow registry every ``watch.interval_seconds`` and requests one
+``watch_history`` run per registered version downstream of an edit that it has not seen before (the
+cursor holds the versions seen); an unreachable registry skips the tick and says why.
 
 ``input_files_sensor`` checks the base-model directories, the corpus, the probe directory and the
 user's canary file (``canaries.file``, when set) on every tick. It re-hashes a file only when its size
@@ -16,8 +21,10 @@ import dagster as dg
 
 from assets.partitions import Partitions
 from assets.sources import CANARY_FILE, corpus_version, model_version, probe_file_versions
+from assets.watch import REGISTRY_VERSIONS, WATCH_ASSET, partition_key
 from memkfac.fingerprint import WEIGHT_SUFFIXES, sha256_file
 from resources.config import PipelineConfig
+from resources.mlflow_registry import MlflowRegistry
 from resources.store import ArtifactStore
 
 
@@ -120,6 +127,42 @@ def build_input_files_sensor(config: PipelineConfig, parts: Partitions) -> dg.Se
         )
 
     return input_files_sensor
+
+
+WATCH_SENSOR_NAME = "registry_watch"
+
+
+def build_registry_watch_sensor(config: PipelineConfig) -> dg.SensorDefinition:
+    @dg.sensor(
+        name=WATCH_SENSOR_NAME,
+        minimum_interval_seconds=config.watch.interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        asset_selection=[WATCH_ASSET],
+        description="Finds registered versions fine-tuned from an edit (memkfac.parent tag) and versions "
+        "of a memkfac lineage without lineage tags; requests one watch_history evaluation of each, once.",
+    )
+    def registry_watch(context: dg.SensorEvaluationContext, mlflow: MlflowRegistry):
+        from memkfac.registry import watched_versions
+        from memkfac.watch import is_registry_error
+
+        try:
+            found = [partition_key(w.name, w.version) for w in watched_versions(mlflow.client())]
+        except Exception as e:
+            if not is_registry_error(e):
+                raise
+            context.log.warning(f"registry watch: {mlflow.tracking_uri} unreachable: {e}")
+            return dg.SkipReason(f"the MLflow registry at {mlflow.tracking_uri} is unreachable: {e}")
+        seen = set(json.loads(context.cursor)) if context.cursor else set()
+        new = [key for key in found if key not in seen]
+        if not new:
+            return dg.SkipReason(f"no new version among {len(found)} watched")
+        return dg.SensorResult(
+            run_requests=[dg.RunRequest(partition_key=key, run_key=key) for key in new],
+            dynamic_partitions_requests=[REGISTRY_VERSIONS.build_add_request(new)],
+            cursor=json.dumps(sorted(seen | set(new))),
+        )
+
+    return registry_watch
 
 
 def build_automation_sensor() -> dg.AutomationConditionSensorDefinition:

@@ -61,6 +61,7 @@ from memkfac.inject import InjectArguments
 from memkfac.methods import DEFAULT_METHOD, METHODS
 from memkfac.paths import memkfac_home, safe_name
 from memkfac.resurgence import ResurgenceArguments
+from memkfac.watch import WatchArguments
 
 VARIANT_SEP = "__"
 BASE_EDIT = "base"  # the unedited reference variant of every model
@@ -432,6 +433,7 @@ class PipelineConfig(Section):
     resurgence: ResurgenceSection = Field(default_factory=ResurgenceSection)
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
     compute: ComputeSection = Field(default_factory=ComputeSection)
+    watch: WatchArguments = Field(default_factory=WatchArguments)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:

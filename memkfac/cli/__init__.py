@@ -17,7 +17,7 @@ from memkfac.errors import MemkfacError
 # Each module defines register(subparsers); the parser it adds sets `func` (args -> int | None).
 COMMAND_MODULES: tuple[str, ...] = (
     *("edit", "eval", "compare", "factors", "downstream", "bands", "bsn"),
-    *("model", "corpus", "probes", "canaries", "inject", "mine"),
+    *("model", "corpus", "probes", "canaries", "inject", "mine", "register"),
 )
 
 

@@ -105,6 +105,7 @@ MISSPELLED = [
     (_set("compute", "steps", "factors", "dtyp", value="bfloat16"), "compute.steps.factors.dtyp", "'dtype'"),
     (_set("compute", "slurm", "partiton", value="gpu"), "compute.slurm.partiton", "'partition'"),
     (_set("compute", "k8s", "volume", value="home"), "compute.k8s.volume", "'volume_claim'"),
+    (_set("watch", "max_recal_pct", value=5), "watch.max_recal_pct", "did you mean 'max_recall_pct'"),
 ]
 WRONG_TYPE = [
     (_set("models", "tiny-llama", "source", value=3), "models.tiny-llama.source", "give a string"),
@@ -150,6 +151,7 @@ WRONG_TYPE = [
     (_set("compute", "steps", "factors", "threads", value="4"), "compute.steps.factors.threads", "whole"),
     (_set("compute", "slurm", "extra_args", value="--qos=x"), "compute.slurm.extra_args", "list"),
     (_set("compute", "k8s", "gpus", value="one"), "compute.k8s.gpus", "whole number"),
+    (_set("watch", "interval_seconds", value="5m"), "watch.interval_seconds", "whole number"),
 ]
 OUT_OF_RANGE = [
     (_set("models", value={}), "models", "is empty"),
@@ -227,6 +229,8 @@ OUT_OF_RANGE = [
     (_set("compute", "k8s", "gpus", value=-1), "compute.k8s.gpus", "greater than or equal to 0"),
     (_set("factors", "model_dtype", value="bfloat16"), "factors.model_dtype", "compute.steps.factors.dtype"),
     (_set("downstream", "device", value="cuda"), "downstream.device", "compute.steps.downstream.device"),
+    (_set("watch", "interval_seconds", value=5), "watch.interval_seconds", "below 30"),
+    (_set("watch", "max_recall_pct", value=120), "watch.max_recall_pct", "outside [0, 100]"),
 ]
 
 

@@ -49,6 +49,8 @@ def test_default_definitions_load():
         "downstream_eval",
         "band_analysis",
         "champions",
+        "watch_history",
+        "reports/recall_over_time",
         "reports/downstream_retention",
         "reports/forgetting_by_variant",
         "reports/utility_retention",
@@ -79,7 +81,7 @@ def test_sensors_and_schedules_run_on_a_fresh_instance():
     from definitions import defs
 
     sensors = {s.name: s for s in defs.sensors}
-    assert set(sensors) == {"memkfac_automation", "input_files_sensor"}
+    assert set(sensors) == {"memkfac_automation", "input_files_sensor", "registry_watch"}
     assert all(s.default_status == dg.DefaultSensorStatus.RUNNING for s in sensors.values())
     # the automation sensor covers the observable sources too, so Dagster adds no stopped default sensor
     repo = defs.get_repository_def()

@@ -94,41 +94,45 @@ def test_tables_and_reports(pipeline):
 
 
 def test_mlflow_registry_round_trip(pipeline):
+    """The edits of the tiny model are versions of memkfac-tiny-llama with their lineage; champion is
+    on one version; models:/<name>@champion loads with mlflow.transformers."""
     import mlflow
     import mlflow.transformers
 
-    from resources.mlflow_registry import CANDIDATE
+    from memkfac.registry import (
+        CANDIDATE,
+        CHAMPION,
+        TAG_FACTOR_INDEX,
+        TAG_PROBE_FINGERPRINT,
+        TAG_VARIANT,
+        versions_with_alias,
+    )
 
     uri = pipeline["settings"].mlflow_uri(pipeline["config"])
-    variant = "tiny-llama__kfac-r0.9"
+    name = "memkfac-tiny-llama"
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
-        generator = mlflow.transformers.load_model(f"models:/{variant}@{CANDIDATE}")
+        generator = mlflow.transformers.load_model(f"models:/{name}@{CHAMPION}")
         text = generator("Customer record for", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     finally:
         mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
     assert text.startswith("Customer record for") and len(text) > len("Customer record for")
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    version = client.get_model_version_by_alias(variant, CANDIDATE)
-    run = client.get_run(version.run_id)
-    assert run.data.params["keep_mass"] == "0.9"
-    assert run.data.tags["variant"] == variant
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (model,) = client.search_registered_models()  # every edit of the one base model
+    assert model.name == name
+    versions = client.search_model_versions(f"name = '{name}'")
+    edits = [v for v in pipeline["config"].variants if "__base" not in v]
+    assert sorted(v.tags[TAG_VARIANT] for v in versions) == sorted(edits)
+    kfac = next(v for v in versions if v.tags[TAG_VARIANT] == "tiny-llama__kfac-r0.9")
+    assert len(kfac.tags[TAG_FACTOR_INDEX]) == 64 and len(kfac.tags[TAG_PROBE_FINGERPRINT]) == 64
+    assert client.get_run(kfac.run_id).data.params["keep_mass"] == "0.9"
+    assert len(versions_with_alias(client, name, CHAMPION)) == 1
+    assert versions_with_alias(client, name, CANDIDATE) == [str(max(int(v.version) for v in versions))]
+    run = client.get_run(kfac.run_id)
     kinds = {r.data.tags.get("kind") for r in client.search_runs([run.info.experiment_id])}
     assert kinds == {"edit", "evaluation", "resurgence"}
-    champions = [
-        v for v in pipeline["config"].variants if "__base" not in v and _has_alias(client, v, "champion")
-    ]
-    assert len(champions) == 1  # one per model
-
-
-def _has_alias(client, name: str, alias: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return False
-    return True
 
 
 def test_rerun_recomputes_nothing(pipeline):
