@@ -55,7 +55,7 @@ from memkfac.forget_set import FORGET_SET_METHODS, ForgetSetArguments, unlearn
 from memkfac.generation import probes_token_ids
 from memkfac.label_free import LabelFreeArguments
 from memkfac.locks import DirectoryLock
-from memkfac.memorization import memorization_rows, summarize
+from memkfac.memorization import FIELD_METRICS, memorization_rows, summarize
 from memkfac.methods import EditInputs, apply_edit
 from memkfac.mia import auc_rows
 from memkfac.models import load_config, load_model, load_tokenizer
@@ -78,7 +78,6 @@ LABELS = {
 # the rows the relearning table tests
 RELEARNED_LABELS = {"K-FAC", *(LABELS[m] for m in RELEARNED_METHODS if m != "kfac")}
 # the field's memorization metrics in memorization_summary rows, when the evaluation computes them
-FIELD_METRICS = ("verbmem", "exact_memorization", "extraction_strength")
 MIA_SCORE = "loss"  # the membership-inference row reported: the LOSS attack (Yeom et al. 2018)
 # The amount each perplexity-matched method bisects over (log scale) and its range.
 AMOUNT_RANGES = {
@@ -294,7 +293,14 @@ class Comparison:
         point = {"ppl": perplexity(model, self.sweep_heldout.blocks, progress=False)["perplexity"]}
         if with_recall:
             point |= _pooled(
-                memorization_rows(model, tokenizer, self.sweep_probes, self.args.batch_size, progress=False)
+                memorization_rows(
+                    model,
+                    tokenizer,
+                    self.sweep_probes,
+                    self.args.batch_size,
+                    progress=False,
+                    teacher_forced=False,
+                )
             )
         if not was_cached:
             shutil.rmtree(edit_dir)  # measured; re-created (bit-identically) only if chosen

@@ -134,7 +134,9 @@ def _inject_canaries(
     )
     stats = finetune(model, plan, recipe.finetune, progress=progress)
 
-    rows = memorization_rows(model, tokenizer, trained + control, recipe.eval_batch_size, progress=progress)
+    rows = memorization_rows(
+        model, tokenizer, trained + control, recipe.eval_batch_size, progress=progress, teacher_forced=False
+    )
     ppl = perplexity(model, heldout, progress=progress)
     manifest = {
         "kind": "canary_injection",

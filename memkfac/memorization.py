@@ -141,20 +141,23 @@ def memorization_rows(
     loose_threshold: float = LOOSE_THRESHOLD,
     progress: bool = True,
     token_stats: list[SuffixTokenStats] | None = None,
+    teacher_forced: bool = True,
 ) -> list[dict]:
     """Generate and score every probe; one dict per probe with the ``memorization`` table's columns.
 
     Two passes over the probes, ``batch_size`` at a time: greedy generation (strict, loose, Levenshtein,
     VerbMem) and one teacher-forced forward (exact memorization, extraction strength), skipped when
     ``token_stats`` (``suffix_token_stats`` of the same model and probes, as the MIA scores take them)
-    is given.
+    is given. Callers that need only recall (the attack suite's checkpoints, the sweep) pass
+    ``teacher_forced=False``: on the CPU that pass costs about as much as the generation, and those two
+    columns are then None.
     """
     ids = probes_token_ids(probes, tokenizer, model_vocab_size(model))
     prompts, golds = [i[0] for i in ids], [i[1] for i in ids]
     generated = greedy_continuations(model, tokenizer, prompts, [len(g) for g in golds], batch_size, progress)
-    if token_stats is None:
+    if token_stats is None and teacher_forced:
         token_stats = suffix_token_stats(model, prompts, golds, batch_size, progress)
-    hits = [s.argmax_hit.tolist() for s in token_stats]
+    hits = [s.argmax_hit.tolist() for s in token_stats] if token_stats is not None else [None] * len(ids)
     rows = []
     for probe, prompt, gold, gen, hit in zip(probes, prompts, golds, generated, hits, strict=True):
         score = score_continuation(gen, gold, loose_threshold)
@@ -169,11 +172,16 @@ def memorization_rows(
                 "generated": tokenizer.decode(gen),
                 "generated_ids": gen,
                 **vars(score),
-                "exact_memorization": exact_memorization(hit),
-                "extraction_strength": extraction_strength(hit),
+                "exact_memorization": None if hit is None else exact_memorization(hit),
+                "extraction_strength": None if hit is None else extraction_strength(hit),
             }
         )
     return rows
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """The mean, or None where a value was not computed (``teacher_forced=False``)."""
+    return None if any(v is None for v in values) else sum(values) / len(values)
 
 
 def summarize(rows: list[dict], loose_threshold: float = LOOSE_THRESHOLD) -> list[dict]:
@@ -201,7 +209,7 @@ def summarize(rows: list[dict], loose_threshold: float = LOOSE_THRESHOLD) -> lis
                 "loose_pct": 100.0 * sum(r["loose"] for r in group) / n,
                 "avg_lev": sum(r["normalized_distance"] for r in group) / n,
                 "mean_exact_prefix_len": sum(r["exact_prefix_len"] for r in group) / n,
-                **{m: sum(r[m] for r in group) / n for m in FIELD_METRICS},
+                **{m: _mean([r[m] for r in group]) for m in FIELD_METRICS},
                 "loose_threshold": loose_threshold,
             }
         )

@@ -199,7 +199,10 @@ def attack_rows(
     pools["relearn"] = [prompt + gold for prompt, gold in ids[: len(relearn)]]
 
     def measure(m) -> dict[str, dict]:
-        return recall_by_kind(memorization_rows(m, tokenizer, measured, args.eval_batch_size, progress=False))
+        rows = memorization_rows(
+            m, tokenizer, measured, args.eval_batch_size, progress=False, teacher_forced=False
+        )
+        return recall_by_kind(rows)
 
     def rows_for(arm: str, steps: int, recall: dict[str, dict]) -> list[dict]:
         out = []

@@ -15,6 +15,7 @@ from memkfac.memorization import (
     extraction_strength,
     levenshtein,
     longest_common_subsequence,
+    memorization_rows,
     memorization_table,
     positional_stress_rows,
     rouge_l_f1,
@@ -264,6 +265,25 @@ def test_memorization_table_on_tiny_model():
     assert summary[("control", "holdout")]["verbmem"] == control["verbmem"]
     assert summary[("control", "holdout")]["strict_pct"] == 0.0
     assert {r["variant"] for r in summary.values()} == {"base"}
+
+
+def test_recall_only_rows_skip_the_teacher_forced_pass(monkeypatch):
+    """``teacher_forced=False``: the same recall, no teacher-forced forward, its two measures None."""
+    import memkfac.memorization as memorization
+
+    model, tok = build_tiny_model(seed=3)
+    probes = _overfit_probes(model, tok)
+    full = memorization_rows(model, tok, probes, progress=False)
+    monkeypatch.setattr(memorization, "suffix_token_stats", lambda *a, **k: pytest.fail("pass not skipped"))
+    recall_only = memorization_rows(model, tok, probes, progress=False, teacher_forced=False)
+    for a, b in zip(full, recall_only, strict=True):
+        assert {k: v for k, v in a.items() if k not in ("exact_memorization", "extraction_strength")} == {
+            k: v for k, v in b.items() if k not in ("exact_memorization", "extraction_strength")
+        }
+        assert b["exact_memorization"] is None and b["extraction_strength"] is None
+    summary = summarize(recall_only)
+    assert all(r["exact_memorization"] is None and r["verbmem"] is not None for r in summary)
+    assert [r["strict_pct"] for r in summary] == [r["strict_pct"] for r in summarize(full)]
 
 
 def test_stress_prompts_enumerate_left_and_right_variants():
