@@ -123,7 +123,7 @@ def main() -> None:
     def direct() -> Path:
         out = work / "direct"
         shutil.rmtree(out, ignore_errors=True)
-        collect(extras | {"out_dir": str(out)}, torch.device("cpu"), log=print)
+        collect(extras | {"out_dir": str(out)}, torch.device("cpu"), "float32", log=print)
         return out
 
     seconds: dict[str, list[float]] = {"pipeline": [], "direct": []}

@@ -122,7 +122,11 @@ def test_dagster_dev_serves_the_graph_and_runs_an_asset(tiny_home, tmp_path):
         )["repositoriesOrError"]["nodes"]
         sensors = {s["name"]: s["sensorState"]["status"] for r in repos for s in r["sensors"]}
         schedules = {s["name"]: s["scheduleState"]["status"] for r in repos for s in r["schedules"]}
-        assert sensors == {"memkfac_automation": "RUNNING", "input_files_sensor": "RUNNING"}
+        assert sensors == {
+            "memkfac_automation": "RUNNING",
+            "input_files_sensor": "RUNNING",
+            "registry_watch": "RUNNING",
+        }
         assert schedules == {"weekly_resurgence": "RUNNING"}
 
         params = {
