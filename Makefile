@@ -64,7 +64,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 # Each benchmark prints a table and writes bench/results/<name>.json; see README "Benchmarks", results in docs/results.md.
-BENCHES := bench_factors bench_selection bench_edit_model bench_generation bench_downstream
+BENCHES := bench_factors bench_selection bench_edit_model bench_generation bench_downstream bench_baselines
 bench: $(STAMP)
 	for b in $(BENCHES); do $(BIN)/python bench/$$b.py || exit 1; done
 

@@ -1,6 +1,7 @@
-"""The ``compute`` section: each model-running step gets its placement (per-step overrides included), a
-device this machine lacks fails at the step's start naming the config key, and the environment's
-overrides of the factor step win over the config, as resources/settings.py says."""
+"""The ``compute`` section: a device this machine lacks fails at the step's start naming the config key,
+and the environment's overrides of the factor step win over the config, as resources/settings.py says.
+That each model-running step gets its placement (per-step overrides included) is checked on the whole
+tiny pipeline in test_dagster_pipeline.py, whose run carries a ``compute`` section."""
 
 from __future__ import annotations
 
@@ -193,69 +194,3 @@ def test_k8s_without_image_or_volume_names_the_config_keys(monkeypatch):
     ):
         FactorCompute.resolve("k8s", _compute())
     assert FactorCompute.resolve("k8s", _compute(k8s={"volume_claim": "home"})).k8s.image == "img:2"
-
-
-# --- every model-running step of the tiny pipeline gets its placement --------------------------------
-
-# the engine function each model-running asset calls, and where its device and dtype arguments are
-SPIED = {
-    "memkfac.inject.inject_canaries": "injection",
-    "memkfac.eigen.compute_eigenbasis": "eigenbasis",
-    "memkfac.methods.apply_edit": "edits",
-    "memkfac.methods.check_edited_model": "edits",
-    "memkfac.models.load_model": "memorization_eval",  # the asset loads the model evaluate_model runs
-    "memkfac.evaluate.evaluate_utility": "utility_eval",
-    "memkfac.downstream.evaluate_downstream": "downstream",
-    "memkfac.bands.run_band_analysis": "bands",
-    "memkfac.resurgence.run_resurgence": "resurgence",
-}
-PER_STEP = {
-    "device": "cpu",
-    "dtype": "float32",
-    "threads": 1,
-    "steps": {"memorization_eval": {"dtype": "bfloat16"}, "utility_eval": {"dtype": "bfloat16"}},
-}
-
-
-@pytest.mark.slow
-def test_every_model_running_step_gets_its_device_and_dtype(tmp_path, monkeypatch):
-    import importlib
-    import sys
-
-    import dagster as dg
-
-    from jobs.main import run_pipeline
-    from tests.dagster.conftest import tiny_pipeline
-
-    calls: dict[str, list[tuple]] = {step: [] for step in SPIED.values()}
-
-    def spy(path: str, step: str):
-        module, name = path.rsplit(".", 1)
-        real = getattr(importlib.import_module(module), name)
-
-        def wrapper(*args, **kwargs):
-            caller = sys._getframe(1).f_code.co_name
-            if name == "evaluate_downstream":
-                calls[step].append((args[1].device, args[1].dtype))
-            elif name != "load_model" or caller == "memorization_eval":  # engine-internal loads aside
-                calls[step].append((str(kwargs.get("device")), kwargs.get("dtype", "-")))
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(importlib.import_module(module), name, wrapper)
-
-    for path, step in SPIED.items():
-        spy(path, step)
-    raw = yaml.safe_load(TINY_CONFIG.read_text()) | {"compute": PER_STEP}
-    config = tmp_path / "pipeline.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    with tiny_pipeline(tmp_path / "run", MEMKFAC_CONFIG=str(config)) as p:
-        log = []
-        run_pipeline(p["defs"], p["instance"], p["store"], log=log.append)
-        factors = p["instance"].get_latest_materialization_event(dg.AssetKey("kfac_factors"))
-    dtype_of = {"memorization_eval": "bfloat16", "utility_eval": "bfloat16"}
-    for step, seen in calls.items():
-        assert seen, (step, "\n".join(log))
-        dtype = dtype_of.get(step, "float32") if COMPUTE_STEPS[step] else "-"
-        assert set(seen) == {("cpu", dtype)}, (step, seen)
-    metadata = factors.asset_materialization.metadata
-    assert (metadata["device"].value, metadata["dtype"].value) == ("cpu", "float32")

@@ -1,25 +1,88 @@
-"""The whole graph on the tiny config, through the main job's code path (checks, dbt, MLflow included)."""
+"""The whole graph on the tiny config, through the main job's code path (checks, dbt, MLflow included),
+with a ``compute`` section whose per-step overrides every model-running step must receive."""
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from tests.dagster.conftest import tiny_pipeline
+from resources.config import COMPUTE_STEPS
+from tests.dagster.conftest import TINY_CONFIG, tiny_pipeline
 from tests.dagster.test_dagster_definitions import BLOCKING_CHECKS, MIA_REPORT_CHECKS
 
 pytestmark = pytest.mark.slow
 
 
+# the engine function each model-running asset calls, and the step whose compute settings it must get
+SPIED = {
+    "memkfac.inject.inject_canaries": "injection",
+    "memkfac.eigen.compute_eigenbasis": "eigenbasis",
+    "memkfac.methods.apply_edit": "edits",
+    "memkfac.methods.check_edited_model": "edits",
+    "memkfac.models.load_model": "memorization_eval",  # the asset loads the model evaluate_model runs
+    "memkfac.evaluate.evaluate_utility": "utility_eval",
+    "memkfac.downstream.evaluate_downstream": "downstream",
+    "memkfac.bands.run_band_analysis": "bands",
+    "memkfac.resurgence.run_resurgence": "resurgence",
+}
+PER_STEP = {
+    "device": "cpu",
+    "dtype": "float32",
+    "threads": 1,
+    "steps": {"memorization_eval": {"dtype": "bfloat16"}, "utility_eval": {"dtype": "bfloat16"}},
+}
+
+
+def _spy(mp: pytest.MonkeyPatch, calls: dict[str, list[tuple]]) -> None:
+    """Wrap each ``SPIED`` function to record the (device, dtype) it is called with, then run it."""
+    for path, step in SPIED.items():
+        module, name = path.rsplit(".", 1)
+        real = getattr(importlib.import_module(module), name)
+
+        def wrapper(*args, _real=real, _name=name, _step=step, **kwargs):
+            caller = sys._getframe(1).f_code.co_name
+            if _name == "evaluate_downstream":
+                calls[_step].append((args[1].device, args[1].dtype))
+            elif _name != "load_model" or caller == "memorization_eval":  # engine-internal loads aside
+                calls[_step].append((str(kwargs.get("device")), kwargs.get("dtype", "-")))
+            return _real(*args, **kwargs)
+
+        mp.setattr(importlib.import_module(module), name, wrapper)
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """Run ``jobs.main.run_pipeline`` once on the tiny config; yield what the tests inspect."""
+    """Run ``jobs.main.run_pipeline`` once on the tiny config with ``PER_STEP`` as its ``compute``
+    section, recording what each model-running step got; yield what the tests inspect."""
     from jobs.main import run_pipeline
 
-    with tiny_pipeline(tmp_path_factory.mktemp("pipeline")) as p:
+    root = tmp_path_factory.mktemp("pipeline")
+    config = root / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(yaml.safe_load(TINY_CONFIG.read_text()) | {"compute": PER_STEP}))
+    with tiny_pipeline(root / "run", MEMKFAC_CONFIG=str(config)) as p, pytest.MonkeyPatch.context() as mp:
+        p["calls"] = {step: [] for step in SPIED.values()}
+        _spy(mp, p["calls"])
         p["log"] = []
         p["failed"] = run_pipeline(p["defs"], p["instance"], p["store"], log=p["log"].append)
+        mp.undo()
         yield p
+
+
+def test_every_model_running_step_gets_its_device_and_dtype(pipeline):
+    dtype_of = {"memorization_eval": "bfloat16", "utility_eval": "bfloat16"}
+    for step, seen in pipeline["calls"].items():
+        assert seen, (step, "\n".join(pipeline["log"]))
+        dtype = dtype_of.get(step, "float32") if COMPUTE_STEPS[step] else "-"
+        assert set(seen) == {("cpu", dtype)}, (step, seen)
+    import dagster as dg
+
+    factors = pipeline["instance"].get_latest_materialization_event(dg.AssetKey("kfac_factors"))
+    metadata = factors.asset_materialization.metadata
+    assert (metadata["device"].value, metadata["dtype"].value) == ("cpu", "float32")
 
 
 def test_every_asset_partition_materializes(pipeline):
