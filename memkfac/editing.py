@@ -241,6 +241,17 @@ def _stored_dtype(hf_config) -> str:
     return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
+def check_eigenbasis_model(eig_meta: dict, eig_dir: Path, model_dir: Path, base_fingerprint: str) -> None:
+    """Refuse an eigenbasis (its ``meta``) whose factors were collected on another model than
+    ``model_dir`` (fingerprint ``base_fingerprint``): an edit with it would remove the wrong directions."""
+    if eig_meta["model_fingerprint"] != base_fingerprint:
+        raise MemkfacError(
+            f"the eigenbasis in {eig_dir} was computed for the model with fingerprint "
+            f"{eig_meta['model_fingerprint']}, but {model_dir} has fingerprint {base_fingerprint}",
+            "collect factors on this model (`memkfac factors MODEL ...`) and edit with those",
+        )
+
+
 def edit_model(
     model_dir: Path,
     eig_dir: Path | None,
@@ -287,12 +298,7 @@ def _edit_model(
         if eig_dir is None:
             raise MemkfacError(f"method {config.method!r} needs an eigenbasis", "pass the factors directory")
         _, eig_meta = load_eigenbasis(Path(eig_dir), names=())  # the meta: checked before the model loads
-        if eig_meta["model_fingerprint"] != base_fingerprint:
-            raise MemkfacError(
-                f"the eigenbasis in {eig_dir} was computed for the model with fingerprint "
-                f"{eig_meta['model_fingerprint']}, but {model_dir} has fingerprint {base_fingerprint}",
-                "collect factors on this model (`memkfac factors MODEL ...`) and edit with those",
-            )
+        check_eigenbasis_model(eig_meta, eig_dir, model_dir, base_fingerprint)
 
     hf_config = AutoConfig.from_pretrained(model_dir)
     num_layers = hf_config.num_hidden_layers

@@ -33,7 +33,13 @@ from transformers import AutoConfig
 import memkfac
 from memkfac.arguments import Checks
 from memkfac.checkpoint import checkpoint_kind, load_manifest, save_checkpoint
-from memkfac.editing import _check_eigen, _module_seed, _stored_dtype, eigenbasis_record
+from memkfac.editing import (
+    _check_eigen,
+    _module_seed,
+    _stored_dtype,
+    check_eigenbasis_model,
+    eigenbasis_record,
+)
 from memkfac.eigen import ModuleEigen, load_eigenbasis
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
@@ -155,11 +161,7 @@ def _edit_label_free(
     eig_modules, eig_meta = {}, None
     if needs_eigen:
         eig_modules, eig_meta = load_eigenbasis(Path(eig_dir), names=[t.name for t in targets])
-        if eig_meta["model_fingerprint"] != base_fingerprint:
-            raise MemkfacError(
-                f"the eigenbasis in {eig_dir} was computed for another model than {model_dir}",
-                "collect factors on this model (`memkfac factors MODEL ...`) and edit with those",
-            )
+        check_eigenbasis_model(eig_meta, eig_dir, model_dir, base_fingerprint)
         for target in targets:
             _check_eigen(target, eig_modules.get(target.name), Path(eig_dir))
     modules = []
