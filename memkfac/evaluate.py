@@ -21,7 +21,7 @@ from memkfac.memorization import LOOSE_THRESHOLD, memorization_table, positional
 from memkfac.mia import mia_tables, probe_token_stats
 from memkfac.paths import atomic_file, memkfac_home, safetensors_problem
 from memkfac.tables import make_table, new_run_id, write_table
-from memkfac.utility import ndcg_from_lists, perplexity, topk_lists
+from memkfac.utility import heldout_pass, ndcg_from_lists, topk_lists
 
 
 @dataclass
@@ -218,12 +218,12 @@ def utility_tables(
 ) -> dict[str, pa.Table]:
     """``perplexity`` on ``heldout``, and ``ndcg`` against ``reference`` top-k lists when given."""
     keys = dict(variant=variant, probe_set=heldout.name, run_id=run_id)
-    ppl = perplexity(model, heldout.blocks, batch_size, progress)
+    k = 0 if reference is None else reference.shape[-1]
+    ppl, edited = heldout_pass(model, heldout.blocks, batch_size, k, progress)  # one pass serves both
     tables = {
         "perplexity": make_table("perplexity", [ppl | {"data_fingerprint": heldout.fingerprint}], **keys)
     }
     if reference is not None:
-        edited = topk_lists(model, heldout.blocks, reference.shape[-1], batch_size, progress)
         scores = ndcg_from_lists(edited, reference)
         row = scores | {"reference": reference_name, "data_fingerprint": heldout.fingerprint}
         tables["ndcg"] = make_table("ndcg", [row], **keys)

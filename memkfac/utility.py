@@ -33,27 +33,35 @@ def _check_blocks(blocks: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool = True) -> dict:
-    """Perplexity of packed blocks (n_blocks, block_len); every position but the last is predicted.
+def heldout_pass(
+    model, blocks: torch.Tensor, batch_size: int = 8, k: int = 0, progress: bool = True
+) -> tuple[dict, torch.Tensor | None]:
+    """One forward pass over packed held-out blocks (n_blocks, block_len): perplexity, and when ``k`` > 0
+    each position's top-k next-token ids, so an edited model's utility costs one pass, not two.
 
-    Returns the ``perplexity`` table's measured columns: n_blocks, block_len, n_tokens, mean_nll
-    (nats/token), perplexity = exp(mean_nll), perplexity_batch_mean (official variant), batch_size.
+    Returns ``(row, topk)``: ``row`` holds the ``perplexity`` table's measured columns: n_blocks,
+    block_len, n_tokens, mean_nll (nats/token), perplexity = exp(mean_nll), perplexity_batch_mean
+    (official variant), batch_size; ``topk`` is (n_blocks, block_len, k) int64, best first (None when
+    ``k`` is 0). Every position but the last is predicted for perplexity.
     """
     _check_blocks(blocks)
     device = next(model.parameters()).device
-    total_nll, total_tokens, batch_ppls = 0.0, 0, []
-    for start in tqdm(range(0, len(blocks), batch_size), desc="perplexity", disable=not progress):
+    total_nll, total_tokens, batch_ppls, topk = 0.0, 0, [], []
+    for start in tqdm(range(0, len(blocks), batch_size), desc="held-out pass", disable=not progress):
         ids = blocks[start : start + batch_size].to(device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
+        logits = model(input_ids=ids).logits
+        if k:
+            topk.append(logits.topk(k, dim=-1).indices.cpu())
+        predicted = logits[:, :-1].float()
         nll = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            predicted.reshape(-1, predicted.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
         ).item()
         n = ids[:, 1:].numel()
         total_nll += nll
         total_tokens += n
         batch_ppls.append(math.exp(nll / n))
     mean_nll = total_nll / total_tokens
-    return {
+    row = {
         "n_blocks": len(blocks),
         "block_len": blocks.shape[1],
         "n_tokens": total_tokens,
@@ -62,23 +70,20 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool 
         "perplexity_batch_mean": sum(batch_ppls) / len(batch_ppls),
         "batch_size": batch_size,
     }
+    return row, torch.cat(topk) if k else None
 
 
-@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool = True) -> dict:
+    """The ``perplexity`` row of ``heldout_pass`` (n_blocks, block_len, n_tokens, mean_nll,
+    perplexity, perplexity_batch_mean, batch_size)."""
+    return heldout_pass(model, blocks, batch_size, 0, progress)[0]
+
+
 def topk_lists(
     model, blocks: torch.Tensor, k: int = 10, batch_size: int = 8, progress: bool = True
 ) -> torch.Tensor:
     """Each position's top-k next-token ids, best first: (n_blocks, block_len, k) int64."""
-    _check_blocks(blocks)
-    device = next(model.parameters()).device
-    out = []
-    for start in tqdm(range(0, len(blocks), batch_size), desc=f"top-{k} lists", disable=not progress):
-        out.append(
-            model(input_ids=blocks[start : start + batch_size].to(device))
-            .logits.topk(k, dim=-1)
-            .indices.cpu()
-        )
-    return torch.cat(out)
+    return heldout_pass(model, blocks, batch_size, k, progress)[1]
 
 
 def ndcg_from_lists(edited: torch.Tensor, reference: torch.Tensor) -> dict:

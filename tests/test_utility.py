@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from memkfac.errors import MemkfacError
 from memkfac.tiny import build_tiny_model
-from memkfac.utility import ndcg, ndcg_from_lists, perplexity, topk_lists
+from memkfac.utility import heldout_pass, ndcg, ndcg_from_lists, perplexity, topk_lists
 
 LOG3 = math.log2(3)
 IDCG2 = 2 + 1 / LOG3  # k = 2
@@ -71,3 +71,14 @@ def test_ndcg_of_a_model_against_itself_and_a_different_model():
     assert same["n_positions"] == 24
     diff = ndcg(other, blocks, reference, progress=False)
     assert diff["ndcg_official"] <= diff["ndcg"] < 0.9
+
+
+def test_one_heldout_pass_gives_the_perplexity_and_the_topk_lists_of_the_model():
+    model, _ = build_tiny_model(seed=5)
+    blocks = torch.randint(1, 384, (5, 9), generator=torch.Generator().manual_seed(2))
+    row, topk = heldout_pass(model, blocks, batch_size=2, k=4, progress=False)
+    with torch.no_grad():
+        logits = model(blocks).logits
+    assert torch.equal(topk, logits.topk(4, dim=-1).indices)
+    assert row == perplexity(model, blocks, batch_size=2, progress=False)
+    assert heldout_pass(model, blocks, batch_size=2, progress=False)[1] is None
