@@ -127,9 +127,10 @@ def suffix_logprobs(model, pairs: Sequence[Pair], pad_id: int, batch_size: int =
 def _check_data(method: str, forget: Sequence[Pair], retain: Sequence[Sequence[int]]) -> None:
     if not forget or not retain or any(not p or not s for p, s in forget) or min(map(len, retain)) < 2:
         raise MemkfacError(
-            f"{method} needs a forget set (canaries with a prefix and a suffix) and retain text "
-            f"(got {len(forget)} forget pairs, {len(retain)} retain sequences)",
-            "give the canary probe set with memorized probes in split sweep, and general-text blocks",
+            f"method {method!r} trains on a forget set and retain text, but got {len(forget)} forget "
+            "pairs (memorized canaries of split sweep, each with a prefix and a suffix) and "
+            f"{len(retain)} retain sequences (general text of at least 2 tokens)",
+            "give it the canary probe set (memorized probes in split sweep) and the corpus's finetune split",
         )
 
 

@@ -31,7 +31,6 @@ from memkfac import editing
 from memkfac.balanced_subnet import BSNArguments, train_balanced_subnet
 from memkfac.devices import resolve_device
 from memkfac.editing import EditArguments, edit_model
-from memkfac.errors import MemkfacError
 from memkfac.forget_set import FORGET_SET_METHODS, ForgetSetArguments, train_forget_set
 from memkfac.generation import probe_token_ids
 from memkfac.label_free import LABEL_FREE_METHODS, LabelFreeArguments, edit_label_free
@@ -69,20 +68,14 @@ def forget_sequences(probes: Sequence[Probe], tokenizer) -> list[list[int]]:
     return probe_sequences(forget_probes(probes), tokenizer)
 
 
-def _forget_set(method: str, inputs: EditInputs) -> tuple[list[tuple[list[int], list[int]]], list]:
-    """``(forget (prefix, suffix) ids, retain blocks)`` of ``inputs``; a clear error if one is missing."""
+def _forget_set(inputs: EditInputs) -> tuple[list[tuple[list[int], list[int]]], list]:
+    """``(forget (prefix, suffix) ids, retain blocks)`` of ``inputs``, checked by the trainer before it
+    loads anything."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(inputs.model_dir)
     forget = [tuple(probe_token_ids(p, tokenizer)) for p in forget_probes(inputs.probes)]
-    if not forget or inputs.retain is None or len(inputs.retain) == 0:
-        raise MemkfacError(
-            f"method {method!r} trains on a forget set and retain text, but got {len(forget)} forget "
-            f"sequences (memorized canaries of split sweep) and "
-            f"{0 if inputs.retain is None else len(inputs.retain)} retain blocks",
-            "give it the canary probe set (memorized probes in split sweep) and the corpus's finetune split",
-        )
-    return forget, inputs.retain.tolist()
+    return forget, [] if inputs.retain is None else inputs.retain.tolist()
 
 
 def _curvature_edit(
@@ -105,7 +98,7 @@ def _label_free(
 def _forget_set_method(
     args: ForgetSetArguments, inputs: EditInputs, out_dir: Path, progress: bool, overwrite: bool, device: str
 ) -> dict:
-    forget, retain = _forget_set(args.method, inputs)
+    forget, retain = _forget_set(inputs)
     return train_forget_set(inputs.model_dir, forget, retain, args, out_dir, progress, overwrite, device)
 
 

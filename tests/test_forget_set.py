@@ -100,7 +100,7 @@ def test_train_forget_set_writes_a_checkpoint_and_refuses_missing_data(tiny_mode
     args = ForgetSetArguments(layers="2-3", method="ga_gd", steps=2)
     manifest = train_forget_set(tiny_model_dir, forget, retain, args, tmp_path / "ga", progress=False)
     assert manifest["arguments"]["layers"] == [2, 3] and len(manifest["history"]) == 2
-    with pytest.raises(MemkfacError, match="needs a forget set"):
+    with pytest.raises(MemkfacError, match="trains on a forget set"):
         train_forget_set(tiny_model_dir, [], retain, args, tmp_path / "none", progress=False)
 
 
