@@ -385,6 +385,7 @@ def run_band_analysis(
     eigenvectors are read. Returns the ``band_activation`` table.
     """
     from memkfac.devices import resolve_device
+    from memkfac.editing import check_eigenbasis_model
     from memkfac.eigen import load_eigenbasis
     from memkfac.fingerprint import model_fingerprint
     from memkfac.generation import model_vocab_size
@@ -401,11 +402,13 @@ def run_band_analysis(
     check_output_file(plot_path, overwrite=overwrite, inputs=inputs, owns=is_band_plot)  # before measuring
     if "kfac" in bases:
         _, meta = load_eigenbasis(Path(eig_dir), names=())  # the meta only: checked before the model loads
-        if meta["model_fingerprint"] != model_fingerprint(model_dir):
-            raise MemkfacError(
-                f"the eigenbasis in {eig_dir} was computed for another model than {model_dir}",
-                "analyse the model the factors were collected on (band analysis uses the unedited model)",
-            )
+        check_eigenbasis_model(
+            meta,
+            Path(eig_dir),
+            Path(model_dir),
+            model_fingerprint(model_dir),
+            "analyse the model the factors were collected on (band analysis uses the unedited model)",
+        )
     model, tokenizer = load_model(Path(model_dir), dtype=dtype, device=device)
     if args.layers is None:
         layers, projections = edited_modules(edits, model.config.num_hidden_layers)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -235,20 +236,57 @@ def eigenbasis_record(eig_dir: Path | None, eig_meta: dict | None) -> dict | Non
     }
 
 
+def load_edit_targets(
+    model_dir: Path, layers: Sequence[int], projections: Sequence[str], eig_dir: Path | None
+) -> tuple[torch.nn.Module, object, list[Target], dict[str, ModuleEigen]]:
+    """``(model, tokenizer, targets, eigenvectors)`` of an edit of ``layers`` x ``projections``, all
+    checked before anything is changed: the layers exist, each target weight is finite, and (with an
+    ``eig_dir``) the eigenbasis holds every target with the right shapes and finite values. The model
+    is loaded on the CPU in the dtype it is stored in, so untouched tensors are written back as they
+    were; only the targets' eigenvectors are read (``{}`` without ``eig_dir``)."""
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    num_layers = hf_config.num_hidden_layers
+    missing = [i for i in layers if not 0 <= i < num_layers]
+    if missing:
+        raise MemkfacError(
+            f"layer(s) {missing} are not in {model_dir}, which has layers 0..{num_layers - 1}",
+            f"choose layers between 0 and {num_layers - 1}",
+        )
+    model, tokenizer = load_model(model_dir, dtype=_stored_dtype(hf_config))
+    targets = find_targets(model, layers, projections)
+    eig_modules = {} if eig_dir is None else load_eigenbasis(eig_dir, names=[t.name for t in targets])[0]
+    for target in targets:
+        if not torch.isfinite(model.get_submodule(target.name).weight).all():
+            raise MemkfacError(
+                f"the weight of {target.name} in {model_dir} has NaN or Inf values",
+                "the base model is damaged: re-create or re-download it",
+            )
+        if eig_dir is not None:
+            _check_eigen(target, eig_modules.get(target.name), eig_dir)
+    return model, tokenizer, targets, eig_modules
+
+
 def _stored_dtype(hf_config) -> str:
     """The dtype the checkpoint is stored in, so untouched tensors are written back unchanged."""
     name = str(hf_config.dtype).removeprefix("torch.") if hf_config.dtype is not None else "float32"
     return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
-def check_eigenbasis_model(eig_meta: dict, eig_dir: Path, model_dir: Path, base_fingerprint: str) -> None:
+def check_eigenbasis_model(
+    eig_meta: dict,
+    eig_dir: Path,
+    model_dir: Path,
+    base_fingerprint: str,
+    fix: str = "collect factors on this model (`memkfac factors MODEL ...`) and edit with those",
+) -> None:
     """Refuse an eigenbasis (its ``meta``) whose factors were collected on another model than
-    ``model_dir`` (fingerprint ``base_fingerprint``): an edit with it would remove the wrong directions."""
+    ``model_dir`` (fingerprint ``base_fingerprint``): its directions are not this model's, so an edit
+    would remove the wrong ones and a band analysis would measure the wrong ones. ``fix`` is the advice."""
     if eig_meta["model_fingerprint"] != base_fingerprint:
         raise MemkfacError(
             f"the eigenbasis in {eig_dir} was computed for the model with fingerprint "
             f"{eig_meta['model_fingerprint']}, but {model_dir} has fingerprint {base_fingerprint}",
-            "collect factors on this model (`memkfac factors MODEL ...`) and edit with those",
+            fix,
         )
 
 
@@ -293,35 +331,17 @@ def _edit_model(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     validate_model_dir(model_dir)
     base_fingerprint = model_fingerprint(model_dir)
-    eig_modules, eig_meta = {}, None
+    eig_meta = None
     if config.method != "svd":
         if eig_dir is None:
             raise MemkfacError(f"method {config.method!r} needs an eigenbasis", "pass the factors directory")
         _, eig_meta = load_eigenbasis(Path(eig_dir), names=())  # the meta: checked before the model loads
         check_eigenbasis_model(eig_meta, eig_dir, model_dir, base_fingerprint)
 
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    num_layers = hf_config.num_hidden_layers
-    config = resolve_layers(config, num_layers)
-    missing = [i for i in config.layers if not 0 <= i < num_layers]
-    if missing:
-        raise MemkfacError(
-            f"layer(s) {missing} are not in {model_dir}, which has layers 0..{num_layers - 1}",
-            f"choose layers between 0 and {num_layers - 1}",
-        )
-    model, tokenizer = load_model(model_dir, dtype=_stored_dtype(hf_config))
-    targets = find_targets(model, config.layers, config.projections)
-    if config.method != "svd":
-        eig_modules, _ = load_eigenbasis(Path(eig_dir), names=[t.name for t in targets])
-    for target in targets:
-        if not torch.isfinite(model.get_submodule(target.name).weight).all():
-            raise MemkfacError(
-                f"the weight of {target.name} in {model_dir} has NaN or Inf values",
-                "the base model is damaged: re-create or re-download it",
-            )
-        if config.method != "svd":
-            _check_eigen(target, eig_modules.get(target.name), Path(eig_dir))
-
+    config = resolve_layers(config, AutoConfig.from_pretrained(model_dir).num_hidden_layers)
+    model, tokenizer, targets, eig_modules = load_edit_targets(
+        model_dir, config.layers, config.projections, None if config.method == "svd" else Path(eig_dir)
+    )
     modules = []
     for target in tqdm(targets, desc="editing", unit="module", disable=not progress):
         weight = model.get_submodule(target.name).weight

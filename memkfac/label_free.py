@@ -34,19 +34,18 @@ import memkfac
 from memkfac.arguments import Checks
 from memkfac.checkpoint import checkpoint_kind, load_manifest, save_checkpoint
 from memkfac.editing import (
-    _check_eigen,
     _module_seed,
-    _stored_dtype,
     check_eigenbasis_model,
     eigenbasis_record,
+    load_edit_targets,
 )
 from memkfac.eigen import ModuleEigen, load_eigenbasis
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
-from memkfac.models import load_model, validate_model_dir
+from memkfac.models import validate_model_dir
 from memkfac.paths import claim_output
 from memkfac.selection import check_keep_mass, select_components
-from memkfac.targets import PROJECTIONS, LayerSpec, Projection, check_layers, find_targets, resolve_layers
+from memkfac.targets import PROJECTIONS, LayerSpec, Projection, check_layers, resolve_layers
 
 LabelFreeMethod = Literal["identity_basis", "block_deletion", "noise"]
 LABEL_FREE_METHODS: tuple[LabelFreeMethod, ...] = get_args(LabelFreeMethod)
@@ -154,16 +153,14 @@ def _edit_label_free(
     needs_eigen = args.method != "noise"
     if needs_eigen and eig_dir is None:
         raise MemkfacError(f"method {args.method!r} needs an eigenbasis", "pass the factors directory")
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    args = resolve_layers(args, hf_config.num_hidden_layers)
-    model, tokenizer = load_model(model_dir, dtype=_stored_dtype(hf_config))
-    targets = find_targets(model, args.layers, args.projections)
-    eig_modules, eig_meta = {}, None
+    eig_meta = None
     if needs_eigen:
-        eig_modules, eig_meta = load_eigenbasis(Path(eig_dir), names=[t.name for t in targets])
+        _, eig_meta = load_eigenbasis(Path(eig_dir), names=())  # the meta: checked before the model loads
         check_eigenbasis_model(eig_meta, eig_dir, model_dir, base_fingerprint)
-        for target in targets:
-            _check_eigen(target, eig_modules.get(target.name), Path(eig_dir))
+    args = resolve_layers(args, AutoConfig.from_pretrained(model_dir).num_hidden_layers)
+    model, tokenizer, targets, eig_modules = load_edit_targets(
+        model_dir, args.layers, args.projections, Path(eig_dir) if needs_eigen else None
+    )
     modules = []
     for target in targets:
         weight = model.get_submodule(target.name).weight
@@ -175,6 +172,8 @@ def _edit_label_free(
         else:
             rel = args.noise_norm_for(target.layer, target.proj)
             W_new = noise_weight(W, rel, _module_seed(args.seed, target.name))
+        if not torch.isfinite(W_new).all():
+            raise MemkfacError(f"{args.method} produced NaN or Inf in {target.name}", "check the eigenbasis")
         change = float(torch.linalg.norm(W_new.double() - W.double()) / torch.linalg.norm(W.double()))
         weight.data.copy_(W_new)
         modules.append(

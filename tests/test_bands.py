@@ -206,4 +206,4 @@ def test_bands_command_end_to_end(tiny_model_dir, memkfac_home, tmp_path, capsys
     other = tmp_path / "other"
     build_tiny_model(other, arch="llama", seed=1)
     assert main([bands[0], str(other), *bands[2:]]) == 1
-    assert "another model" in capsys.readouterr().err
+    assert "was computed for the model with fingerprint" in capsys.readouterr().err

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from memkfac.editing import _project
@@ -96,3 +98,19 @@ def test_curvature_baselines_need_an_eigenbasis(tiny_model_dir, tmp_path):
 def test_label_free_arguments_are_checked(kwargs, message):
     with pytest.raises(MemkfacError, match=message):
         LabelFreeArguments(layers=[1], **kwargs)
+
+
+def test_label_free_edits_check_layers_and_weights_as_the_curvature_edit_does(tiny_model_dir, tmp_path):
+    inputs = EditInputs(model_dir=tiny_model_dir)
+    with pytest.raises(MemkfacError, match=r"layer\(s\) \[40\] are not in"):
+        apply_edit(LabelFreeArguments(layers=[40], method="noise"), inputs, tmp_path / "far")
+    weights = load_file(str(tiny_model_dir / "model.safetensors"))
+    weights["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, damaged)
+    save_file(weights, str(damaged / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MemkfacError, match="NaN or Inf"):
+        apply_edit(
+            LabelFreeArguments(layers=[1], method="noise"), EditInputs(model_dir=damaged), tmp_path / "n"
+        )
+    assert not (tmp_path / "far").exists() and not (tmp_path / "n").exists()
