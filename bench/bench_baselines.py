@@ -1,8 +1,9 @@
 """Benchmark: training time of the forget-set baselines GA+GD and NPO against BalancedSubnet, side by side.
 
-The issue's budget: each of GA+GD and NPO at most as long as BalancedSubnet on the default. All three
-run at their default arguments (BalancedSubnet: 20 epochs of 4 + 4 sequences over the forget set;
-GA+GD and NPO: 160 steps of 4 + 4, the top of ``memkfac compare``'s step grid) on the same layers,
+The budget: each of GA+GD and NPO at most as long as BalancedSubnet on the default. BalancedSubnet
+runs as the default pipeline config's ``balanced-subnet`` edit (``--bsn-epochs`` 5 epochs of 4 + 4
+sequences over the forget set), GA+GD and NPO at their defaults (160 steps of 4 + 4, the top of
+``memkfac compare``'s step grid), on the same layers,
 forget set and retain blocks, one after the other in one process, each timed end to end (load, train,
 write the checkpoint) by its ``memkfac.methods`` entry point. The data are seeded random tokens shaped
 like the default's: ``--forget`` sequences of a ``--prefix``-token prefix and a ``--suffix``-token
@@ -33,7 +34,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="a Hugging Face model directory (default: a tiny Llama)")
     p.add_argument("--layers", default=None, help="edited layers (default: 1-2 on tiny, else 22-24)")
-    p.add_argument("--forget", type=int, default=32, help="forget sequences (the canary sweep split)")
+    p.add_argument("--forget", type=int, default=64, help="forget sequences (the default sweep split)")
+    p.add_argument("--bsn-epochs", type=int, default=5, help="BalancedSubnet epochs (default config)")
     p.add_argument("--prefix", type=int, default=24)
     p.add_argument("--suffix", type=int, default=16)
     p.add_argument("--retain", type=int, default=256, help="retain blocks (compare's retain_blocks)")
@@ -67,7 +69,7 @@ def main() -> None:
                 model_dir,
                 [p + s for p, s in forget],
                 retain,
-                BSNArguments(layers=layers),
+                BSNArguments(layers=layers, epochs=a.bsn_epochs),
                 tmp / "bsn",
                 progress=False,
                 device=a.device,
@@ -106,6 +108,7 @@ def main() -> None:
             "model": str(a.model or "tiny llama (memkfac.tiny)"),
             "layers": layers,
             "data": {k: getattr(a, k) for k in ("forget", "prefix", "suffix", "retain", "block_len")},
+            "bsn_epochs": a.bsn_epochs,
             "device": a.device,
             "steps": steps,
             "seconds": seconds,

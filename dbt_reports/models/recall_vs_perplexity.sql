@@ -4,6 +4,7 @@ select
     f.edit,
     f.variant,
     f.probe_set,
+    f.split,
     f.strict_pct,
     f.loose_pct,
     f.base_strict_pct,
@@ -13,6 +14,7 @@ select
 from {{ ref('forgetting_by_variant') }} as f
 join {{ ref('utility_retention') }} as u on u.variant = f.variant
 where f.kind = 'memorized' and f.split in ('holdout', 'all')
-  and not (f.split = 'holdout' and exists (
+  -- 'all' only for a probe set without a holdout split
+  and not (f.split = 'all' and exists (
       select 1 from {{ ref('forgetting_by_variant') }} as g
-      where g.variant = f.variant and g.probe_set = f.probe_set and g.kind = f.kind and g.split = 'all'))
+      where g.variant = f.variant and g.probe_set = f.probe_set and g.kind = f.kind and g.split = 'holdout'))

@@ -129,9 +129,13 @@ def test_tables_and_reports(pipeline):
         assert table.num_rows == config.canaries.n_trained + config.canaries.n_control
     with duckdb.connect(str(store.duckdb_path), read_only=True) as con:
         rows = con.execute(
-            "select variant from main_reports.recall_vs_perplexity order by variant"
+            "select r.variant, r.split, r.strict_pct, f.strict_pct "
+            "from main_reports.recall_vs_perplexity as r join main_reports.forgetting_by_variant as f "
+            "on f.variant = r.variant and f.probe_set = r.probe_set and f.kind = 'memorized' "
+            "and f.split = 'holdout' order by r.variant"
         ).fetchall()
         assert [r[0] for r in rows] == sorted(config.variants)
+        assert all(split == "holdout" and got == holdout for _, split, got, holdout in rows), rows
         retention = con.execute("select distinct variant from main_reports.downstream_retention").fetchall()
         assert sorted(r[0] for r in retention) == sorted(v for v in config.variants if "__base" not in v)
         steps = con.execute(
