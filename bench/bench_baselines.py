@@ -1,13 +1,13 @@
 """Benchmark: training time of the forget-set baselines GA+GD and NPO against BalancedSubnet, side by side.
 
-The budget: each of GA+GD and NPO at most as long as BalancedSubnet on the default. BalancedSubnet
-runs as the default pipeline config's ``balanced-subnet`` edit (``--bsn-epochs`` 5 epochs of 4 + 4
-sequences over the forget set), GA+GD and NPO at their defaults (160 steps of 4 + 4, the top of
-``memkfac compare``'s step grid), on the same layers,
-forget set and retain blocks, one after the other in one process, each timed end to end (load, train,
-write the checkpoint) by its ``memkfac.methods`` entry point. The data are seeded random tokens shaped
-like the default's: ``--forget`` sequences of a ``--prefix``-token prefix and a ``--suffix``-token
-secret (the canary sweep split), ``--retain`` blocks of ``--block-len`` tokens (the finetune split).
+The budget: each of GA+GD and NPO at most as long as BalancedSubnet on the default. BalancedSubnet runs
+as the default pipeline config's ``balanced-subnet`` edit (``--bsn-epochs`` 5 epochs of 4 + 4 sequences
+over the forget set), GA+GD and NPO at their defaults (80 steps of 4 + 4, the same step count), on the
+same layers, forget set and retain blocks, one after the other in one process, each timed end to end
+(load, train, write the checkpoint) by its ``memkfac.methods`` entry point. The data are seeded random
+tokens shaped like the default's: ``--forget`` sequences of a ``--prefix``-token prefix and a
+``--suffix``-token secret (the canary sweep split), ``--retain`` blocks of ``--block-len`` tokens (the
+finetune split).
 
 Run: ``python bench/bench_baselines.py`` (a tiny Llama built on the fly, seconds), or
 ``python bench/bench_baselines.py --model DIR --layers 22-24`` for a real checkpoint such as the
