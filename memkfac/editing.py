@@ -19,10 +19,9 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from tqdm import tqdm
@@ -236,34 +235,54 @@ def eigenbasis_record(eig_dir: Path | None, eig_meta: dict | None) -> dict | Non
     }
 
 
+class EditTargets(NamedTuple):
+    """What an edit reads, checked (``load_edit_targets``)."""
+
+    args: object  # the edit's arguments, its layer spec resolved to indices
+    model: torch.nn.Module
+    tokenizer: object
+    targets: list[Target]
+    eigen: dict[str, ModuleEigen]  # the targets' eigenvectors ({} when the method needs none)
+    eig_meta: dict | None  # the eigenbasis's meta (None when the method needs none)
+
+
 def load_edit_targets(
-    model_dir: Path, layers: Sequence[int], projections: Sequence[str], eig_dir: Path | None
-) -> tuple[torch.nn.Module, object, list[Target], dict[str, ModuleEigen]]:
-    """``(model, tokenizer, targets, eigenvectors)`` of an edit of ``layers`` x ``projections``, all
-    checked before anything is changed: the layers exist, each target weight is finite, and (with an
-    ``eig_dir``) the eigenbasis holds every target with the right shapes and finite values. The model
-    is loaded on the CPU in the dtype it is stored in, so untouched tensors are written back as they
-    were; only the targets' eigenvectors are read (``{}`` without ``eig_dir``)."""
+    model_dir: Path, args, eig_dir: Path | None, needs_eigen: bool, base_fingerprint: str
+) -> EditTargets:
+    """Everything an edit of ``args.layers`` x ``args.projections`` of ``model_dir`` (fingerprint
+    ``base_fingerprint``) reads; ``args`` is any edit's arguments (``method``, ``layers``,
+    ``projections``). All is checked before anything is changed: an eigenbasis is given when the
+    method ``needs_eigen`` and was computed for this model (checked before the model loads), the
+    layers exist, each target weight is finite, and the eigenbasis holds every target with the right
+    shapes and finite values. The model is loaded on the CPU in the dtype it is stored in, so untouched
+    tensors are written back as they were; only the targets' eigenvectors are read."""
+    if needs_eigen and eig_dir is None:
+        raise MemkfacError(f"method {args.method!r} needs an eigenbasis", "pass the factors directory")
+    eig_meta = None
+    if needs_eigen:
+        _, eig_meta = load_eigenbasis(Path(eig_dir), names=())  # the meta only, before the model
+        check_eigenbasis_model(eig_meta, eig_dir, model_dir, base_fingerprint)
     hf_config = AutoConfig.from_pretrained(model_dir)
     num_layers = hf_config.num_hidden_layers
-    missing = [i for i in layers if not 0 <= i < num_layers]
+    args = resolve_layers(args, num_layers)
+    missing = [i for i in args.layers if not 0 <= i < num_layers]
     if missing:
         raise MemkfacError(
             f"layer(s) {missing} are not in {model_dir}, which has layers 0..{num_layers - 1}",
             f"choose layers between 0 and {num_layers - 1}",
         )
     model, tokenizer = load_model(model_dir, dtype=_stored_dtype(hf_config))
-    targets = find_targets(model, layers, projections)
-    eig_modules = {} if eig_dir is None else load_eigenbasis(eig_dir, names=[t.name for t in targets])[0]
+    targets = find_targets(model, args.layers, args.projections)
+    eigen = load_eigenbasis(Path(eig_dir), names=[t.name for t in targets])[0] if needs_eigen else {}
     for target in targets:
         if not torch.isfinite(model.get_submodule(target.name).weight).all():
             raise MemkfacError(
                 f"the weight of {target.name} in {model_dir} has NaN or Inf values",
                 "the base model is damaged: re-create or re-download it",
             )
-        if eig_dir is not None:
-            _check_eigen(target, eig_modules.get(target.name), eig_dir)
-    return model, tokenizer, targets, eig_modules
+        if needs_eigen:
+            _check_eigen(target, eigen.get(target.name), Path(eig_dir))
+    return EditTargets(args, model, tokenizer, targets, eigen, eig_meta)
 
 
 def _stored_dtype(hf_config) -> str:
@@ -331,16 +350,8 @@ def _edit_model(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     validate_model_dir(model_dir)
     base_fingerprint = model_fingerprint(model_dir)
-    eig_meta = None
-    if config.method != "svd":
-        if eig_dir is None:
-            raise MemkfacError(f"method {config.method!r} needs an eigenbasis", "pass the factors directory")
-        _, eig_meta = load_eigenbasis(Path(eig_dir), names=())  # the meta: checked before the model loads
-        check_eigenbasis_model(eig_meta, eig_dir, model_dir, base_fingerprint)
-
-    config = resolve_layers(config, AutoConfig.from_pretrained(model_dir).num_hidden_layers)
-    model, tokenizer, targets, eig_modules = load_edit_targets(
-        model_dir, config.layers, config.projections, None if config.method == "svd" else Path(eig_dir)
+    config, model, tokenizer, targets, eig_modules, eig_meta = load_edit_targets(
+        model_dir, config, eig_dir, config.method != "svd", base_fingerprint
     )
     modules = []
     for target in tqdm(targets, desc="editing", unit="module", disable=not progress):

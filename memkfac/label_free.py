@@ -28,24 +28,22 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import torch
-from transformers import AutoConfig
 
 import memkfac
 from memkfac.arguments import Checks
 from memkfac.checkpoint import checkpoint_kind, load_manifest, save_checkpoint
 from memkfac.editing import (
     _module_seed,
-    check_eigenbasis_model,
     eigenbasis_record,
     load_edit_targets,
 )
-from memkfac.eigen import ModuleEigen, load_eigenbasis
+from memkfac.eigen import ModuleEigen
 from memkfac.errors import MemkfacError
 from memkfac.fingerprint import model_fingerprint
 from memkfac.models import validate_model_dir
 from memkfac.paths import claim_output
 from memkfac.selection import check_keep_mass, select_components
-from memkfac.targets import PROJECTIONS, LayerSpec, Projection, check_layers, resolve_layers
+from memkfac.targets import PROJECTIONS, LayerSpec, Projection, check_layers
 
 LabelFreeMethod = Literal["identity_basis", "block_deletion", "noise"]
 LABEL_FREE_METHODS: tuple[LabelFreeMethod, ...] = get_args(LabelFreeMethod)
@@ -150,16 +148,8 @@ def _edit_label_free(
     start = time.perf_counter()
     validate_model_dir(model_dir)
     base_fingerprint = model_fingerprint(model_dir)
-    needs_eigen = args.method != "noise"
-    if needs_eigen and eig_dir is None:
-        raise MemkfacError(f"method {args.method!r} needs an eigenbasis", "pass the factors directory")
-    eig_meta = None
-    if needs_eigen:
-        _, eig_meta = load_eigenbasis(Path(eig_dir), names=())  # the meta: checked before the model loads
-        check_eigenbasis_model(eig_meta, eig_dir, model_dir, base_fingerprint)
-    args = resolve_layers(args, AutoConfig.from_pretrained(model_dir).num_hidden_layers)
-    model, tokenizer, targets, eig_modules = load_edit_targets(
-        model_dir, args.layers, args.projections, Path(eig_dir) if needs_eigen else None
+    args, model, tokenizer, targets, eig_modules, eig_meta = load_edit_targets(
+        model_dir, args, eig_dir, args.method != "noise", base_fingerprint
     )
     modules = []
     for target in targets:
