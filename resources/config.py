@@ -12,7 +12,9 @@ list both in one mapping. On load:
 - names that become partition keys and file names (models, edits) pass ``memkfac.paths.safe_name``,
   may not contain ``__`` (it joins model and edit in a variant key), and no edit is called ``base``;
 - a relative ``canaries.file`` is resolved against ``MEMKFAC_HOME`` (the canaries asset validates
-  its content, once, when it runs).
+  its content, once, when it runs);
+- ``extends: OTHER.yaml`` starts from another config and changes only what the file says
+  (``read_extended``): ``configs/full.yaml`` is the default at a larger scale.
 
 A variant is a model crossed with an edit (``smollm2-135m__kfac-r0.95``); every model also gets the
 unedited reference variant ``<model>__base``. ``python -m resources.config --schema`` prints the
@@ -544,18 +546,66 @@ _Loader.add_implicit_resolver(
 
 
 def load_config(path: str | os.PathLike) -> PipelineConfig:
-    """Read and validate a pipeline YAML file; raise ``ConfigError`` listing every problem."""
-    path = Path(path)
+    """Read and validate a pipeline YAML file, with the file it ``extends`` (``read_extended``); raise
+    ``ConfigError`` listing every problem."""
+    files: list[Path] = []
+    raw = read_extended(Path(path), files)
+    source = str(path) if len(files) == 1 else f"{path} (extending {', '.join(map(str, files[1:]))})"
+    return parse_config(raw, source)
+
+
+def read_extended(path: Path, files: list[Path] | None = None) -> Any:
+    """The YAML mapping of ``path``; when it has ``extends: OTHER.yaml`` (relative to ``path``'s
+    directory), that file's mapping with this one laid over it by ``merge_extended``, recursively.
+    ``files`` collects the files read, ``path`` first."""
+    files = [] if files is None else files
     if not path.is_file():
         raise MemkfacError(
-            f"pipeline config {path} does not exist",
-            "set MEMKFAC_CONFIG to a YAML file such as configs/default.yaml",
+            f"pipeline config {path} does not exist" + (f" ({files[-1]} extends it)" if files else ""),
+            "give extends a path relative to the extending file"
+            if files
+            else "set MEMKFAC_CONFIG to a YAML file such as configs/default.yaml",
         )
+    if path.resolve() in (f.resolve() for f in files):
+        raise MemkfacError(
+            f"pipeline configs extend each other in a cycle: {' -> '.join(map(str, [*files, path]))}",
+            "remove the extends key of one of them",
+        )
+    files.append(path)
     try:
         raw = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
         raise MemkfacError(f"{path} is not valid YAML: {e}", "fix the syntax at the position shown") from e
-    return parse_config(raw, str(path))
+    if not isinstance(raw, dict) or "extends" not in raw:
+        return raw
+    target = raw.pop("extends")
+    if not isinstance(target, str) or not target:
+        raise ConfigError(
+            str(path),
+            [ConfigProblem("extends", f"is {target!r}", "give the path of another pipeline YAML file")],
+        )
+    base = read_extended(path.parent / target, files)
+    if not isinstance(base, dict):
+        raise ConfigError(
+            str(path.parent / target),
+            [ConfigProblem("(top level)", f"is {type(base).__name__}", "write 'section: ...' lines")],
+        )
+    return merge_extended(base, raw)
+
+
+def merge_extended(base: dict, override: dict) -> dict:
+    """``override`` laid over ``base``: mappings merge key by key, any other value (a list too)
+    replaces, and a key set to null is removed, so it takes its default (``edits: {svd-drop25: null}``
+    drops a variant)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_extended(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def parse_config(raw: Any, source: str = "<dict>") -> PipelineConfig:
@@ -829,6 +879,14 @@ def json_schema() -> dict:
     schema = PipelineConfig.model_json_schema(schema_generator=_DescribedSchema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "memkfac pipeline config"
+    schema["properties"]["extends"] = {
+        "type": "string",
+        "description": "Another pipeline YAML (relative to this file) that this one changes: mappings "
+        "merge key by key, other values replace, null removes a key (load_config).",
+    }
+    # a file that extends another may leave out what that one has (models included)
+    schema["if"] = {"not": {"required": ["extends"]}}
+    schema["then"] = {"required": schema.pop("required")}
 
     def any_of(node: Any) -> Any:  # alternatives may overlap (defaults), so any one that fits is valid
         if isinstance(node, dict):

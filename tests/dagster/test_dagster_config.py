@@ -249,8 +249,9 @@ def test_bad_key_fails_on_load_naming_its_path(change, key, words):
 
 
 def test_every_section_is_covered():
-    """Each top-level section is broken in all three ways above (mlflow holds two free strings: no range)."""
-    sections = set(json_schema()["properties"])
+    """Each top-level section is broken in all three ways above (mlflow holds two free strings: no range).
+    ``extends`` is read before validation: test_extends_lays_a_file_over_another breaks it."""
+    sections = set(json_schema()["properties"]) - {"extends"}
     for cases, exempt in ((MISSPELLED, set()), (WRONG_TYPE, set()), (OUT_OF_RANGE, {"mlflow"})):
         covered = {re.split(r"[.\[]", key)[0] for _, key, _ in cases}
         assert sections - exempt <= covered, sections - exempt - covered
@@ -395,7 +396,8 @@ def test_published_schema_is_current_and_the_configs_name_it():
 def test_schema_describes_every_section_and_forbids_unknown_keys():
     schema = json_schema()
     defs = schema["$defs"]
-    assert schema["additionalProperties"] is False and schema["required"] == ["models"]
+    assert schema["additionalProperties"] is False and schema["then"] == {"required": ["models"]}
+    assert schema["if"] == {"not": {"required": ["extends"]}} and "extends" in schema["properties"]
     assert defs["InjectArguments"]["properties"]["finetune"] == {"$ref": "#/$defs/FinetuneArguments"}
     assert all(d.get("additionalProperties") is False for d in defs.values() if "properties" in d)
     assert defs["FinetuneArguments"]["properties"]["decay"]["enum"] == ["constant", "linear"]
@@ -453,3 +455,39 @@ def test_baselines_are_edit_methods_of_the_config():
         layers="1-2", method="block_deletion", block_fraction=0.3
     )
     assert config.edit_of("tiny-llama__noise").noise_norm == 0.05
+
+
+def test_extends_lays_a_file_over_another(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMKFAC_HOME", str(tmp_path))
+    base = yaml.safe_load(TINY_CONFIG.read_text())
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    child = tmp_path / "sub" / "child.yaml"
+    child.parent.mkdir()
+    child.write_text(
+        "extends: ../base.yaml\n"
+        "canaries: {n_trained: 10}\n"  # a mapping merges: n_control and seed stay the base's
+        "downstream: {tasks: [arithmetic]}\n"  # a list replaces
+        'edits:\n  svd-drop25: null\n  kfac-r0.5: {method: kfac, layers: "2-3", keep_mass: 0.5}\n'
+    )
+    config = load_config(child)
+    assert config.canaries.n_trained == 10 and config.canaries.n_control == base["canaries"]["n_control"]
+    assert config.downstream.tasks == ("arithmetic",)
+    assert "svd-drop25" not in config.edits and set(base["edits"]) - {"svd-drop25"} < set(config.edits)
+    assert config.edits["kfac-r0.5"].keep_mass == 0.5
+    assert list(config.models) == list(base["models"])
+
+    # problems name the files, whichever holds the key
+    child.write_text("extends: ../base.yaml\ncanaries: {n_trained: 1}\n")
+    with pytest.raises(ConfigError, match=r"child.yaml \(extending .*base.yaml\)") as e:
+        load_config(child)
+    assert "canaries.n_trained" in str(e.value)
+
+    for text, words in [
+        ("extends: missing.yaml\n", "missing.yaml does not exist .*child.yaml extends it"),
+        ("extends: child.yaml\n", "extend each other in a cycle"),
+        ("extends: [../base.yaml]\n", "extends: is"),
+        ("extend: ../base.yaml\n", "did you mean 'extends'"),
+    ]:
+        child.write_text(text)
+        with pytest.raises(MemkfacError, match=words):
+            load_config(child)
