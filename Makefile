@@ -1,5 +1,5 @@
 # The two set-up commands on a fresh machine (see README):
-#   make demo   runs the main job on the embedded default (offline, CPU; about 80 minutes on 2 cores)
+#   make demo   runs the main job on the embedded default (offline, CPU; about 40 minutes on 2 cores)
 #   make test   installs everything and runs the whole test suite, slow tests included
 # Then `make ui` (Dagster) and `make mlflow-ui` (MLflow) open the UIs on what the main job wrote.
 PYTHON ?= python3
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	@echo "The main job on $${MEMKFAC_CONFIG:-configs/default.yaml}: about 80 minutes on a 2-core CPU for the default."
+	@echo "The main job on $${MEMKFAC_CONFIG:-configs/default.yaml}: about 40 minutes on a 2-core CPU for the default (configs/full.yaml: about 80)."
 	@echo "Ctrl-C stops it; the same command resumes. Then: make ui, make mlflow-ui."
 	$(BIN)/python -m jobs.main
 

@@ -328,14 +328,27 @@ def test_default_and_tiny_configs_load_into_engine_arguments(monkeypatch, tmp_pa
         16,
     )
     assert default.resurgence.arguments.eval_batch_size == default.evaluation.arguments.batch_size == 64
-    assert default.corpus.max_tokens == {"factor": 102400, "finetune": 65536, "heldout": 16384}
+    assert default.resurgence.arguments.batch_size == 2
+    assert default.corpus.max_tokens == {"factor": 51200, "finetune": 65536, "heldout": 16384}
+    assert default.factors.max_tokens == 51200
+    assert default.canaries == CanaryArguments(n_trained=64, n_control=64, seed=0)
     assert default.injection.finetune == FinetuneArguments(
         epochs=14, lr=6e-4, warmup_steps=12, decay="linear", train_layers="14-29", train_embeddings=False
     )
-    assert default.edits["kfac-r0.95"] == EditArguments(layers="22-24", keep_mass=0.95)
-    assert default.edits["balanced-subnet"] == BSNArguments(layers="22-24", epochs=5)
-    assert default.edit_of("smollm2-135m__svd-drop25").method == "svd"
+    assert list(default.edits) == ["kfac-r0.9", "balanced-subnet"]
+    assert default.edits["kfac-r0.9"] == EditArguments(layers="22-24", keep_mass=0.9)
+    # 80 BalancedSubnet steps: 10 epochs over the 32 sweep canaries at 4 a step
+    assert default.edits["balanced-subnet"] == BSNArguments(layers="22-24", epochs=10)
     assert default.edit_of("smollm2-135m__base") is None
+
+    # configs/full.yaml: the default at the scale of docs/results.md's larger run
+    full = load_config(default_config_path().with_name("full.yaml"))
+    assert full.canaries == CanaryArguments(n_trained=128, n_control=128, seed=0)
+    assert list(full.edits) == ["kfac-r0.9", "balanced-subnet", "kfac-r0.95", "svd-drop25"]
+    assert full.edits["balanced-subnet"] == BSNArguments(layers="22-24", epochs=5)
+    assert full.edit_of("smollm2-135m__svd-drop25").method == "svd"
+    assert full.factors.max_tokens == 102400 and full.resurgence.arguments.batch_size == 4
+    assert full.resurgence_variants == default.resurgence_variants
 
     monkeypatch.setenv("MEMKFAC_HOME", str(tmp_path))
     tiny = load_config(TINY_CONFIG)
