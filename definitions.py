@@ -14,7 +14,12 @@ import dagster as dg
 from assets import build_assets, reports
 from assets.partitions import Partitions
 from jobs.schedules import build_resurgence_job, build_weekly_resurgence
-from jobs.sensors import build_automation_sensor, build_input_files_sensor, build_registry_watch_sensor
+from jobs.sensors import (
+    build_automation_sensor,
+    build_comparison_sensor,
+    build_input_files_sensor,
+    build_registry_watch_sensor,
+)
 from resources.config import PipelineConfig, load_config
 from resources.settings import Settings, build_resources
 
@@ -32,6 +37,7 @@ def build_definitions(config: PipelineConfig, settings: Settings) -> dg.Definiti
             build_automation_sensor(),
             build_input_files_sensor(config, parts),
             build_registry_watch_sensor(config),
+            build_comparison_sensor(),
         ],
         resources=build_resources(settings, config),
     )

@@ -5,6 +5,10 @@ instance.
 ``watch_history`` run per registered version downstream of an edit that it has not seen before (the
 cursor holds the versions seen); an unreachable registry skips the tick and says why.
 
+``comparison_reports`` records each new or changed ``memkfac compare`` report under
+``MEMKFAC_HOME/reports`` as a runless materialization of ``comparison_report`` (figure and tables in
+its metadata), so the UI shows what a comparison run outside the graph found.
+
 ``input_files_sensor`` checks the base-model directories, the corpus, the probe directory and the
 user's canary file (``canaries.file``, when set) on every tick. It re-hashes a file only when its size
 or mtime changed (the cursor remembers both), and reports each new content version as a runless
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.comparisons import COMPARISON_ASSET, report_materialization, report_versions
 from assets.partitions import Partitions
 from assets.sources import CANARY_FILE, corpus_version, model_version, probe_file_versions
 from assets.watch import REGISTRY_VERSIONS, WATCH_ASSET, partition_key
@@ -163,6 +168,26 @@ def build_registry_watch_sensor(config: PipelineConfig) -> dg.SensorDefinition:
         )
 
     return registry_watch
+
+
+COMPARISON_SENSOR_NAME = "comparison_reports"
+
+
+def build_comparison_sensor() -> dg.SensorDefinition:
+    @dg.sensor(
+        name=COMPARISON_SENSOR_NAME,
+        minimum_interval_seconds=60,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Records each new or changed `memkfac compare` report under MEMKFAC_HOME/reports as a "
+        f"materialization of {COMPARISON_ASSET}, with its figure and tables.",
+    )
+    def comparison_reports(context: dg.SensorEvaluationContext, store: ArtifactStore) -> dg.SensorResult:
+        seen = json.loads(context.cursor) if context.cursor else {}
+        found = report_versions(store.root / "reports")
+        events = [report_materialization(Path(p)) for p, version in found.items() if seen.get(p) != version]
+        return dg.SensorResult(asset_events=events, cursor=json.dumps(found, sort_keys=True))
+
+    return comparison_reports
 
 
 def build_automation_sensor() -> dg.AutomationConditionSensorDefinition:

@@ -90,7 +90,7 @@ AMOUNT_RANGES = {
 }
 
 
-def _is_report(path: Path) -> bool:
+def is_report(path: Path) -> bool:
     """Whether ``path`` is a report (Markdown, or its JSON rows) an earlier comparison wrote."""
     with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
         text = path.read_text(encoding="utf-8")
@@ -568,11 +568,11 @@ def run_comparison(
     )
     c = Comparison(model_dir, probes, corpus_dir, args, progress, device, dtype)
     for path in (report_path, report_path.with_suffix(".json")):
-        check_output_file(path, overwrite=overwrite, inputs=[model_dir, corpus_dir], owns=_is_report)
+        check_output_file(path, overwrite=overwrite, inputs=[model_dir, corpus_dir], owns=is_report)
     # the figure beside an earlier report is that report's
     figure = report_path.with_suffix(".png")
     check_output_file(
-        figure, overwrite=overwrite, inputs=[model_dir, corpus_dir], owns=lambda _: _is_report(report_path)
+        figure, overwrite=overwrite, inputs=[model_dir, corpus_dir], owns=lambda _: is_report(report_path)
     )
     with DirectoryLock(c.cache):  # one comparison writes the cache at a time
         return _run(c, probes, args, probe_set, report_path, progress, log)

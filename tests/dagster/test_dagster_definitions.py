@@ -81,7 +81,12 @@ def test_sensors_and_schedules_run_on_a_fresh_instance():
     from definitions import defs
 
     sensors = {s.name: s for s in defs.sensors}
-    assert set(sensors) == {"memkfac_automation", "input_files_sensor", "registry_watch"}
+    assert set(sensors) == {
+        "memkfac_automation",
+        "input_files_sensor",
+        "registry_watch",
+        "comparison_reports",
+    }
     assert all(s.default_status == dg.DefaultSensorStatus.RUNNING for s in sensors.values())
     # the automation sensor covers the observable sources too, so Dagster adds no stopped default sensor
     repo = defs.get_repository_def()

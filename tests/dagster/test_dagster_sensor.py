@@ -130,3 +130,46 @@ def test_model_version_of_each_kind_of_source(tmp_path):
     assert model_version("allenai/OLMo-2-1124-7B") == "hub:allenai/OLMo-2-1124-7B"
     assert model_version("smollm2-135m") == BUILTIN_MODELS["smollm2-135m"].sha256
     assert model_version(str(tmp_path / "missing" / "model")) is None
+
+
+def test_comparison_reports_show_in_the_ui_with_their_figure(tiny_defs, tiny_home):
+    """A `memkfac compare` report under MEMKFAC_HOME/reports becomes a runless materialization of
+    comparison_report with its figure, tables and row count; a user's Markdown file does not."""
+    from memkfac.champion import plot_recall_vs_perplexity
+    from memkfac.compare import REPORT_HEADER
+
+    defs, _, _ = tiny_defs
+    instance = dg.DagsterInstance.ephemeral()
+    store = ArtifactStore(home=str(tiny_home))
+    sensor = defs.resolve_sensor_def("comparison_reports")
+
+    def tick(cursor):
+        context = dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources={"store": store}, definitions=defs
+        )
+        result = sensor(context)
+        for event in result.asset_events:  # what Dagster does with a sensor's asset events
+            instance.report_runless_asset_event(event)
+        return result
+
+    assert tick(None).asset_events == []  # no reports directory yet
+    reports = store.root / "reports"
+    reports.mkdir()
+    (reports / "notes.md").write_text("# my notes\n")
+    report = reports / "comparison-canaries.md"
+    report.write_text(REPORT_HEADER + "| method | strict % |\n|---|---|\n| K-FAC | 3.1 |\n")
+    report.with_suffix(".json").write_text(json.dumps([{"variant": "base"}, {"variant": "kfac"}]))
+    first = tick(None)
+    (event,) = first.asset_events
+    assert event.asset_key == dg.AssetKey("comparison_report") and event.description == report.name
+    assert event.metadata["dagster/row_count"].value == 2
+    assert "| K-FAC | 3.1 |" in event.metadata["report"].value
+    assert REPORT_HEADER not in event.metadata["report"].value
+    assert "recall_vs_perplexity" not in event.metadata  # the figure is not written yet
+
+    assert tick(first.cursor).asset_events == []
+    plot_recall_vs_perplexity([("base", 14.0, 96.9), ("K-FAC", 15.0, 0.0)], report.with_suffix(".png"), "t")
+    (event,) = tick(first.cursor).asset_events
+    assert event.metadata["recall_vs_perplexity"].value.startswith("![recall against perplexity")
+    latest = instance.get_latest_materialization_event(dg.AssetKey("comparison_report"))
+    assert "recall_vs_perplexity" in latest.asset_materialization.metadata

@@ -126,6 +126,7 @@ def test_dagster_dev_serves_the_graph_and_runs_an_asset(tiny_home, tmp_path):
             "memkfac_automation": "RUNNING",
             "input_files_sensor": "RUNNING",
             "registry_watch": "RUNNING",
+            "comparison_reports": "RUNNING",
         }
         assert schedules == {"weekly_resurgence": "RUNNING"}
 
