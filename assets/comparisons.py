@@ -31,20 +31,14 @@ comparison_report = dg.AssetSpec(
 )
 
 
-def report_versions(reports_dir: Path) -> dict[str, str]:
-    """``{report path: version}`` of every comparison report in ``reports_dir``; the version changes
-    when the report, its rows or its figure is rewritten (size and mtime of the three)."""
-    versions = {}
-    for report in sorted(reports_dir.glob("*.md")):
-        if not is_report(report):
-            continue  # a Markdown file of the user's
-        stats = []
-        for path in (report, report.with_suffix(".json"), report.with_suffix(".png")):
-            with contextlib.suppress(OSError):
-                stat = path.stat()
-                stats.append(f"{path.suffix}:{stat.st_size}:{stat.st_mtime_ns}")
-        versions[str(report)] = ",".join(stats)
-    return versions
+def report_files(reports_dir: Path) -> dict[Path, list[Path]]:
+    """``{report: its files}`` of every comparison report in ``reports_dir`` (a user's Markdown file is
+    not one): the ``.md``, and its rows (``.json``) and figure (``.png``) where they exist."""
+    return {
+        report: [p for p in (report, report.with_suffix(".json"), report.with_suffix(".png")) if p.is_file()]
+        for report in sorted(reports_dir.glob("*.md"))
+        if is_report(report)
+    }
 
 
 def report_materialization(report: Path) -> dg.AssetMaterialization:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.comparisons import COMPARISON_ASSET, report_materialization, report_versions
+from assets.comparisons import COMPARISON_ASSET, report_files, report_materialization
 from assets.partitions import Partitions
 from assets.sources import CANARY_FILE, corpus_version, model_version, probe_file_versions
 from assets.watch import REGISTRY_VERSIONS, WATCH_ASSET, partition_key
@@ -183,7 +183,8 @@ def build_comparison_sensor() -> dg.SensorDefinition:
     )
     def comparison_reports(context: dg.SensorEvaluationContext, store: ArtifactStore) -> dg.SensorResult:
         seen = json.loads(context.cursor) if context.cursor else {}
-        found = report_versions(store.root / "reports")
+        # a report's version changes when the report, its rows or its figure is rewritten
+        found = {str(r): _stat_signature(files) for r, files in report_files(store.root / "reports").items()}
         events = [report_materialization(Path(p)) for p, version in found.items() if seen.get(p) != version]
         return dg.SensorResult(asset_events=events, cursor=json.dumps(found, sort_keys=True))
 

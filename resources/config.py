@@ -585,11 +585,7 @@ def read_extended(path: Path, files: list[Path] | None = None) -> Any:
             [ConfigProblem("extends", f"is {target!r}", "give the path of another pipeline YAML file")],
         )
     base = read_extended(path.parent / target, files)
-    if not isinstance(base, dict):
-        raise ConfigError(
-            str(path.parent / target),
-            [ConfigProblem("(top level)", f"is {type(base).__name__}", "write 'section: ...' lines")],
-        )
+    _require_mapping(base, str(path.parent / target))
     return merge_extended(base, raw)
 
 
@@ -608,12 +604,16 @@ def merge_extended(base: dict, override: dict) -> dict:
     return merged
 
 
-def parse_config(raw: Any, source: str = "<dict>") -> PipelineConfig:
-    """Validate an already-parsed config mapping (see ``load_config``)."""
+def _require_mapping(raw: Any, source: str) -> None:
     if not isinstance(raw, dict):
         raise ConfigError(
             source, [ConfigProblem("(top level)", f"is {type(raw).__name__}", "write 'section: ...' lines")]
         )
+
+
+def parse_config(raw: Any, source: str = "<dict>") -> PipelineConfig:
+    """Validate an already-parsed config mapping (see ``load_config``)."""
+    _require_mapping(raw, source)
     unset: list[ConfigProblem] = []
     raw = _expand_env(raw, "", unset)
     if unset:
