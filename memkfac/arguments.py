@@ -136,12 +136,15 @@ class CompareArguments:
     eval_blocks: int | None = 256  # the first held-out blocks (disjoint): reported perplexity, nDCG
     methods: tuple[str, ...] = COMPARE_METHODS  # rows besides base and K-FAC (always there)
     match_steps: int = 7  # bisection steps per perplexity-matched row
-    match_tolerance: float = 0.05  # |sweep perplexity / K-FAC's - 1| beyond this marks a row unmatched
+    # A row is matched when its sweep-perplexity increase over the base is within this share of the
+    # K-FAC edit's increase (0.1: 90-110% of it); else the report marks it.
+    match_tolerance: float = 0.1
     bsn_ratio: float | None = None  # None: BSNArguments' default
     bsn_epochs: int | None = None
     retain_blocks: int = 256  # blocks of the corpus's finetune split: retain set of the forget-set methods
     forget_steps: tuple[int, ...] = (10, 20, 40, 80, 160)  # GA+GD / NPO strength grid, in steps
-    forget_lr: float = 1e-4
+    # GA+GD / NPO rates, tried in increasing order until a run's grid reaches the target perplexity
+    forget_lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
     npo_beta: float = 0.1
     relearn: bool = True  # the relearning table (K-FAC, GA+GD, NPO)
     relearn_steps: tuple[int, ...] = (10, 50, 200)
@@ -169,8 +172,15 @@ class CompareArguments:
             steps = getattr(self, name)
             if not steps or any(s < 1 for s in steps) or list(steps) != sorted(set(steps)):
                 raise MemkfacError(f"{name} {list(steps)} must be increasing and positive", "e.g. 10,20,40")
-        if not self.forget_lr > 0 or not self.npo_beta > 0:
-            raise MemkfacError("forget_lr and npo_beta must be positive", "e.g. 1e-4 and 0.1")
+        if not self.forget_lrs or any(not lr > 0 for lr in self.forget_lrs) or not self.npo_beta > 0:
+            raise MemkfacError(
+                f"forget_lrs {list(self.forget_lrs)} and npo_beta {self.npo_beta} must be positive",
+                "e.g. forget_lrs 1e-4,1e-3 and npo_beta 0.1",
+            )
+        if not self.match_tolerance > 0:
+            raise MemkfacError(
+                f"match_tolerance {self.match_tolerance} must be positive", "e.g. 0.1 (within 10%)"
+            )
 
 
 @dataclass

@@ -11,11 +11,13 @@ One call does what the paper's section 5 does, on any model with a probe set who
    matches the K-FAC edit's sweep perplexity: by bisection on a log scale of the amount removed for the
    per-side, SVD and random-basis controls and the label-free baselines (``memkfac.label_free``:
    identity basis, flattest-block deletion, noise whose per-module norm is the K-FAC change's times
-   the bisected scale); by a grid of training steps, measured in one run, for the forget-set baselines
-   GA+GD and NPO (``memkfac.forget_set``, trained on the sweep split with the corpus's finetune text
-   as retain data). BalancedSubnet (supervised on the sweep split) is trained once at its configured
-   strength. A row whose strength range never comes within ``match_tolerance`` of the target, or whose
-   training diverged, is kept and marked so in the report.
+   the bisected scale); by a grid of training steps, measured in one run per learning rate (the rates
+   tried in increasing order until one reaches the target), for the forget-set baselines GA+GD and NPO
+   (``memkfac.forget_set``, trained on the sweep split with the corpus's finetune text as retain data).
+   BalancedSubnet (supervised on the sweep split) is trained once at its configured strength. Matched
+   means a perplexity increase over the base within ``match_tolerance`` of the K-FAC edit's (as a
+   share of it); a row that is not, whose strength range never reaches the target, or whose training
+   diverged, is kept and marked so in the report.
 4. Every method is evaluated on the *holdout* split (which no method saw) and the control probes,
    held-out perplexity and nDCG@10 against the unedited model, membership inference, and the
    downstream task suite with retention and paired bootstrap confidence intervals.
@@ -111,6 +113,7 @@ class MethodResult:
     model_dir: str
     sweep: dict = field(default_factory=dict)  # the sweep/matching measurement that chose it
     trained: dict = field(default_factory=dict)  # memorization summary on the holdout split
+    seen: dict = field(default_factory=dict)  # on the sweep split (what the forget-set methods trained on)
     control: dict = field(default_factory=dict)
     perplexity: float = math.nan
     ndcg: float = math.nan
@@ -339,72 +342,83 @@ class Comparison:
         return config, best | {"recall_removed": bool(removed)}, points
 
     # -- rows at matched perplexity ------------------------------------------------------------------
-    def matched(self, method: str, config_for, target_ppl: float, log) -> tuple[object, dict]:
+    def matched(self, method: str, config_for, target_ppl: float, log) -> tuple[object, dict, bool]:
         """Bisection on log(amount) over ``AMOUNT_RANGES[method]`` so that the sweep perplexity of
-        ``config_for(amount)`` matches ``target_ppl``; the closest point measured, and its config."""
+        ``config_for(amount)`` matches ``target_ppl``: ``(config, point)`` of the closest point measured,
+        and whether the points measured bracket the target."""
         lo, hi = (math.log(x) for x in AMOUNT_RANGES[method])
-        best = None
+        points = []
         for _ in range(self.args.match_steps):
             amount = math.exp((lo + hi) / 2)
             point = self.sweep_point(config_for(amount), with_recall=False) | {"amount": amount}
-            gap = abs(math.log(point["ppl"] / target_ppl))
-            if best is None or gap < best[0]:
-                best = (gap, point)
+            points.append(point)
             log(f"  {method} amount {amount:.4g}: sweep ppl {point['ppl']:.3f} (target {target_ppl:.3f})")
             if point["ppl"] < target_ppl:
                 lo = math.log(amount)
             else:
                 hi = math.log(amount)
-        point = best[1]
-        return config_for(point["amount"]), point
+        point = _closest(points, target_ppl)
+        return config_for(point["amount"]), point, _brackets(points, target_ppl)
 
     def forget_set_grid(self, method: str, layers: list[int], target_ppl: float, log) -> tuple:
-        """GA+GD or NPO trained once for max(``forget_steps``) steps, sweep perplexity measured at each
-        grid step; ``(config at the closest grid step or None, its point, diverged_at)``."""
+        """GA+GD or NPO toward ``target_ppl``: one run per rate of ``forget_lrs`` (increasing), each
+        trained up to max(``forget_steps``) steps with the sweep perplexity measured at each grid step,
+        stopping once it reaches the target; no higher rate is tried once one has.
+        ``(config of the closest point or None, that point, bracketed, divergence notes)``."""
         a = self.args
-        top = ForgetSetArguments(
-            layers=list(layers),
-            projections=a.projections,
-            method=method,
-            steps=max(a.forget_steps),
-            lr=a.forget_lr,
-            beta=a.npo_beta,
-            seed=a.seed,
-        )
+        points, diverged = [], []
+        for lr in sorted(a.forget_lrs):
+            top = ForgetSetArguments(
+                layers=list(layers),
+                projections=a.projections,
+                method=method,
+                steps=max(a.forget_steps),
+                lr=lr,
+                beta=a.npo_beta,
+                seed=a.seed,
+            )
+            run = self._forget_set_run(top, target_ppl, log)
+            points += [p | {"lr": lr} for p in run["points"]]
+            if run["diverged_at"] is not None:
+                diverged.append(f"diverged at step {run['diverged_at']} (lr {lr:g})")
+            if any(p["ppl"] >= target_ppl for p in run["points"]):
+                break
+        if not points:
+            return None, {}, False, diverged
+        point = _closest(points, target_ppl)
+        config = dataclasses.replace(top, steps=point["steps"], lr=point["lr"])
+        return config, point, _brackets(points, target_ppl), diverged
+
+    def _forget_set_run(self, top: ForgetSetArguments, target_ppl: float, log) -> dict:
+        """``{"points": [{"steps", "ppl"}], "diverged_at"}`` of one training run (cached)."""
+        a = self.args
         key = _key(
             self._edit_key(top),
             a.forget_steps,
+            round(target_ppl, 6),  # where the run stops
             self.sweep_heldout.fingerprint,
             len(self.sweep_heldout.blocks),
         )
         path = self.cache / "compare" / "grids" / f"{key}.json"
         if path.is_file():
-            grid = json.loads(path.read_text())
-        else:
-            model, tokenizer = self.load(self.model_dir)
-            points = []
+            return json.loads(path.read_text())
+        model, tokenizer = self.load(self.model_dir)
+        points = []
 
-            def measure(step: int) -> None:
-                if step in a.forget_steps:
-                    ppl = perplexity(model, self.sweep_heldout.blocks, progress=False)["perplexity"]
-                    points.append({"steps": step, "ppl": ppl})
-                    log(f"  {method} {step} steps: sweep ppl {ppl:.3f} (target {target_ppl:.3f})")
+        def measure(step: int) -> bool:
+            if step not in a.forget_steps:
+                return False
+            ppl = perplexity(model, self.sweep_heldout.blocks, progress=False)["perplexity"]
+            points.append({"steps": step, "ppl": ppl})
+            log(f"  {top.method} lr {top.lr:g} {step} steps: sweep ppl {ppl:.3f} (target {target_ppl:.3f})")
+            return ppl >= target_ppl  # further steps only move away from the target
 
-            result = unlearn(
-                model,
-                self.forget_pairs,
-                self.retain().tolist(),
-                top,
-                tokenizer.pad_token_id or 0,
-                False,
-                measure,
-            )
-            grid = {"points": points, "diverged_at": result.diverged_at}
-            write_json(path, grid)
-        if not grid["points"]:
-            return None, {}, grid["diverged_at"]
-        point = min(grid["points"], key=lambda p: abs(math.log(p["ppl"] / target_ppl)))
-        return dataclasses.replace(top, steps=point["steps"]), point, grid["diverged_at"]
+        result = unlearn(
+            model, self.forget_pairs, self.retain().tolist(), top, tokenizer.pad_token_id or 0, False, measure
+        )
+        run = {"points": points, "diverged_at": result.diverged_at}
+        write_json(path, run)
+        return run
 
     def relearning(self, model_dir: Path) -> dict:
         """Holdout strict recall before the edit, after it, and the fraction of the former back after each
@@ -511,10 +525,36 @@ def _setting(config, amount: float | None = None) -> str:
     return f"{where}, rho {config.keep_mass:.6g}"
 
 
-def _matching_note(point: dict, target_ppl: float, tolerance: float) -> str:
-    """The report's mark on a row whose sweep perplexity is off the K-FAC edit's by more than tolerance."""
-    gap = point["ppl"] / target_ppl - 1
-    return "" if abs(gap) <= tolerance else f"did not reach target perplexity: closest {gap:+.1%}"
+def _closest(points: list[dict], target_ppl: float) -> dict:
+    return min(points, key=lambda p: abs(math.log(p["ppl"] / target_ppl)))
+
+
+def _brackets(points: list[dict], target_ppl: float) -> bool:
+    """Whether the perplexities measured lie on both sides of the target (or on it)."""
+    return min(p["ppl"] for p in points) <= target_ppl <= max(p["ppl"] for p in points)
+
+
+def cost_share(ppl: float, target_ppl: float, base_ppl: float) -> float:
+    """A row's sweep-perplexity increase over the base as a share of the K-FAC edit's (1: matched).
+    An edit that costs less than 0.5% of the base's perplexity counts as costing 0.5%, so a free
+    K-FAC edit does not make every row unmatched by a rounding error."""
+    return (ppl - base_ppl) / max(target_ppl - base_ppl, 0.005 * base_ppl)
+
+
+def matching_note(ppl: float, target_ppl: float, base_ppl: float, tolerance: float, bracketed: bool) -> str:
+    """The report's mark on a row whose perplexity increase is not within ``tolerance`` of the K-FAC
+    edit's: "" when matched; else what the closest point cost, and whether the strength range ever got
+    past the target."""
+    share = cost_share(ppl, target_ppl, base_ppl)
+    if abs(share - 1) <= tolerance:
+        return ""
+    if not bracketed:
+        side = "below" if ppl < target_ppl else "above"
+        return (
+            f"did not reach target perplexity: every strength tried stays {side} it; the closest costs "
+            f"{share:.0%} of the K-FAC edit's perplexity increase"
+        )
+    return f"not matched: the closest point costs {share:.0%} of the K-FAC edit's perplexity increase"
 
 
 def _matched_configs(c: Comparison, method: str, kfac: EditArguments, kfac_dir: Path):
@@ -592,30 +632,32 @@ def _run(
 
     kfac_dir = c.edit(kfac)
     span = _span(kfac.layers)
+    base_ppl = c.base_sweep_ppl()
     chosen: list[tuple[str, str, Path | None, str, dict, str]] = [
-        ("base", "base", c.model_dir, "unedited", {"ppl": c.base_sweep_ppl()}, ""),
+        ("base", "base", c.model_dir, "unedited", {"ppl": base_ppl}, ""),
         ("K-FAC", f"kfac-l{span}-r{kfac.keep_mass}", kfac_dir, _setting(kfac), kfac_point, ""),
     ]
     for method in (m for m in COMPARE_METHODS if m in args.methods):
         label = LABELS[method]
         if method in AMOUNT_RANGES:
             log(f"{label} at matched sweep perplexity {target:.3f}")
-            config, point = c.matched(method, _matched_configs(c, method, kfac, kfac_dir), target, log)
-            note = _matching_note(point, target, args.match_tolerance)
+            config, point, bracketed = c.matched(
+                method, _matched_configs(c, method, kfac, kfac_dir), target, log
+            )
+            note = matching_note(point["ppl"], target, base_ppl, args.match_tolerance, bracketed)
             variant = f"{method}-l{span}-x{point['amount']:.4g}"
             chosen.append((label, variant, c.edit(config), _setting(config, point["amount"]), point, note))
         elif method in FORGET_SET_METHODS:
-            grid = list(args.forget_steps)
-            log(f"{label} on the sweep split, steps {grid} toward sweep perplexity {target:.3f}")
-            config, point, diverged_at = c.forget_set_grid(method, kfac.layers, target, log)
-            notes = [] if diverged_at is None else [f"diverged at step {diverged_at}"]
+            grid, lrs = list(args.forget_steps), sorted(args.forget_lrs)
+            log(f"{label} on the sweep split, steps {grid} at lr {lrs} toward sweep perplexity {target:.3f}")
+            config, point, bracketed, notes = c.forget_set_grid(method, kfac.layers, target, log)
             if config is None:
                 chosen.append(
-                    (label, f"{method}-l{span}", None, "no grid step before divergence", {}, notes[0])
+                    (label, f"{method}-l{span}", None, "no grid step before divergence", {}, "; ".join(notes))
                 )
                 continue
-            notes.append(_matching_note(point, target, args.match_tolerance))
-            variant = f"{method}-l{span}-s{config.steps}"
+            notes.append(matching_note(point["ppl"], target, base_ppl, args.match_tolerance, bracketed))
+            variant = f"{method}-l{span}-s{config.steps}-lr{config.lr:g}"
             chosen.append(
                 (label, variant, c.edit(config), _setting(config), point, "; ".join(filter(None, notes)))
             )
@@ -657,6 +699,7 @@ def _run(
             model_dir=str(model_dir_i),
             sweep=point,
             trained=_pooled([r for r in rows if r["kind"] == "memorized" and r["split"] == "holdout"]),
+            seen=_pooled([r for r in rows if r["kind"] == "memorized" and r["split"] == "sweep"]),
             control=_pooled([r for r in rows if r["kind"] == "control"]),
             perplexity=tables["perplexity"].column("perplexity")[0].as_py(),
             ndcg=tables["ndcg"].column("ndcg")[0].as_py(),
@@ -778,6 +821,8 @@ def _comparison_row(r: MethodResult) -> dict:
         "trained_loose_pct": r.trained.get("loose_pct"),
         "trained_avg_lev": r.trained.get("avg_lev"),
         **{f"trained_{k}": r.trained.get(k) for k in FIELD_METRICS},
+        "sweep_strict_pct": r.seen.get("strict_pct"),
+        "sweep_ppl": r.sweep.get("ppl"),
         "control_strict_pct": r.control.get("strict_pct"),
         "control_loose_pct": r.control.get("loose_pct"),
         "control_avg_lev": r.control.get("avg_lev"),
@@ -803,8 +848,8 @@ def format_report(results: list[MethodResult], args: CompareArguments, kfac_poin
     lines = [
         "| method | setting | strict % | loose % | avgLev | VerbMem | exact mem. | extraction str. "
         "| control strict % | MIA AUC | TPR@1%FPR | perplexity | nDCG@10 | downstream retention [95% CI] "
-        "| sweep perplexity | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| sweep strict % | sweep perplexity | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         d, t = r.downstream, r.trained
@@ -819,7 +864,8 @@ def format_report(results: list[MethodResult], args: CompareArguments, kfac_poin
             f"| {_cell(t.get('avg_lev'))} | {_cell(t.get('verbmem'))} | {_cell(t.get('exact_memorization'))} "
             f"| {_cell(t.get('extraction_strength'))} | {_cell(r.control.get('strict_pct'), '.1f')} "
             f"| {_cell(r.mia.get('auc'))} | {_cell(r.mia.get('tpr_at_1pct_fpr'))} | {_cell(r.perplexity)} "
-            f"| {_cell(r.ndcg)} | {ds} | {_cell(r.sweep.get('ppl'))} | {r.note or ''} |"
+            f"| {_cell(r.ndcg)} | {ds} | {_cell(r.seen.get('strict_pct'), '.1f')} "
+            f"| {_cell(r.sweep.get('ppl'))} | {r.note or ''} |"
         )
     lines += [
         "",
@@ -828,7 +874,8 @@ def format_report(results: list[MethodResult], args: CompareArguments, kfac_poin
         "continuation against the true suffix (MUSE); exact mem.: teacher-forced argmax accuracy on the "
         "suffix; extraction str.: extraction strength; all means in [0, 1]; – where not computed. "
         f"MIA: the {MIA_SCORE.upper()} attack, held-out trained probes against the controls (AUC, and TPR at "
-        "1% FPR).",
+        "1% FPR). Sweep strict %: recall of the sweep-split probes, which GA+GD, NPO and BalancedSubnet "
+        "trained to forget and on which the K-FAC edit's rho was chosen.",
         (
             f"K-FAC layers and rho were chosen on the sweep split: strict recall <= {args.max_sweep_recall}% "
             "there at the lowest perplexity"
@@ -841,8 +888,10 @@ def format_report(results: list[MethodResult], args: CompareArguments, kfac_poin
         "for per-side, SVD, random basis, identity basis, block deletion and noise (noise: each module's "
         "norm is the K-FAC change's there, times the scale shown); the closest step of the "
         f"{list(args.forget_steps)} grid for GA+GD and NPO (trained on the sweep split, retain: the "
-        f"finetune split). A row farther than {args.match_tolerance:.0%} from the target is marked. "
-        "BalancedSubnet was trained once at its configured strength (not matched).",
+        f"finetune split), at the first rate of {sorted(args.forget_lrs)} whose run reaches the target. "
+        "A row whose sweep-perplexity increase over the base is not within "
+        f"{args.match_tolerance:.0%} of the K-FAC edit's is marked. BalancedSubnet was trained once at "
+        "its configured strength (not matched).",
         "Perplexity: exp(mean token NLL) on held-out blocks. "
         "nDCG@10: paper formula, against the unedited model.",
     ]

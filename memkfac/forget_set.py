@@ -142,12 +142,13 @@ def unlearn(
     args: ForgetSetArguments,
     pad_id: int,
     progress: bool = False,
-    after_step: Callable[[int], None] | None = None,
+    after_step: Callable[[int], bool | None] | None = None,
 ) -> UnlearnResult:
     """Train the ``args`` targets of ``model`` in place for ``args.steps`` steps; stop at a NaN loss.
 
-    ``after_step(n)`` runs after step n with the model in eval mode and no gradient. The model is left
-    in eval mode with every parameter's ``requires_grad`` set back to True.
+    ``after_step(n)`` runs after step n with the model in eval mode and no gradient; a true return
+    stops the training there. The model is left in eval mode with every parameter's ``requires_grad``
+    set back to True.
     """
     _check_data(args.method, forget, retain)
     targets = find_targets(model, args.layers, args.projections)
@@ -203,7 +204,9 @@ def unlearn(
             if after_step is not None:
                 model.eval()
                 with torch.no_grad():
-                    after_step(step)
+                    stop = after_step(step)
+                if stop:
+                    break
                 model.train()
     finally:
         model.eval()

@@ -168,6 +168,9 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("trained_verbmem", pa.float64()),  # the field's metrics: null where not computed
         pa.field("trained_exact_memorization", pa.float64()),
         pa.field("trained_extraction_strength", pa.float64()),
+        # the sweep split: the forget set of GA+GD, NPO and BalancedSubnet, where K-FAC's rho was chosen
+        pa.field("sweep_strict_pct", pa.float64()),
+        pa.field("sweep_ppl", pa.float64()),  # the perplexity each row was matched on
         pa.field("control_strict_pct", pa.float64()),
         pa.field("control_loose_pct", pa.float64()),
         pa.field("control_avg_lev", pa.float64()),

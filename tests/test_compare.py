@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memkfac import compare as compare_module
-from memkfac.compare import CompareArguments, run_comparison
+from memkfac.compare import CompareArguments, cost_share, matching_note, run_comparison
 from memkfac.corpora import CorpusArguments, build_corpus
 from memkfac.generation import greedy_continuations
 from memkfac.models import load_model
@@ -52,7 +52,7 @@ def test_comparison_on_tiny_model(tiny_model_dir, memkfac_home, tmp_path, monkey
         bsn_epochs=2,
         retain_blocks=8,
         forget_steps=(2, 4, 8),
-        forget_lr=1e-3,
+        forget_lrs=(1e-3,),
         relearn_steps=(2, 4),
         downstream_tasks=("copying",),
     )
@@ -84,8 +84,8 @@ def test_comparison_on_tiny_model(tiny_model_dir, memkfac_home, tmp_path, monkey
         assert r.setting.startswith(kfac.setting.split(",")[0]), r.setting
         assert r.perplexity > 0 and 0 <= r.mia["auc"] <= 1
         if r.method != "BalancedSubnet":
-            gap = abs(r.sweep["ppl"] / kfac.sweep["ppl"] - 1)
-            assert (gap <= args.match_tolerance) == ("did not reach target perplexity" not in r.note), r
+            share = cost_share(r.sweep["ppl"], kfac.sweep["ppl"], base.sweep["ppl"])
+            assert (abs(share - 1) <= args.match_tolerance) == (r.note == ""), r
     assert {r.method for r in results if r.relearning} == {"K-FAC", "GA+GD", "NPO"}
     for r in results:
         if r.relearning:
@@ -195,14 +195,14 @@ def test_report_marks_rows_and_shows_missing_metrics():
         base.trained,
         perplexity=12.0,
         ndcg=0.9,
-        note="did not reach target perplexity: closest +20.0%",
+        note=matching_note(12.0, 11.0, 10.0, 0.1, bracketed=False),
     )
     text = format_report(
         [base, npo, far], CompareArguments(), {"recall_removed": True, "strict_pct": 0.0, "ppl": 10.0}
     )
     rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
     assert "diverged at step 1" in rows["NPO"] and rows["NPO"].count("–") >= 10
-    assert "did not reach target perplexity: closest +20.0%" in rows["noise"]
+    assert "stays above it; the closest costs 200% of the K-FAC" in rows["noise"]
     assert "| 0.900 |" in rows["base"]  # VerbMem where the summary has it; – where it does not
 
 
@@ -235,7 +235,7 @@ def test_unmatched_and_diverged_rows_are_kept_and_marked(tiny_model_dir, memkfac
         methods=("ga_gd", "npo"),
         retain_blocks=4,
         forget_steps=(1, 2),
-        forget_lr=0.5,
+        forget_lrs=(0.5,),
         match_tolerance=1e-4,  # a random tiny model's perplexity hardly moves: ask for more than it gives
         relearn=False,
         downstream=False,
@@ -253,8 +253,67 @@ def test_unmatched_and_diverged_rows_are_kept_and_marked(tiny_model_dir, memkfac
     )
     by_method = {r.method: r for r in results}
     assert list(by_method) == ["base", "K-FAC", "GA+GD", "NPO"]
-    gap = by_method["GA+GD"].sweep["ppl"] / by_method["K-FAC"].sweep["ppl"] - 1
-    assert by_method["GA+GD"].note == f"did not reach target perplexity: closest {gap:+.1%}"
-    assert by_method["NPO"].note == "diverged at step 1" and by_method["NPO"].model_dir == ""
+    ga_gd = by_method["GA+GD"]
+    assert ga_gd.note and ga_gd.note.endswith("of the K-FAC edit's perplexity increase"), ga_gd.note
+    assert ga_gd.note.startswith(("did not reach target perplexity", "not matched"))
+    assert by_method["NPO"].note == "diverged at step 1 (lr 0.5)" and by_method["NPO"].model_dir == ""
     text = (tmp_path / "r.md").read_text()
-    assert "| NPO |" in text and "diverged at step 1" in text and "did not reach target perplexity" in text
+    assert "| NPO |" in text and "diverged at step 1 (lr 0.5)" in text and ga_gd.note in text
+
+
+def test_matching_is_measured_on_the_k_fac_edits_perplexity_increase():
+    # base 13.46, K-FAC 14.06: an increase of 0.60; tolerance 0.1 accepts increases of 0.54 to 0.66
+    assert cost_share(14.06, 14.06, 13.46) == pytest.approx(1.0)
+    assert cost_share(13.40, 14.06, 13.46) == pytest.approx(-0.1)
+    assert matching_note(14.11, 14.06, 13.46, 0.1, bracketed=True) == ""  # 108%
+    assert matching_note(14.01, 14.06, 13.46, 0.1, bracketed=False) == ""  # 92%: close enough
+    # within 5% of the target perplexity, but a tenth of the edit's cost the wrong way: not matched
+    assert matching_note(13.40, 14.06, 13.46, 0.1, bracketed=False) == (
+        "did not reach target perplexity: every strength tried stays below it; the closest costs -10% "
+        "of the K-FAC edit's perplexity increase"
+    )
+    assert matching_note(14.20, 14.06, 13.46, 0.1, bracketed=True) == (
+        "not matched: the closest point costs 123% of the K-FAC edit's perplexity increase"
+    )
+    # an edit that costs nothing counts as costing 0.5% of the base perplexity (0.05 here)
+    assert cost_share(10.04, 10.0, 10.0) == pytest.approx(0.8)
+
+
+def test_forget_set_grid_raises_the_rate_until_a_run_reaches_the_target(
+    tiny_model_dir, memkfac_home, tmp_path, monkeypatch
+):
+    """Each rate's run stops at the first grid step at or past the target; a higher rate is tried only
+    while none has reached it; the closest point of all runs is chosen."""
+    from memkfac.compare import Comparison
+    from memkfac.forget_set import UnlearnResult
+
+    model, tok = load_model(tiny_model_dir)
+    (tmp_path / "text.txt").write_text(TEXT)
+    corpus = build_corpus(
+        CorpusArguments(str(tmp_path / "text.txt"), block_len=32), tok, tmp_path / "corpus", progress=False
+    )
+    # sweep perplexity after n steps at each rate: 1e-4 never gets there, 1e-3 passes 14.0 at step 4
+    ppl = {1e-4: {2: 13.0, 4: 13.1, 8: 13.2}, 1e-3: {2: 13.5, 4: 14.1, 8: 15.0}, 1e-2: {2: 30.0}}
+    runs, now = [], {}
+
+    def fake_unlearn(model, forget, retain, args, pad_id, progress, after_step):
+        runs.append((args.lr, []))
+        for step in range(1, args.steps + 1):
+            now.update(lr=args.lr, step=step)
+            runs[-1][1].append(step)
+            if after_step(step):
+                break
+        return UnlearnResult(steps=step)
+
+    monkeypatch.setattr(compare_module, "unlearn", fake_unlearn)
+    measured = lambda *a, **k: {"perplexity": ppl[now["lr"]][now["step"]]}  # noqa: E731
+    monkeypatch.setattr(compare_module, "perplexity", measured)
+    args = CompareArguments(
+        layer_sets=((1, 2),), sweep_blocks=4, eval_blocks=4, retain_blocks=4, forget_steps=(2, 4, 8)
+    )
+    c = Comparison(tiny_model_dir, _probes(model, tok), corpus, args, progress=False)
+    config, point, bracketed, diverged = c.forget_set_grid("ga_gd", [1, 2], 14.0, log=lambda _: None)
+    assert [(lr, steps[-1]) for lr, steps in runs] == [(1e-4, 8), (1e-3, 4)]  # no 1e-2 run
+    assert (config.lr, config.steps, point["ppl"], bracketed, diverged) == (1e-3, 4, 14.1, True, [])
+    runs.clear()  # cached: a second call trains nothing
+    assert c.forget_set_grid("ga_gd", [1, 2], 14.0, log=lambda _: None)[1] == point and not runs

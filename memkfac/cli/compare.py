@@ -30,7 +30,9 @@ rho grid is walked from the gentlest edit down until strict recall on the probe 
 <= --max-sweep-recall; of those, the edit with the lowest perplexity is the K-FAC row. Every other row
 (but BalancedSubnet, at its configured strength) edits the same layers at the strength that matches
 that perplexity: bisection for controls and label-free baselines, the closest of the --forget-steps grid
-for GA+GD and NPO (trained on the sweep split). Rows report the *holdout* split.
+for GA+GD and NPO (trained on the sweep split; the --forget-lrs rates tried in increasing order until a
+run reaches that perplexity). A row whose perplexity increase over the base is not within
+--match-tolerance of the K-FAC edit's is marked in the report. Rows report the *holdout* split.
 
 Factors, sweep measurements, chosen edits, BalancedSubnet and downstream scores are cached under
 $MEMKFAC_HOME/cache by content, so a rerun only computes what changed. Results: Parquet tables under
@@ -131,11 +133,20 @@ def register(subparsers) -> None:
         f"(default: {','.join(map(str, d.forget_steps))})",
     )
     p.add_argument(
-        "--forget-lr",
+        "--forget-lrs",
+        type=float_list,
+        default=d.forget_lrs,
+        metavar="LIST",
+        help="GA+GD and NPO: AdamW rates, tried in increasing order until a run reaches the K-FAC "
+        f"perplexity (default: {','.join(map(str, d.forget_lrs))})",
+    )
+    p.add_argument(
+        "--match-tolerance",
         type=float,
-        default=d.forget_lr,
-        metavar="LR",
-        help=f"GA+GD and NPO: AdamW rate (default: {d.forget_lr})",
+        default=d.match_tolerance,
+        metavar="FRAC",
+        help="a row is matched when its perplexity increase is within this share of the K-FAC edit's "
+        f"(default: {d.match_tolerance})",
     )
     p.add_argument(
         "--npo-beta",
@@ -191,7 +202,8 @@ def compare_arguments(args: argparse.Namespace, num_layers: int):
         sweep_blocks=args.sweep_blocks,
         eval_blocks=args.eval_blocks,
         methods=args.methods,
-        forget_lr=args.forget_lr,
+        forget_lrs=tuple(args.forget_lrs),
+        match_tolerance=args.match_tolerance,
         npo_beta=args.npo_beta,
         relearn=not args.no_relearn,
         mlflow=not args.no_mlflow,
