@@ -363,7 +363,9 @@ class Comparison:
     def forget_set_grid(self, method: str, layers: list[int], target_ppl: float, log) -> tuple:
         """GA+GD or NPO toward ``target_ppl``: one run per rate of ``forget_lrs`` (increasing), each
         trained up to max(``forget_steps``) steps with the sweep perplexity measured at each grid step,
-        stopping once it reaches the target; no higher rate is tried once one has.
+        stopping at the first that reaches the target; no higher rate is tried once one has. A run that
+        reaches it is refined: rerun to that step, measured at ``match_steps`` evenly spaced steps since
+        the grid step before (batches depend only on the seed and the step, so the models agree).
         ``(config of the closest point or None, that point, bracketed, divergence notes)``."""
         a = self.args
         points, diverged = [], []
@@ -377,11 +379,18 @@ class Comparison:
                 beta=a.npo_beta,
                 seed=a.seed,
             )
-            run = self._forget_set_run(top, target_ppl, log)
-            points += [p | {"lr": lr} for p in run["points"]]
+            run = self._forget_set_run(top, a.forget_steps, target_ppl, log)
             if run["diverged_at"] is not None:
                 diverged.append(f"diverged at step {run['diverged_at']} (lr {lr:g})")
-            if any(p["ppl"] >= target_ppl for p in run["points"]):
+            reached = [p["steps"] for p in run["points"] if p["ppl"] >= target_ppl]
+            if reached:
+                below = max((p["steps"] for p in run["points"] if p["ppl"] < target_ppl), default=0)
+                finer = _steps_between(below, reached[0], a.match_steps)
+                if finer:
+                    refined = dataclasses.replace(top, steps=reached[0])
+                    run["points"] += self._forget_set_run(refined, finer, target_ppl, log)["points"]
+            points += [p | {"lr": lr} for p in run["points"]]
+            if reached:
                 break
         if not points:
             return None, {}, False, diverged
@@ -389,12 +398,12 @@ class Comparison:
         config = dataclasses.replace(top, steps=point["steps"], lr=point["lr"])
         return config, point, _brackets(points, target_ppl), diverged
 
-    def _forget_set_run(self, top: ForgetSetArguments, target_ppl: float, log) -> dict:
-        """``{"points": [{"steps", "ppl"}], "diverged_at"}`` of one training run (cached)."""
-        a = self.args
+    def _forget_set_run(self, top: ForgetSetArguments, grid, target_ppl: float, log) -> dict:
+        """``{"points": [{"steps", "ppl"}], "diverged_at"}`` of one training run to ``top.steps``, its
+        sweep perplexity measured at the ``grid`` steps until one reaches ``target_ppl`` (cached)."""
         key = _key(
             self._edit_key(top),
-            a.forget_steps,
+            grid,
             round(target_ppl, 6),  # where the run stops
             self.sweep_heldout.fingerprint,
             len(self.sweep_heldout.blocks),
@@ -406,12 +415,12 @@ class Comparison:
         points = []
 
         def measure(step: int) -> bool:
-            if step not in a.forget_steps:
+            if step not in grid:
                 return False
             ppl = perplexity(model, self.sweep_heldout.blocks, progress=False)["perplexity"]
             points.append({"steps": step, "ppl": ppl})
             log(f"  {top.method} lr {top.lr:g} {step} steps: sweep ppl {ppl:.3f} (target {target_ppl:.3f})")
-            return ppl >= target_ppl  # further steps only move away from the target
+            return ppl >= target_ppl  # past the target: later steps are not needed
 
         result = unlearn(
             model, self.forget_pairs, self.retain().tolist(), top, tokenizer.pad_token_id or 0, False, measure
@@ -527,6 +536,11 @@ def _setting(config, amount: float | None = None) -> str:
 
 def _closest(points: list[dict], target_ppl: float) -> dict:
     return min(points, key=lambda p: abs(math.log(p["ppl"] / target_ppl)))
+
+
+def _steps_between(lo: int, hi: int, n: int) -> tuple[int, ...]:
+    """Up to ``n`` evenly spaced whole steps strictly between ``lo`` and ``hi``."""
+    return tuple(sorted({round(lo + (hi - lo) * i / (n + 1)) for i in range(1, n + 1)} - {lo, hi}))
 
 
 def _brackets(points: list[dict], target_ppl: float) -> bool:

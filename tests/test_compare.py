@@ -283,7 +283,8 @@ def test_forget_set_grid_raises_the_rate_until_a_run_reaches_the_target(
     tiny_model_dir, memkfac_home, tmp_path, monkeypatch
 ):
     """Each rate's run stops at the first grid step at or past the target; a higher rate is tried only
-    while none has reached it; the closest point of all runs is chosen."""
+    while none has reached it; the run that reached it is refined between the grid steps around the
+    target; the closest point of all runs is chosen."""
     from memkfac.compare import Comparison
     from memkfac.forget_set import UnlearnResult
 
@@ -292,8 +293,8 @@ def test_forget_set_grid_raises_the_rate_until_a_run_reaches_the_target(
     corpus = build_corpus(
         CorpusArguments(str(tmp_path / "text.txt"), block_len=32), tok, tmp_path / "corpus", progress=False
     )
-    # sweep perplexity after n steps at each rate: 1e-4 never gets there, 1e-3 passes 14.0 at step 4
-    ppl = {1e-4: {2: 13.0, 4: 13.1, 8: 13.2}, 1e-3: {2: 13.5, 4: 14.1, 8: 15.0}, 1e-2: {2: 30.0}}
+    # sweep perplexity after n steps at each rate: 1e-4 never gets there, 1e-3 passes 14.0 at step 3
+    ppl = {1e-4: {2: 13.0, 4: 13.1, 8: 13.2}, 1e-3: {2: 13.5, 3: 14.05, 4: 14.1, 8: 15.0}, 1e-2: {2: 30.0}}
     runs, now = [], {}
 
     def fake_unlearn(model, forget, retain, args, pad_id, progress, after_step):
@@ -313,7 +314,16 @@ def test_forget_set_grid_raises_the_rate_until_a_run_reaches_the_target(
     )
     c = Comparison(tiny_model_dir, _probes(model, tok), corpus, args, progress=False)
     config, point, bracketed, diverged = c.forget_set_grid("ga_gd", [1, 2], 14.0, log=lambda _: None)
-    assert [(lr, steps[-1]) for lr, steps in runs] == [(1e-4, 8), (1e-3, 4)]  # no 1e-2 run
-    assert (config.lr, config.steps, point["ppl"], bracketed, diverged) == (1e-3, 4, 14.1, True, [])
+    # the grid runs, then the refinement between steps 2 and 4, which stops at 3; no 1e-2 run
+    assert [(lr, steps[-1]) for lr, steps in runs] == [(1e-4, 8), (1e-3, 4), (1e-3, 3)]
+    assert (config.lr, config.steps, point["ppl"], bracketed, diverged) == (1e-3, 3, 14.05, True, [])
     runs.clear()  # cached: a second call trains nothing
     assert c.forget_set_grid("ga_gd", [1, 2], 14.0, log=lambda _: None)[1] == point and not runs
+
+
+def test_steps_between_grid_steps():
+    from memkfac.compare import _steps_between
+
+    assert _steps_between(40, 80, 7) == (45, 50, 55, 60, 65, 70, 75)
+    assert _steps_between(0, 3, 7) == (1, 2)  # whole steps only, none repeated
+    assert _steps_between(4, 5, 7) == ()
