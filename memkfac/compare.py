@@ -420,7 +420,7 @@ class Comparison:
             ppl = perplexity(model, self.sweep_heldout.blocks, progress=False)["perplexity"]
             points.append({"steps": step, "ppl": ppl})
             log(f"  {top.method} lr {top.lr:g} {step} steps: sweep ppl {ppl:.3f} (target {target_ppl:.3f})")
-            return ppl >= target_ppl  # past the target: later steps are not needed
+            return bool(ppl >= target_ppl)  # past the target: later steps are not needed
 
         result = unlearn(
             model, self.forget_pairs, self.retain().tolist(), top, tokenizer.pad_token_id or 0, False, measure

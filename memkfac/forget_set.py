@@ -146,7 +146,7 @@ def unlearn(
 ) -> UnlearnResult:
     """Train the ``args`` targets of ``model`` in place for ``args.steps`` steps; stop at a NaN loss.
 
-    ``after_step(n)`` runs after step n with the model in eval mode and no gradient; a true return
+    ``after_step(n)`` runs after step n with the model in eval mode and no gradient; returning True
     stops the training there. The model is left in eval mode with every parameter's ``requires_grad``
     set back to True.
     """
@@ -205,7 +205,7 @@ def unlearn(
                 model.eval()
                 with torch.no_grad():
                     stop = after_step(step)
-                if stop:
+                if stop is True:
                     break
                 model.train()
     finally:
